@@ -1,0 +1,15 @@
+/* Module entry of tb.core: builds the module table from every area. The same objects are
+ * linked into the tbagent binary (package.preload) and into build/tb/core.so for Busted. */
+#include "core.h"
+
+int luaopen_tb_core(lua_State *L) {
+  lua_newtable(L);
+  tb_json_open(L);
+  tb_hash_open(L);
+  tb_loop_open(L);
+  tb_mqtt_open(L);
+  tb_log_open(L);
+  lua_pushliteral(L, TB_VERSION);
+  lua_setfield(L, -2, "version");
+  return 1;
+}

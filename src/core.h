@@ -1,0 +1,15 @@
+/* tb.core: the C half of tbagent, a real Lua C module (luaopen_tb_core). Each area adds its
+ * functions to the module table on top of the stack with tb_<area>_open(L). */
+#ifndef TB_CORE_H
+#define TB_CORE_H
+#include <lua.h>
+#include <lauxlib.h>
+
+int tb_json_open(lua_State *L);   /* json.c: the wire JSON codec */
+int tb_hash_open(lua_State *L);   /* hash.c: streaming checksums in ThingsBoard's encoding */
+int tb_loop_open(lua_State *L);   /* loop.c: the poll loop, clock and signals */
+int tb_mqtt_open(lua_State *L);   /* mqtt.c: libmosquitto connections */
+int tb_log_open(lua_State *L);    /* log.c: the log line writer */
+
+int luaopen_tb_core(lua_State *L);
+#endif
