@@ -1,0 +1,80 @@
+-- tb.agent: wires the scheduler, session and loader around one core (the real tb.core, or
+-- the fake of tb.testing) and runs the poll loop of `tbagent run`.
+local sched_mod = require "tb.sched"
+local session_mod = require "tb.session"
+local loader_mod = require "tb.loader"
+local api = require "tb"
+
+local M = {}
+
+-- build(core, config, log) -> ctx {core, config, log, sched, session, loader, state, current}
+function M.build(core, config, log)
+  local ctx = {core = core, config = config, log = log, state = {}}
+  ctx.clock = config.clock or core.wall
+  ctx.sched = sched_mod.new{now = core.now, log = log, budget_ms = config.handler_budget or 1000,
+    budget_now = config.budget_clock}
+  ctx.current = api.new_generation(0)
+  ctx.session = session_mod.new{core = core, sched = ctx.sched, log = log, config = config,
+    generation = function() return ctx.current end,
+    on_fatal = function(code, msg) ctx.fatal = {code = code, message = msg} end}
+  ctx.request_timeout = config.request_timeout
+  ctx.rpc_timeout = config.rpc_timeout
+  ctx.load_budget_ms = config.load_budget or 5000
+  ctx.loader = loader_mod.new(ctx)
+  return ctx
+end
+
+-- run(core, config, log) -> exit_code, message
+function M.run(core, config, log)
+  local ok, err = core.signals_open()
+  if not ok then return 2, err end
+  local ctx = M.build(core, config, log)
+  local gen
+  gen, err = ctx.loader:load(config.script)
+  if not gen then
+    return 1, "cannot load " .. config.script .. ": " .. err
+  end
+  ctx.loader:commit(gen)
+  log.info("tbagent %s running %s (generation %d)", core.version, config.script, gen.id)
+  local session, sched = ctx.session, ctx.sched
+  local exit_code, exit_message = 0, nil
+  local signals = 0
+
+  local function dispatch(kind, a, b, c, s1, s2)
+    if kind == "signal" then
+      if s1 == "HUP" then
+        if ctx.reload then ctx.reload("SIGHUP") end
+        return
+      end
+      signals = signals + 1
+      if signals > 1 then
+        log.warn("second SIG%s: exiting now", s1)
+        session.finished = true
+        return
+      end
+      log.info("SIG%s: finishing in-flight messages, then disconnecting", s1)
+      session:stop(config.shutdown_timeout or 3000)
+      return
+    end
+    local okd, errd = xpcall(session.on_event, debug.traceback, session, kind, a, b, c, s1, s2)
+    if not okd then log.error("internal error while handling %s: %s", kind, errd) end
+  end
+
+  session:start()
+  while not session.finished do
+    if ctx.fatal then
+      exit_code, exit_message = ctx.fatal.code, ctx.fatal.message
+      break
+    end
+    local due = sched:next_due()
+    core.poll(due or 3600000, dispatch)
+    sched:run_due()
+  end
+  if ctx.fatal and exit_code == 0 then exit_code, exit_message = ctx.fatal.code, ctx.fatal.message end
+  if exit_code == 0 then
+    log.info("stopped: %d sent, %d acknowledged, %d dropped", session.stats.sent, session.stats.acked, session.stats.dropped)
+  end
+  return exit_code, exit_message
+end
+
+return M

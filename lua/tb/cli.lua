@@ -1,0 +1,217 @@
+-- tb.cli: the tbagent command line: options and environment variables, validation with
+-- one clear line per problem, and the exit codes of the contract
+-- (0 clean shutdown, 1 script failed to load, 2 bad usage, 3 credentials refused).
+local M = {}
+
+local USAGE = [[
+usage: tbagent run SCRIPT.lua [options]   connect to ThingsBoard and run a device script
+       tbagent check SCRIPT.lua           load the script against an offline session
+       tbagent --help | --version]]
+
+-- name, env, kind, default, help. Every option can also come from its TB_* variable;
+-- the command line wins.
+local OPTIONS = {
+  {"host", "TB_HOST", "string", "127.0.0.1", "MQTT host of ThingsBoard"},
+  {"port", "TB_PORT", "port", nil, "MQTT port (default 1883, 8883 with TLS)"},
+  {"token", "TB_TOKEN", "string", nil, "device access token (sent as the MQTT user name)"},
+  {"client-id", "TB_CLIENT_ID", "string", nil, "MQTT basic credentials: client id"},
+  {"username", "TB_USERNAME", "string", nil, "MQTT basic credentials: user name"},
+  {"password", "TB_PASSWORD", "string", nil, "MQTT basic credentials: password"},
+  {"cafile", "TB_CAFILE", "file", nil, "TLS: verify the server against this CA file"},
+  {"cert", "TB_CERT", "file", nil, "TLS: X.509 device certificate (PEM)"},
+  {"key", "TB_KEY", "file", nil, "TLS: private key of --cert (PEM)"},
+  {"tls", "TB_TLS", "flag", false, "TLS verified against the system's CA store"},
+  {"state-dir", "TB_STATE_DIR", "string", "./.tbagent", "where state that survives a restart is kept"},
+  {"log-level", "TB_LOG_LEVEL", "level", "info", "debug, info, warn or error"},
+  {"no-reload", "TB_NO_RELOAD", "flag", false, "do not watch the script for changes"},
+  {"keepalive", "TB_KEEPALIVE", "int", 60, "MQTT keepalive in seconds"},
+  {"qos", "TB_QOS", "qos", 1, "QoS of telemetry and attributes: 0 or 1 (never 2)"},
+  {"outbox-limit", "TB_OUTBOX_LIMIT", "int", 10000, "records kept while offline (oldest dropped)"},
+  {"payload-limit", "TB_PAYLOAD_LIMIT", "int", 65536, "largest MQTT message in bytes"},
+  {"max-inflight", "TB_MAX_INFLIGHT", "int", 100, "QoS 1 messages awaiting PUBACK at once"},
+  {"rate-limits", "TB_RATE_LIMITS", "string", nil, "pace publishes, e.g. 20:1,600:60"},
+  {"no-session-limits", "TB_NO_SESSION_LIMITS", "flag", false, "do not ask the server for getSessionLimits"},
+  {"backoff-min", "TB_BACKOFF_MIN", "int", 1000, "first reconnect delay in ms"},
+  {"backoff-max", "TB_BACKOFF_MAX", "int", 60000, "longest reconnect delay in ms"},
+  {"handler-budget", "TB_HANDLER_BUDGET", "int", 1000, "ms a handler may run without yielding"},
+  {"request-timeout", "TB_REQUEST_TIMEOUT", "int", 10000, "default timeout of request_attributes in ms"},
+  {"rpc-timeout", "TB_RPC_TIMEOUT", "int", 60000, "default timeout of rpc_call in ms"},
+  {"shutdown-timeout", "TB_SHUTDOWN_TIMEOUT", "int", 3000, "ms to finish in-flight messages on SIGTERM"},
+}
+
+local by_name = {}
+for _, o in ipairs(OPTIONS) do by_name[o[1]] = o end
+
+local function help_text()
+  local lines = {USAGE, "", "options (each also read from its environment variable):"}
+  for _, o in ipairs(OPTIONS) do
+    local arg = o[3] == "flag" and "" or " " .. (o[3] == "file" and "FILE" or o[3]:upper())
+    local def = o[4] ~= nil and o[4] ~= false and (" [" .. tostring(o[4]) .. "]") or ""
+    lines[#lines + 1] = string.format("  --%-24s %-22s %s%s", o[1] .. arg, o[2], o[5], def)
+  end
+  lines[#lines + 1] = ""
+  lines[#lines + 1] = "exit status: 0 clean shutdown, 1 script failed to load, 2 bad usage, 3 credentials refused"
+  return table.concat(lines, "\n") .. "\n"
+end
+
+local function convert(o, raw, source)
+  local kind = o[3]
+  local function bad(what)
+    return nil, string.format("%s must be %s (got %q)", source, what, raw)
+  end
+  if kind == "string" then
+    if raw == "" then return bad("a non-empty string") end
+    return raw
+  elseif kind == "file" then
+    local f = io.open(raw, "rb")
+    if not f then return bad("a readable file") end
+    f:close()
+    return raw
+  elseif kind == "flag" then
+    if raw == true or raw == "1" or raw == "true" or raw == "yes" then return true end
+    if raw == "0" or raw == "false" or raw == "no" or raw == "" then return false end
+    return bad("1 or 0")
+  elseif kind == "int" then
+    local n = math.tointeger(tonumber(raw))
+    if not n or n < 0 then return bad("a non-negative integer") end
+    return n
+  elseif kind == "port" then
+    local n = math.tointeger(tonumber(raw))
+    if not n or n < 1 or n > 65535 then return bad("a port number from 1 to 65535") end
+    return n
+  elseif kind == "qos" then
+    if raw == "0" or raw == "1" then return tonumber(raw) end
+    return bad("0 or 1 (ThingsBoard answers QoS 2 like QoS 1, which breaks clients)")
+  elseif kind == "level" then
+    if raw == "debug" or raw == "info" or raw == "warn" or raw == "error" then return raw end
+    return bad("debug, info, warn or error")
+  end
+end
+
+-- parse(argv, getenv) -> {command=, script=, options=} | nil, err
+function M.parse(argv, getenv)
+  getenv = getenv or os.getenv
+  local res = {options = {}}
+  local given = {}
+  local i = 1
+  local positional = {}
+  while argv[i] do
+    local a = argv[i]
+    if a == "--help" or a == "-h" then return {command = "help"} end
+    if a == "--version" then return {command = "version"} end
+    local name, value = a:match("^%-%-([%w%-]+)=(.*)$")
+    if not name then name = a:match("^%-%-([%w%-]+)$") end
+    if name then
+      local o = by_name[name]
+      if not o then return nil, "unknown option --" .. name end
+      if o[3] == "flag" then
+        value = value or true
+      elseif value == nil then
+        i = i + 1
+        value = argv[i]
+        if value == nil then return nil, "--" .. name .. " needs a value" end
+      end
+      local v, err = convert(o, value, "--" .. name)
+      if v == nil then return nil, err end
+      given[name] = v
+    elseif a:sub(1, 1) == "-" and a ~= "-" then
+      return nil, "unknown option " .. a
+    else
+      positional[#positional + 1] = a
+    end
+    i = i + 1
+  end
+  res.command, res.script = positional[1], positional[2]
+  if not res.command then return nil, "missing command" end
+  if res.command ~= "run" and res.command ~= "check" then
+    return nil, "unknown command " .. res.command
+  end
+  if not res.script then return nil, "missing SCRIPT.lua after " .. res.command end
+  if positional[3] then return nil, "unexpected argument " .. positional[3] end
+  for _, o in ipairs(OPTIONS) do
+    local v = given[o[1]]
+    if v == nil then
+      local raw = getenv(o[2])
+      if raw ~= nil and raw ~= "" then
+        local err
+        v, err = convert(o, raw, o[2])
+        if v == nil then return nil, err end
+      end
+    end
+    if v == nil then v = o[4] end
+    res.options[o[1]] = v
+  end
+  return res
+end
+
+-- config(options, script) -> config table for tb.agent | nil, err
+function M.config(o, script)
+  local c = {
+    script = script, host = o.host, port = o.port, token = o.token, client_id = o["client-id"],
+    username = o.username, password = o.password, cafile = o.cafile, cert = o.cert, key = o.key,
+    tls = o.tls or o.cafile ~= nil or o.cert ~= nil, state_dir = o["state-dir"],
+    log_level = o["log-level"], reload = not o["no-reload"], keepalive = o.keepalive,
+    qos = o.qos, outbox_limit = o["outbox-limit"], payload_limit = o["payload-limit"],
+    max_inflight = o["max-inflight"], rate_limits = o["rate-limits"],
+    session_limits = not o["no-session-limits"], backoff_min = o["backoff-min"],
+    backoff_max = o["backoff-max"], handler_budget = o["handler-budget"],
+    request_timeout = o["request-timeout"], rpc_timeout = o["rpc-timeout"],
+    shutdown_timeout = o["shutdown-timeout"],
+  }
+  if c.token and (c.username or c.password or c.client_id) then
+    return nil, "give either --token or MQTT basic credentials (--client-id/--username/--password), not both"
+  end
+  if not c.token and not c.username and not c.client_id then
+    return nil, "no credentials: give --token TOKEN (or TB_TOKEN), or --client-id/--username/--password"
+  end
+  if (c.cert == nil) ~= (c.key == nil) then
+    return nil, "--cert and --key go together (the device certificate and its private key)"
+  end
+  if c.outbox_limit < 1 then return nil, "--outbox-limit must be at least 1" end
+  if c.max_inflight < 1 or c.max_inflight > 65535 then return nil, "--max-inflight must be 1 to 65535" end
+  if c.payload_limit < 64 then return nil, "--payload-limit must be at least 64 bytes" end
+  if c.backoff_min < 1 or c.backoff_max < c.backoff_min then
+    return nil, "--backoff-min must be >= 1 and --backoff-max >= --backoff-min"
+  end
+  local limits = require "tb.limits"
+  local ok, err = limits.parse(c.rate_limits)
+  if not ok then return nil, "--rate-limits: " .. err end
+  c.port = c.port or (c.tls and 8883 or 1883)
+  return c
+end
+
+local function fail(code, msg)
+  io.stderr:write("tbagent: ", msg, "\n")
+  return code
+end
+
+-- main(argv) -> exit status
+function M.main(argv)
+  local core = require "tb.core"
+  local parsed, err = M.parse(argv)
+  if not parsed then return fail(2, err .. "; see tbagent --help") end
+  if parsed.command == "help" then
+    io.stdout:write(help_text())
+    return 0
+  elseif parsed.command == "version" then
+    io.stdout:write("tbagent ", core.version, "\n")
+    return 0
+  end
+  local logmod = require "tb.log"
+  local log = logmod.new(core.log_write, parsed.options["log-level"])
+  if parsed.command == "check" then
+    return require("tb.check").run(core, parsed.script, log)
+  end
+  local config
+  config, err = M.config(parsed.options, parsed.script)
+  if not config then return fail(2, err) end
+  for _, secret in ipairs({config.token, config.password}) do core.log_secret(secret) end
+  local code, msg = require("tb.agent").run(core, config, log)
+  if code ~= 0 then
+    return fail(code, core.mask(msg or "stopped"))
+  end
+  return 0
+end
+
+M.help_text = help_text
+return M

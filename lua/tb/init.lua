@@ -1,0 +1,227 @@
+-- tb: the module a device script requires. Each loaded version of a script (a generation)
+-- gets its own tb table, so registrations land in that generation and a hot reload can swap
+-- all of them at once. Misuse raises with Lua's wording; the world failing returns nil, err.
+local M = {}
+
+local function argcheck(cond, n, fname, msg)
+  if not cond then error(string.format("bad argument #%d to '%s' (%s)", n, fname, msg), 3) end
+end
+
+local function typecheck(v, n, fname, want)
+  if type(v) ~= want then
+    argcheck(false, n, fname, want .. " expected, got " .. (v == nil and "no value" or type(v)))
+  end
+end
+
+local function is_array(t, array_mt)
+  if getmetatable(t) == array_mt then return true end
+  return t[1] ~= nil
+end
+
+local function count_keys(t)
+  local n = 0
+  for _ in pairs(t) do n = n + 1 end
+  return n
+end
+
+local function check_keys(list, n, fname, field)
+  if list == nil then return end
+  argcheck(type(list) == "table", n, fname, field .. " must be a list of key names")
+  for i, k in ipairs(list) do
+    argcheck(type(k) == "string" and k ~= "" and not k:find(",", 1, true), n, fname,
+      string.format("%s[%d] must be a non-empty key name without commas", field, i))
+  end
+end
+
+-- new_generation(id) -> gen: the registrations of one loaded version of the script.
+function M.new_generation(id)
+  return {id = id or 0, rpc = {}, attr_handlers = {}, connect_handlers = {},
+    disconnect_handlers = {}, firmware = nil, software = nil, loading = false, held = nil,
+    retired = false, modules = {}}
+end
+
+-- bind(ctx, gen) -> tb: the API table for one generation. ctx = {session=, sched=, log=,
+-- state=, core=, clock=fn() -> wall ms, on_send=fn(kind, topic, payload, entries)|nil}
+function M.bind(ctx, gen)
+  local tb = {}
+  local session, sched, core = ctx.session, ctx.sched, ctx.core
+  local encode, decode = core.json_encode, core.json_decode
+  local array_mt = core.json_array_mt
+
+  local function deliver(kind, topic, payload, points)
+    if gen.loading then
+      local ok, err = session:check_size(topic, payload)
+      if not ok then return nil, err end
+      gen.held[#gen.held + 1] = {kind = kind, topic = topic, payload = payload, points = points}
+      return true
+    end
+    return session:submit(topic, payload, kind, points)
+  end
+
+  -- send_telemetry(values [, ts_ms]) -> true | nil, err
+  function tb.send_telemetry(values, ts)
+    typecheck(values, 1, "send_telemetry", "table")
+    if ts ~= nil then
+      argcheck(math.type(ts) == "integer", 2, "send_telemetry", "integer milliseconds expected")
+      values = {ts = ts, values = values}
+    end
+    local stamp = session:would_queue() or gen.loading
+    local now = ctx.clock()
+    local entries, points, body = {}, 0, values
+    local function entry(v)
+      if type(v) ~= "table" then return nil, "telemetry entries must be tables" end
+      if v.ts ~= nil and v.values ~= nil then
+        if math.type(v.ts) ~= "integer" then return nil, "ts must be integer milliseconds" end
+        if type(v.values) ~= "table" then return nil, "values must be a table" end
+        entries[#entries + 1] = {ts = v.ts, values = v.values}
+        points = points + count_keys(v.values)
+        return v
+      end
+      if next(v) == nil then return nil, "no values to send" end
+      entries[#entries + 1] = {ts = now, values = v}
+      points = points + count_keys(v)
+      -- data sent later keeps the time it was measured
+      if stamp then return {ts = now, values = v} end
+      return v
+    end
+    if is_array(values, array_mt) then
+      body = {}
+      for i, v in ipairs(values) do
+        local e, err = entry(v)
+        if not e then return nil, err end
+        body[i] = e
+      end
+      if #body == 0 then return nil, "no values to send" end
+    else
+      local e, err = entry(values)
+      if not e then return nil, err end
+      body = e
+    end
+    local payload, err = encode(body)
+    if not payload then return nil, err end
+    local ok
+    ok, err = deliver("telemetry", session.topics.telemetry, payload, points)
+    if ok and ctx.on_send then ctx.on_send("telemetry", entries) end
+    return ok, err
+  end
+
+  -- send_attributes(values) -> true | nil, err (client-side attributes)
+  function tb.send_attributes(values)
+    typecheck(values, 1, "send_attributes", "table")
+    if is_array(values, array_mt) then return nil, "attributes must be a table of key = value" end
+    if next(values) == nil then return nil, "no values to send" end
+    local payload, err = encode(values)
+    if not payload then return nil, err end
+    local ok
+    ok, err = deliver("attributes", session.topics.attributes, payload, count_keys(values))
+    if ok and ctx.on_send then ctx.on_send("attributes", values) end
+    return ok, err
+  end
+
+  -- request_attributes{client={...}, shared={...}, timeout=ms} -> {client=, shared=} | nil, err
+  function tb.request_attributes(opts)
+    opts = opts or {}
+    typecheck(opts, 1, "request_attributes", "table")
+    check_keys(opts.client, 1, "request_attributes", "client")
+    check_keys(opts.shared, 1, "request_attributes", "shared")
+    argcheck(opts.timeout == nil or (type(opts.timeout) == "number" and opts.timeout > 0), 1,
+      "request_attributes", "timeout must be a positive number of ms")
+    sched:check_yieldable("tb.request_attributes")
+    return session:request_attributes({client = opts.client, shared = opts.shared},
+      math.floor(opts.timeout or ctx.request_timeout or 10000))
+  end
+
+  -- rpc_call(method, params [, timeout_ms]) -> result | nil, err
+  function tb.rpc_call(method, params, timeout)
+    typecheck(method, 1, "rpc_call", "string")
+    argcheck(timeout == nil or (type(timeout) == "number" and timeout > 0), 3, "rpc_call",
+      "timeout must be a positive number of ms")
+    sched:check_yieldable("tb.rpc_call")
+    return session:rpc_call(method, params, math.floor(timeout or ctx.rpc_timeout or 60000))
+  end
+
+  -- claim{secret_key=, duration_ms=} -> true | nil, err
+  function tb.claim(opts)
+    opts = opts or {}
+    typecheck(opts, 1, "claim", "table")
+    argcheck(opts.secret_key == nil or type(opts.secret_key) == "string", 1, "claim", "secret_key must be a string")
+    argcheck(opts.duration_ms == nil or math.type(opts.duration_ms) == "integer", 1, "claim", "duration_ms must be an integer")
+    local payload, err = encode({secretKey = opts.secret_key, durationMs = opts.duration_ms})
+    if not payload then return nil, err end
+    return deliver("claim", session.topics.claim, payload, 0)
+  end
+
+  function tb.on_attributes(fn)
+    typecheck(fn, 1, "on_attributes", "function")
+    gen.attr_handlers[#gen.attr_handlers + 1] = fn
+  end
+
+  function tb.on_rpc(method, fn)
+    typecheck(method, 1, "on_rpc", "string")
+    typecheck(fn, 2, "on_rpc", "function")
+    gen.rpc[method] = fn
+  end
+
+  function tb.on_connect(fn)
+    typecheck(fn, 1, "on_connect", "function")
+    gen.connect_handlers[#gen.connect_handlers + 1] = fn
+  end
+
+  function tb.on_disconnect(fn)
+    typecheck(fn, 1, "on_disconnect", "function")
+    gen.disconnect_handlers[#gen.disconnect_handlers + 1] = fn
+  end
+
+  local function new_timer(fname, ms, fn, periodic)
+    argcheck(type(ms) == "number", 1, fname, "number expected, got " .. (ms == nil and "no value" or type(ms)))
+    argcheck(ms == ms and ms >= (periodic and 1 or 0) and ms < math.huge, 1, fname,
+      periodic and "interval must be at least 1 ms" or "delay must be >= 0")
+    typecheck(fn, 2, fname, "function")
+    ms = math.floor(ms)
+    local t = sched:timer(ms, fn, periodic and ms or nil, gen, "tb." .. fname .. " handler")
+    if gen.retired then t:cancel() end
+    return t
+  end
+
+  -- every(ms, fn) / after(ms, fn) -> timer with :cancel()
+  function tb.every(ms, fn) return new_timer("every", ms, fn, true) end
+  function tb.after(ms, fn) return new_timer("after", ms, fn, false) end
+
+  -- sleep(ms): yields the running handler
+  function tb.sleep(ms)
+    argcheck(type(ms) == "number" and ms >= 0, 1, "sleep", "number of ms expected")
+    sched:check_yieldable("tb.sleep")
+    sched:sleep(math.floor(ms))
+  end
+
+  -- firmware{current=, accept=, install=, chunk_size=} / software{...}
+  local function ota_policy(fname)
+    return function(spec)
+      typecheck(spec, 1, fname, "table")
+      argcheck(spec.current == nil or type(spec.current) == "table", 1, fname, "current must be {title=, version=}")
+      argcheck(spec.accept == nil or type(spec.accept) == "function", 1, fname, "accept must be a function")
+      argcheck(type(spec.install) == "function", 1, fname, "install must be a function")
+      argcheck(spec.chunk_size == nil or (math.type(spec.chunk_size) == "integer" and spec.chunk_size > 0 and spec.chunk_size <= 65536),
+        1, fname, "chunk_size must be an integer from 1 to 65536")
+      gen[fname] = spec
+    end
+  end
+  tb.firmware = ota_policy("firmware")
+  tb.software = ota_policy("software")
+
+  -- connected() -> true while a session with the server is up
+  function tb.connected() return session:online() end
+  -- now() -> wall-clock milliseconds (the fake clock under tb.testing)
+  function tb.now() return ctx.clock() end
+
+  tb.state = ctx.state
+  tb.log = ctx.script_log or ctx.log
+  tb.json = {
+    encode = encode, decode = decode, null = core.json_null,
+    array = function(t) return setmetatable(t or {}, array_mt) end,
+  }
+  tb.version = core.version
+  return tb
+end
+
+return M

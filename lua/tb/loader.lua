@@ -1,0 +1,114 @@
+-- tb.loader: one loader for `run`, `check`, hot reload and tb.testing. It loads a script
+-- into a fresh environment and a new generation; only a version that loads without error is
+-- committed, in one assignment. Sends made while loading are held and go out at commit, so
+-- a rejected version has sent nothing.
+local api = require "tb"
+
+local M = {}
+M.__index = M
+
+-- new(ctx) -> loader. ctx as for tb.bind, plus load_budget_ms and set_current(gen).
+function M.new(ctx)
+  return setmetatable({ctx = ctx, next_id = 1}, M)
+end
+
+local function read_file(path)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err end
+  local text = f:read("a")
+  f:close()
+  if not text then return nil, "cannot read " .. path end
+  return text
+end
+M.read_file = read_file
+
+local function dirname(path)
+  return path:match("^(.*)/[^/]*$") or "."
+end
+
+-- Runs fn() in the calling thread with the load budget enforced by a count hook.
+local function run_budgeted(fn, budget_ms, now)
+  local deadline = now() + budget_ms
+  local prev = table.pack(debug.gethook())
+  if budget_ms > 0 then
+    debug.sethook(function()
+      if now() > deadline then
+        error(string.format("script ran %d ms at load without finishing (budget %d ms): cut off", budget_ms, budget_ms), 2)
+      end
+    end, "", 20000)
+  end
+  local res = table.pack(xpcall(fn, function(e)
+    if type(e) == "string" then return e end
+    return "error object: " .. tostring(e)
+  end))
+  debug.sethook(prev[1], prev[2], prev[3])
+  return table.unpack(res, 1, res.n)
+end
+
+-- load(path [, text]) -> gen | nil, err ("file:line: message")
+function M:load(path, text)
+  local err
+  if not text then
+    text, err = read_file(path)
+    if not text then return nil, "cannot read script: " .. tostring(err) end
+  end
+  local ctx = self.ctx
+  local gen = api.new_generation(self.next_id)
+  self.next_id = self.next_id + 1
+  gen.loading, gen.held, gen.path, gen.text = true, {}, path, text
+  local tbapi = api.bind(ctx, gen)
+  gen.api = tbapi
+  local dir = dirname(path)
+  local env = setmetatable({}, {__index = _G})
+  gen.env = env
+  -- require inside the script: "tb" is this generation's API; modules next to the script
+  -- load into this generation too, so they reload with it.
+  env.require = function(name)
+    if name == "tb" then return tbapi end
+    if type(name) == "string" and gen.modules[name] ~= nil then return gen.modules[name] end
+    if type(name) == "string" and not name:find("^tb%.") then
+      local file = dir .. "/" .. name:gsub("%.", "/") .. ".lua"
+      local src = read_file(file)
+      if src then
+        local chunk, cerr = load(src, "@" .. file, "t", env)
+        if not chunk then error(cerr, 0) end
+        local mod = chunk(name, file)
+        if mod == nil then mod = true end
+        gen.modules[name] = mod
+        return mod
+      end
+    end
+    return require(name)
+  end
+  local chunk
+  chunk, err = load(text, "@" .. path, "t", env)
+  if not chunk then return nil, err end
+  local ok
+  ok, err = run_budgeted(chunk, ctx.load_budget_ms or 5000, ctx.sched.budget_now)
+  if not ok then
+    gen.loading = false
+    return nil, err
+  end
+  return gen
+end
+
+-- commit(gen): makes gen the live generation, retires the previous one and sends what the
+-- new version held back while loading.
+function M:commit(gen)
+  local ctx = self.ctx
+  local old = ctx.current
+  ctx.current = gen
+  if old then
+    old.retired = true
+    ctx.sched:cancel_gen(old)
+  end
+  gen.loading = false
+  local held = gen.held
+  gen.held = nil
+  for _, rec in ipairs(held) do
+    local ok, err = ctx.session:submit(rec.topic, rec.payload, rec.kind, rec.points)
+    if not ok then ctx.log.warn("held %s not sent: %s", rec.kind, err) end
+  end
+end
+
+return M

@@ -1,0 +1,240 @@
+-- tb.sched: the coroutine scheduler. Every handler runs in its own coroutine; yielding calls
+-- park it under a key (a request id or a timer) and only the loop resumes it. Timers live in
+-- a binary heap keyed on (due, seq); a cancelled timer is dropped lazily when it surfaces.
+-- A handler that runs too long without yielding is cut off by an instruction-count hook.
+local M = {}
+
+local co_create, co_resume, co_status, co_running = coroutine.create, coroutine.resume,
+  coroutine.status, coroutine.running
+local unpack = table.unpack
+
+local Timer = {}
+Timer.__index = Timer
+
+-- timer:cancel(): stops further runs; a run already in progress finishes.
+function Timer:cancel()
+  self.cancelled = true
+end
+
+function Timer:__tostring()
+  return string.format("tb.timer (%s%d ms)", self.period and "every " or "after ", self.period or self.delay)
+end
+
+-- new{now=fn, log=logger, budget_ms=1000, budget_now=fn} -> scheduler
+function M.new(opts)
+  local self = setmetatable({}, {__index = M})
+  self.now = opts.now
+  -- the runaway guard needs real time even when the clock is virtual (tb.testing)
+  self.budget_now = opts.budget_now or opts.now
+  self.log = opts.log
+  self.budget_ms = opts.budget_ms or 1000
+  self.heap, self.seq = {}, 0
+  self.waiting = {}      -- key -> coroutine
+  self.handlers = {}     -- coroutine -> {name=, gen=}
+  self.running_count = 0
+  return self
+end
+
+local function heap_less(a, b)
+  return a.due < b.due or (a.due == b.due and a.seq < b.seq)
+end
+
+local function heap_push(h, t)
+  h[#h + 1] = t
+  local i = #h
+  while i > 1 do
+    local p = i // 2
+    if heap_less(h[i], h[p]) then h[i], h[p] = h[p], h[i]; i = p else break end
+  end
+end
+
+local function heap_pop(h)
+  local n = #h
+  local top = h[1]
+  h[1] = h[n]
+  h[n] = nil
+  n = n - 1
+  local i = 1
+  while true do
+    local l, r, m = 2 * i, 2 * i + 1, i
+    if l <= n and heap_less(h[l], h[m]) then m = l end
+    if r <= n and heap_less(h[r], h[m]) then m = r end
+    if m == i then break end
+    h[i], h[m] = h[m], h[i]
+    i = m
+  end
+  return top
+end
+
+-- The runaway guard: the hook is per coroutine, the deadline is reset at each resume.
+local function set_budget(self, co)
+  if self.budget_ms <= 0 then return end
+  local now = self.budget_now
+  local deadline = now() + self.budget_ms
+  self.deadline = deadline
+  debug.sethook(co, function()
+    if now() > self.deadline then
+      error(string.format("handler ran %d ms without yielding (budget %d ms): cut off",
+        now() - self.deadline + self.budget_ms, self.budget_ms), 2)
+    end
+  end, "", 20000)
+end
+
+local function traceback(err)
+  if type(err) ~= "string" then return err end
+  return debug.traceback(err, 2)
+end
+
+-- Reports a handler's failure once, with file:line and a traceback.
+local function report(self, info, err)
+  local msg = type(err) == "string" and err or ("error object: " .. tostring(err))
+  self.log.error("%s failed: %s", info.name, msg)
+  if info.on_error then info.on_error(err) end
+end
+
+function M:resume(co, ...)
+  local info = self.handlers[co]
+  set_budget(self, co)
+  local ok, err = co_resume(co, ...)
+  if not ok then
+    -- errors escaping the xpcall wrapper (the hook firing in the wrapper itself)
+    report(self, info or {name = "handler"}, err)
+  end
+  if co_status(co) == "dead" and info then
+    self.handlers[co] = nil
+    self.running_count = self.running_count - 1
+  end
+end
+
+-- spawn(name, fn, ...) -> coroutine: runs fn(...) as a handler now, until it yields or ends.
+-- opts (optional, as fn = {fn=, gen=, on_error=, on_done=}) lets callers see errors/results.
+function M:spawn(name, fn, ...)
+  local spec = type(fn) == "table" and fn or {fn = fn}
+  local info = {name = name, gen = spec.gen, on_error = spec.on_error}
+  local on_done = spec.on_done
+  local co = co_create(function(...)
+    local res = table.pack(xpcall(spec.fn, traceback, ...))
+    if res[1] then
+      if on_done then on_done(unpack(res, 2, res.n)) end
+    else
+      report(self, info, res[2])
+    end
+  end)
+  self.handlers[co] = info
+  self.running_count = self.running_count + 1
+  self:resume(co, ...)
+  return co
+end
+
+-- current() -> info of the running handler, or nil outside handlers (top level, loop).
+function M:current()
+  local co, main = co_running()
+  if main then return nil end
+  return self.handlers[co], co
+end
+
+-- Checks that a yielding call comes from a handler; raises Lua-style otherwise.
+function M:check_yieldable(fname)
+  local info = self:current()
+  if not info then
+    error(string.format("%s yields and cannot be called at a script's top level; call it from a handler (e.g. tb.after(0, fn))", fname), 3)
+  end
+end
+
+-- timer(delay_ms, fn, period_ms, gen, name) -> timer; fn runs as a handler each time.
+function M:timer(delay, fn, period, gen, name)
+  self.seq = self.seq + 1
+  local t = setmetatable({due = self.now() + delay, seq = self.seq, fn = fn, period = period,
+    delay = delay, gen = gen, name = name or "timer"}, Timer)
+  heap_push(self.heap, t)
+  return t
+end
+
+-- wait(key, timeout_ms) -> ...: parks the running handler until wake(key, ...) or the timeout
+-- (then returns nil, "timeout").
+function M:wait(key, timeout)
+  local _, co = self:current()
+  assert(co, "wait outside a handler")
+  self.waiting[key] = co
+  local t
+  if timeout then
+    t = self:timer(timeout, nil, nil, nil, "timeout")
+    t.wake_key = key
+  end
+  local res = table.pack(coroutine.yield())
+  if t then t.cancelled = true end
+  return unpack(res, 1, res.n)
+end
+
+-- wake(key, ...) -> true if a handler was waiting on key.
+function M:wake(key, ...)
+  local co = self.waiting[key]
+  if not co then return false end
+  self.waiting[key] = nil
+  self:resume(co, ...)
+  return true
+end
+
+-- wake_all(prefix, ...) wakes every waiter whose string key starts with prefix.
+function M:wake_all(prefix, ...)
+  local keys = {}
+  for k in pairs(self.waiting) do
+    if type(k) == "string" and k:sub(1, #prefix) == prefix then keys[#keys + 1] = k end
+  end
+  table.sort(keys)
+  for _, k in ipairs(keys) do self:wake(k, ...) end
+end
+
+function M:sleep(ms)
+  local key = {}
+  self:wait(key, ms)
+end
+
+-- next_due() -> ms until the next live timer (nil when none).
+function M:next_due()
+  local h = self.heap
+  while h[1] and h[1].cancelled do heap_pop(h) end
+  if not h[1] then return nil end
+  local d = h[1].due - self.now()
+  return d > 0 and d or 0
+end
+
+-- run_due(): runs every timer whose time has come (each in its own handler).
+function M:run_due()
+  local h, now = self.heap, self.now()
+  local batch = 0
+  while h[1] and h[1].due <= now and batch < 10000 do
+    local t = heap_pop(h)
+    batch = batch + 1
+    if not t.cancelled then
+      if t.wake_key then
+        local key = t.wake_key
+        self:wake(key, nil, "timeout")
+      else
+        if t.period then
+          -- catch up without bursts: the next run is a period after this one, never in the past
+          t.due = math.max(t.due + t.period, now)
+          self.seq = self.seq + 1
+          t.seq = self.seq
+          heap_push(h, t)
+        end
+        if t.running and t.period then
+          self.log.debug("%s still running; skipping this period", t.name)
+        else
+          t.running = true
+          self:spawn(t.name, {fn = t.fn, gen = t.gen, on_done = function() t.running = false end,
+            on_error = function() t.running = false end}, t)
+        end
+      end
+    end
+  end
+end
+
+-- cancel_gen(gen): cancels every timer a generation created (hot reload retires them).
+function M:cancel_gen(gen)
+  for _, t in ipairs(self.heap) do
+    if t.gen == gen then t.cancelled = true end
+  end
+end
+
+return M

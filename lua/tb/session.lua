@@ -1,0 +1,597 @@
+-- tb.session: the ThingsBoard device session over one MQTT connection at a time. It owns the
+-- connection lifecycle (connect, CONNACK, subscribe order, reconnect with backoff and jitter,
+-- flapping detection), the outbox and its in-flight window and pacing, request ids, and the
+-- routing of incoming topics to the current generation's handlers.
+-- Invariants: records leave the outbox only on PUBACK (QoS 1); a connection loss puts every
+-- unacknowledged record back at the front, in order; nothing the server could disconnect
+-- for (QoS 2, invalid JSON, oversize) is ever queued.
+local outbox_mod = require "tb.outbox"
+local limits = require "tb.limits"
+
+local M = {}
+M.__index = M
+
+local T_ATTR = "v1/devices/me/attributes"
+local T_ATTR_REQ = "v1/devices/me/attributes/request/"
+local T_ATTR_RES = "v1/devices/me/attributes/response/"
+local T_RPC_REQ = "v1/devices/me/rpc/request/"
+local T_RPC_RES = "v1/devices/me/rpc/response/"
+local T_TELEMETRY = "v1/devices/me/telemetry"
+local T_CLAIM = "v1/devices/me/claim"
+M.topics = {telemetry = T_TELEMETRY, attributes = T_ATTR, claim = T_CLAIM,
+  attr_req = T_ATTR_REQ, attr_res = T_ATTR_RES, rpc_req = T_RPC_REQ, rpc_res = T_RPC_RES}
+
+local STABLE_MS = 10000      -- a connection that lasts this long resets the backoff
+local FLAP_WINDOW_MS = 120000
+local FLAP_COUNT = 3
+
+-- new{core=, sched=, log=, config=, generation=fn() -> gen, outbox=, on_fatal=fn(code, msg)}
+function M.new(o)
+  local c = o.config
+  local self = setmetatable({
+    core = o.core, sched = o.sched, log = o.log, config = c, generation = o.generation,
+    on_fatal = o.on_fatal or function() end,
+    outbox = o.outbox or outbox_mod.new{limit = c.outbox_limit or 10000},
+    json_encode = o.core.json_encode, json_decode = o.core.json_decode,
+    state = "offline", conn = nil, conn_id = nil,
+    inflight = {}, inflight_n = 0, window = c.max_inflight or 100,
+    payload_limit = c.payload_limit or 65536,
+    seq = 0, next_req = 0, attempts = 0, ever_connected = false,
+    short_sessions = {}, flap_warned = false,
+    own_requests = {}, listeners = {attributes = {}, message = {}, connect = {}},
+    stats = {sent = 0, acked = 0, dropped = 0, reconnects = 0, refused = 0},
+  }, M)
+  local buckets, err = limits.parse(c.rate_limits)
+  if not buckets then error(err, 0) end
+  self.configured_buckets = buckets
+  self.limiter = limits.new(buckets, self.sched.now())
+  self.tele_limiter = limits.new({}, self.sched.now())
+  return self
+end
+
+local function strip_position(err)
+  if type(err) ~= "string" then return err end
+  err = err:match("^([^\n]*)") or err
+  return err:gsub("^[^:\n]+:%d+: ", "", 1)
+end
+M.strip_position = strip_position
+
+function M:next_id()
+  -- ThingsBoard parses ids with Integer.parseInt: stay within positive 32-bit ints
+  self.next_req = self.next_req % 2147483647 + 1
+  return self.next_req
+end
+
+function M:online()
+  return self.state == "online"
+end
+
+-------------------------------------------------------------------------------------------
+-- connection lifecycle
+
+function M:start()
+  self.stopping = false
+  self:connect_now()
+end
+
+function M:connect_options()
+  local c = self.config
+  local username, password = c.username, c.password
+  if c.token then username, password = c.token, nil end
+  return {host = c.host, port = c.port, client_id = c.client_id, username = username,
+    password = password, cafile = c.cafile, cert = c.cert, key = c.key, tls = c.tls,
+    insecure = c.insecure, keepalive = c.keepalive or 60, max_inflight = self.window}
+end
+
+function M:connect_now()
+  if self.stopping then return end
+  local conn, id = self.core.mqtt_connect(self:connect_options())
+  if not conn then
+    self.log.warn("cannot connect to %s:%d: %s", self.config.host, self.config.port, id)
+    return self:schedule_reconnect()
+  end
+  self.conn, self.conn_id, self.state = conn, id, "connecting"
+  self.log.debug("connecting to %s:%d", self.config.host, self.config.port)
+  -- a server that accepts TCP but never answers CONNECT must not stall us forever
+  local my_id = id
+  self.connect_timer = self.sched:timer(self.config.connect_timeout or 30000, function()
+    if self.conn_id == my_id and self.state == "connecting" then
+      self.log.warn("no CONNACK within %d ms; reconnecting", self.config.connect_timeout or 30000)
+      self:drop_connection("connect timeout")
+    end
+  end, nil, nil, "connect timeout")
+end
+
+function M:backoff_delay()
+  local min, max = self.config.backoff_min or 1000, self.config.backoff_max or 60000
+  local d = math.min(max, min * 2 ^ math.min(self.attempts, 30))
+  self.attempts = self.attempts + 1
+  -- jitter spreads a fleet's reconnects after a server restart
+  local jittered = d * (0.75 + 0.5 * math.random())
+  return math.floor(math.max(min * 0.5, math.min(max, jittered)))
+end
+
+function M:schedule_reconnect()
+  if self.stopping or self.reconnect_timer then return end
+  local delay = self:backoff_delay()
+  self.log.info("reconnecting in %.1f s", delay / 1000)
+  self.reconnect_timer = self.sched:timer(delay, function()
+    self.reconnect_timer = nil
+    self.stats.reconnects = self.stats.reconnects + 1
+    self:connect_now()
+  end, nil, nil, "reconnect")
+end
+
+local CONNACK_TEXT = {
+  [1] = "unacceptable protocol version",
+  [2] = "client identifier rejected (unknown client id for MQTT basic credentials)",
+  [3] = "server unavailable (ThingsBoard overloaded or rate-limited the connection)",
+  [4] = "bad user name or password",
+  [5] = "not authorized (wrong access token or credentials)",
+}
+
+function M:on_connack(rc)
+  if self.connect_timer then self.connect_timer:cancel(); self.connect_timer = nil end
+  if rc ~= 0 then
+    local text = CONNACK_TEXT[rc] or ("refused with code " .. rc)
+    self.stats.refused = self.stats.refused + 1
+    if (rc == 2 or rc == 4 or rc == 5) and not self.ever_connected then
+      self.on_fatal(3, string.format("ThingsBoard refused the connection: CONNACK %d, %s; check --token or --client-id/--username/--password", rc, text))
+      return
+    end
+    self.log.error("ThingsBoard refused the connection: CONNACK %d, %s", rc, text)
+    return -- the disconnect event that follows schedules the reconnect
+  end
+  self.state = "online"
+  self.ever_connected = true
+  self.connected_at = self.sched.now()
+  self.log.info("connected to %s:%d", self.config.host, self.config.port)
+  self.ready = false
+  self.sched:spawn("connect sequence", function() self:connect_sequence(self.conn_id) end)
+end
+
+-- After every CONNACK: subscribe again (the server keeps nothing), fetch the current shared
+-- attributes (SUBACK comes before the subscription is live, so a push may have been missed),
+-- run on_connect, and subscribe to RPC last so pending RPCs arrive once handlers are ready.
+function M:connect_sequence(conn_id)
+  local function alive() return self.conn_id == conn_id and self.state == "online" end
+  local subs = {T_ATTR, T_ATTR_RES .. "+", T_RPC_RES .. "+"}
+  for _, extra in ipairs(self.listeners.subscriptions or {}) do subs[#subs + 1] = extra end
+  for _, topic in ipairs(subs) do
+    local mid, err = self.conn:subscribe(topic, 1)
+    if not mid then self.log.warn("subscribe %s failed: %s", topic, err) return end
+    self.sched:wait("sub:" .. conn_id .. ":" .. mid, 10000)
+    if not alive() then return end
+  end
+  if self.config.session_limits ~= false then
+    self:fetch_session_limits()
+    if not alive() then return end
+  end
+  self.ready = true
+  self:flush()
+  local gen = self.generation()
+  local need_attrs = #gen.attr_handlers > 0 or #self.listeners.attributes > 0
+  if need_attrs then
+    self.fetching_current = true
+    local res, err = self:request_attributes({}, self.config.request_timeout or 10000)
+    self.fetching_current = false
+    if not alive() then return end
+    if res then
+      if next(res.shared) then self:dispatch_attributes(res.shared, {}, "current") end
+    else
+      self.log.warn("could not fetch current shared attributes: %s", err)
+    end
+  end
+  for _, fn in ipairs(self.listeners.connect) do fn() end
+  for _, fn in ipairs(gen.connect_handlers) do
+    self.sched:spawn("on_connect handler", {fn = fn, gen = gen})
+  end
+  if not alive() then return end
+  local mid = self.conn:subscribe(T_RPC_REQ .. "+", 1)
+  if mid then self.sched:wait("sub:" .. conn_id .. ":" .. mid, 10000) end
+  if alive() then self.log.debug("session ready") end
+end
+
+-- getSessionLimits (TB >= 3.8): adopt the server's rate limits at 80 % before a backlog drains.
+function M:fetch_session_limits()
+  local res = self:rpc_call("getSessionLimits", nil, self.config.session_limits_timeout or 2000)
+  if type(res) ~= "table" then
+    self.log.debug("server did not report session limits; using configured limits")
+    return
+  end
+  if math.type(res.maxPayloadSize) == "integer" and res.maxPayloadSize > 0 then
+    self.payload_limit = math.min(self.config.payload_limit or 65536, res.maxPayloadSize)
+  end
+  if math.type(res.maxInflightMessages) == "integer" and res.maxInflightMessages > 0 then
+    self.window = math.min(self.config.max_inflight or 100, res.maxInflightMessages)
+  end
+  local rl = type(res.rateLimits) == "table" and res.rateLimits or {}
+  local function adopt(text)
+    if type(text) ~= "string" then return {} end
+    local b = limits.parse(text, 0.8)
+    return b or {}
+  end
+  local msg = adopt(rl.messages)
+  for _, b in ipairs(self.configured_buckets) do msg[#msg + 1] = b end
+  self.limiter = limits.new(msg, self.sched.now())
+  local tele = adopt(rl.telemetryMessages)
+  self.tele_limiter = limits.new(tele, self.sched.now())
+  self.dp_limiter = limits.new(adopt(rl.telemetryDataPoints), self.sched.now())
+  self.log.info("server session limits: payload %d bytes, %d in flight, messages %s",
+    self.payload_limit, self.window, tostring(rl.messages or "unlimited"))
+end
+
+-- Closes the connection from our side, as if it had dropped.
+function M:drop_connection(why)
+  if not self.conn then return end
+  local id = self.conn_id
+  self.conn:close()
+  self:on_disconnect(id, -1, why)
+end
+
+function M:on_disconnect(conn_id, rc, why)
+  if conn_id ~= self.conn_id then return end
+  local was_online = self.state == "online"
+  if self.connect_timer then self.connect_timer:cancel(); self.connect_timer = nil end
+  if self.conn then self.conn:close() end
+  self.conn, self.conn_id, self.state, self.ready = nil, nil, "offline", false
+  -- unacknowledged records go out again first, in their original order
+  local back = {}
+  for _, rec in pairs(self.inflight) do back[#back + 1] = rec end
+  table.sort(back, function(a, b) return a.seq < b.seq end)
+  self.inflight, self.inflight_n = {}, 0
+  if #back > 0 then self.outbox:unshift(back) end
+  self.sched:wake_all("attr:", nil, "disconnected")
+  self.sched:wake_all("rpc:", nil, "disconnected")
+  self.own_requests = {}
+  if was_online then
+    local lasted = self.sched.now() - (self.connected_at or 0)
+    if self.stopping then
+      self.log.info("disconnected")
+    else
+      self.log.warn("connection lost after %.1f s: %s", lasted / 1000, tostring(why))
+    end
+    self:note_session_length(lasted)
+    local gen = self.generation()
+    for _, fn in ipairs(gen.disconnect_handlers) do
+      self.sched:spawn("on_disconnect handler", {fn = fn, gen = gen}, tostring(why))
+    end
+  else
+    self.log.warn("connection to %s:%d failed: %s", self.config.host, self.config.port, tostring(why))
+  end
+  if self.stopping then
+    self.finished = true
+    return
+  end
+  self:schedule_reconnect()
+end
+
+-- A server that keeps closing a freshly accepted session usually means a second client uses
+-- the same credentials (ThingsBoard keeps one session per device and closes the older).
+function M:note_session_length(lasted)
+  local now = self.sched.now()
+  if lasted >= STABLE_MS then
+    self.attempts = 0
+    self.short_sessions = {}
+    self.flap_warned = false
+    return
+  end
+  local kept = {}
+  for _, t in ipairs(self.short_sessions) do
+    if now - t <= FLAP_WINDOW_MS then kept[#kept + 1] = t end
+  end
+  kept[#kept + 1] = now
+  self.short_sessions = kept
+  if #kept >= FLAP_COUNT and not self.flap_warned then
+    self.flap_warned = true
+    self.log.warn("the server closed %d sessions within %d s of accepting them: another device or agent is probably using the same credentials (ThingsBoard keeps one session per device and closes the older); backing off", #kept, FLAP_WINDOW_MS // 1000)
+  end
+end
+
+-------------------------------------------------------------------------------------------
+-- outbound records
+
+-- would_queue() -> true when a record submitted now waits in the outbox (the caller stamps
+-- telemetry with the time it was measured).
+function M:would_queue()
+  return not (self.ready and self.outbox:count() == 0 and self.inflight_n < self.window)
+end
+
+-- check_size(topic, payload) -> true | nil, err: ThingsBoard counts topic, ids and payload.
+function M:check_size(topic, payload)
+  local size = #payload + #topic + 4
+  if size > self.payload_limit then
+    return nil, string.format("payload too large: %d bytes (limit %d)", size, self.payload_limit)
+  end
+  return true
+end
+
+-- submit(topic, payload, kind, points) -> true | nil, err: queue or send a record.
+function M:submit(topic, payload, kind, points)
+  local ok, err = self:check_size(topic, payload)
+  if not ok then return nil, err end
+  self.seq = self.seq + 1
+  local rec = {topic = topic, payload = payload, qos = self.config.qos or 1, seq = self.seq,
+    kind = kind, points = points or 0}
+  local dropped = self.outbox:push(rec)
+  if dropped > 0 then
+    self.stats.dropped = self.stats.dropped + dropped
+    self:warn_dropped()
+  end
+  self:flush()
+  return true
+end
+
+function M:warn_dropped()
+  local now = self.sched.now()
+  -- one warning per 10 s at most, with the running total
+  if not self.dropped_warned_at or now - self.dropped_warned_at >= 10000 then
+    self.dropped_warned_at = now
+    self.log.warn("outbox full (%d records): dropped the oldest; %d dropped so far",
+      self.outbox.limit, self.stats.dropped)
+  end
+end
+
+function M:flush()
+  if not self.ready or self.flush_timer then return end
+  local conn, outbox, now = self.conn, self.outbox, self.sched.now()
+  while self.inflight_n < self.window do
+    local rec = outbox:peek()
+    if not rec then break end
+    local ok, wait = self.limiter:take(1, now)
+    if ok and rec.kind == "telemetry" then
+      ok, wait = self.tele_limiter:take(1, now)
+      if ok and self.dp_limiter then ok, wait = self.dp_limiter:take(rec.points, now) end
+    end
+    if not ok then
+      self.flush_timer = self.sched:timer(wait, function()
+        self.flush_timer = nil
+        self:flush()
+      end, nil, nil, "paced flush")
+      return
+    end
+    local mid, err = conn:publish(rec.topic, rec.payload, rec.qos)
+    if not mid then
+      self.log.warn("publish failed: %s", err)
+      return
+    end
+    outbox:pop()
+    self.stats.sent = self.stats.sent + 1
+    if rec.qos > 0 then
+      self.inflight[mid] = rec
+      self.inflight_n = self.inflight_n + 1
+    end
+  end
+end
+
+function M:on_puback(mid)
+  local rec = self.inflight[mid]
+  if rec then
+    self.inflight[mid] = nil
+    self.inflight_n = self.inflight_n - 1
+    self.stats.acked = self.stats.acked + 1
+    self:flush()
+  end
+end
+
+-- publish_now(topic, payload) -> true | nil, err: requests and responses that make sense
+-- only on the current connection (they bypass the outbox).
+function M:publish_now(topic, payload)
+  if self.state ~= "online" then return nil, "not connected" end
+  local ok, err = self:check_size(topic, payload)
+  if not ok then return nil, err end
+  local mid
+  mid, err = self.conn:publish(topic, payload, 1)
+  if not mid then return nil, err end
+  return true
+end
+
+-------------------------------------------------------------------------------------------
+-- requests from handlers
+
+-- request_attributes(keys, timeout) -> {client=, shared=} | nil, err. keys: {client=, shared=}
+function M:request_attributes(keys, timeout)
+  local req = {}
+  if keys.client then req.clientKeys = table.concat(keys.client, ",") end
+  if keys.shared then req.sharedKeys = table.concat(keys.shared, ",") end
+  local payload = assert(self.json_encode(req))
+  local id = self:next_id()
+  local ok, err = self:publish_now(T_ATTR_REQ .. id, payload)
+  if not ok then return nil, err end
+  local text
+  text, err = self.sched:wait("attr:" .. id, timeout)
+  if not text then return nil, err end
+  local res, derr = self.json_decode(text)
+  if type(res) ~= "table" then
+    return nil, "malformed attribute response: " .. tostring(derr or text)
+  end
+  return {client = type(res.client) == "table" and res.client or {},
+          shared = type(res.shared) == "table" and res.shared or {}}
+end
+
+-- rpc_call(method, params, timeout) -> result | nil, err
+function M:rpc_call(method, params, timeout)
+  local id = self:next_id()
+  local req = {method = method, params = params}
+  local payload, err = self.json_encode(req)
+  if not payload then return nil, err end
+  local topic = T_RPC_REQ .. id
+  local ok
+  ok, err = self:publish_now(topic, payload)
+  if not ok then return nil, err end
+  -- on a plain broker our own request comes back on the RPC subscription: recognise it
+  self.own_requests[topic] = payload
+  local text
+  text, err = self.sched:wait("rpc:" .. id, timeout)
+  self.own_requests[topic] = nil
+  if not text then return nil, err end
+  local res, derr = self.json_decode(text)
+  if derr then return nil, "malformed RPC response: " .. derr end
+  if type(res) == "table" and res.error ~= nil and next(res, next(res)) == nil and next(res) == "error" then
+    return nil, tostring(res.error)
+  end
+  return res
+end
+
+-------------------------------------------------------------------------------------------
+-- incoming messages
+
+function M:dispatch_attributes(changes, deleted, why)
+  for _, fn in ipairs(self.listeners.attributes) do fn(changes, deleted, why) end
+  local gen = self.generation()
+  for _, fn in ipairs(gen.attr_handlers) do
+    self.sched:spawn("attribute handler", {fn = fn, gen = gen}, changes, deleted)
+  end
+end
+
+local function is_deleted_push(obj)
+  local d = obj.deleted
+  return type(d) == "table" and next(obj, next(obj)) == nil
+end
+
+function M:on_attribute_push(payload)
+  local obj, err = self.json_decode(payload)
+  if type(obj) ~= "table" or getmetatable(obj) == self.core.json_array_mt then
+    self.log.warn("ignored malformed shared attribute push: %s", err or "not a JSON object")
+    return
+  end
+  if is_deleted_push(obj) then
+    local keys = {}
+    for _, k in ipairs(obj.deleted) do
+      if type(k) == "string" then keys[#keys + 1] = k end
+    end
+    self:dispatch_attributes({}, keys, "push")
+  else
+    self:dispatch_attributes(obj, {}, "push")
+  end
+end
+
+function M:respond(id, value, is_error)
+  local body
+  if is_error then
+    body = {error = value}
+  else
+    body = value
+  end
+  local payload, err = self.json_encode(body)
+  if not payload then
+    self.log.error("RPC %d: cannot encode the result: %s", id, err)
+    payload = assert(self.json_encode({error = "cannot encode result: " .. err}))
+  end
+  local ok
+  ok, err = self:publish_now(T_RPC_RES .. id, payload)
+  if not ok then self.log.warn("RPC %d: response not sent: %s", id, err) end
+end
+
+function M:on_rpc_request(id, payload)
+  local req, err = self.json_decode(payload)
+  if type(req) ~= "table" or type(req.method) ~= "string" then
+    self.log.warn("RPC %s: malformed request: %s", id, err or "no method")
+    return self:respond(id, "malformed request: " .. (err or "no \"method\" string"), true)
+  end
+  local method, params = req.method, req.params
+  if params == self.core.json_null then params = nil end
+  local gen = self.generation()
+  local fn = gen.rpc[method] or gen.rpc["*"]
+  if not fn then
+    self.log.warn("RPC %d: unknown method %q", id, method)
+    return self:respond(id, "unknown method: " .. method, true)
+  end
+  self.log.debug("RPC %d: %s", id, method)
+  self.sched:spawn("RPC " .. method, {
+    fn = fn, gen = gen,
+    on_done = function(...)
+      local n = select("#", ...)
+      local result, rerr = ...
+      if n == 0 or (result == nil and rerr == nil) then return end   -- one-way: no response
+      if result == nil then return self:respond(id, rerr, true) end  -- nil, err convention
+      self:respond(id, result)
+    end,
+    on_error = function(e) self:respond(id, strip_position(e), true) end,
+  }, params, id, method)
+end
+
+function M:on_message(topic, payload)
+  local b = topic:byte(1)
+  if b == 118 then -- "v"
+    if topic == T_ATTR then return self:on_attribute_push(payload) end
+    local id = topic:match("^v1/devices/me/rpc/request/(%d+)$")
+    if id then
+      if self.own_requests[topic] == payload then return end
+      return self:on_rpc_request(math.tointeger(tonumber(id)) or id, payload)
+    end
+    id = topic:match("^v1/devices/me/attributes/response/(%d+)$")
+    if id then
+      if not self.sched:wake("attr:" .. id, payload) then
+        self.log.debug("late attribute response %s ignored", id)
+      end
+      return
+    end
+    id = topic:match("^v1/devices/me/rpc/response/(%d+)$")
+    if id then
+      if not self.sched:wake("rpc:" .. id, payload) then
+        self.log.debug("late RPC response %s ignored", id)
+      end
+      return
+    end
+  end
+  for _, fn in ipairs(self.listeners.message) do
+    if fn(topic, payload) then return end
+  end
+  self.log.debug("ignored message on unknown topic %s (%d bytes)", topic, #payload)
+end
+
+-- on_event(kind, conn_id, b, c, s1, s2): the loop's events for this session.
+function M:on_event(kind, conn_id, b, c, s1, s2)
+  if conn_id ~= self.conn_id then return end   -- a closed connection's leftovers
+  if kind == "message" then
+    self:on_message(s1, s2)
+  elseif kind == "publish" then
+    self:on_puback(b)
+  elseif kind == "subscribe" then
+    if c == 128 then self.log.warn("the server refused a subscription") end
+    self.sched:wake("sub:" .. conn_id .. ":" .. b, c)
+  elseif kind == "connect" then
+    self:on_connack(b)
+  elseif kind == "disconnect" then
+    self:on_disconnect(conn_id, b, s1)
+  end
+end
+
+-------------------------------------------------------------------------------------------
+-- shutdown
+
+-- stop(deadline_ms): deliver what is in flight (and queued) until the deadline, then
+-- disconnect cleanly. self.finished becomes true when done.
+function M:stop(deadline_ms)
+  if self.stopping then return end
+  self.stopping = true
+  if self.reconnect_timer then self.reconnect_timer:cancel(); self.reconnect_timer = nil end
+  if not self.conn then
+    self.finished = true
+    return
+  end
+  local started = self.sched.now()
+  local function check()
+    if self.finished then return end
+    local drained = self.inflight_n == 0 and (self.outbox:count() == 0 or not self.ready)
+    if (drained and not (self.conn and self.conn:want_write())) or self.sched.now() - started >= deadline_ms then
+      if not drained then
+        self.log.warn("shutting down with %d records unacknowledged and %d queued",
+          self.inflight_n, self.outbox:count())
+      end
+      if self.conn and self.state == "online" then
+        self.conn:disconnect()
+        -- the disconnect event ends it; if it never comes, give up shortly
+        self.sched:timer(1000, function() self:drop_connection("shutdown") end, nil, nil, "shutdown")
+      else
+        self:drop_connection("shutdown")
+      end
+      return
+    end
+    self.sched:timer(20, check, nil, nil, "shutdown wait")
+  end
+  check()
+end
+
+return M

@@ -1,0 +1,303 @@
+-- tb.testing: an offline session for Busted specs. It replaces only the transport and the
+-- clock of tb.core with an in-memory fake (a fake ThingsBoard answers requests the way the
+-- server does) and runs the real tb library on top, so a script that passes here behaves
+-- the same in the agent. The clock is virtual: advance() never really sleeps.
+local agent = require "tb.agent"
+local logmod = require "tb.log"
+
+local M = {}
+
+local Session = {}
+Session.__index = Session
+
+local WALL_START = 1700000000000
+
+local function real_ms()
+  return math.floor(os.clock() * 1000)
+end
+
+-- The fake core: the real codec and checksums, a fake clock and a fake MQTT transport.
+local function fake_core(s)
+  local real = require "tb.core"
+  local core = setmetatable({}, {__index = real})
+  core.now = function() return s.clock end
+  core.wall = function() return s.wall_start + s.clock end
+  core.log_write = function(level, message)
+    s.logs[#s.logs + 1] = {level = level, message = message}
+    if s.echo_logs then io.stderr:write(level, " ", message, "\n") end
+  end
+  core.log_secret = function() end
+  core.mask = function(x) return x end
+  core.signals_open = function() return true end
+  core.mqtt_connect = function(opts)
+    s.next_conn = s.next_conn + 1
+    local id = s.next_conn
+    local conn = {id = id, opts = opts, mid = 0}
+    function conn.publish(_, topic, payload, qos)
+      conn.mid = conn.mid + 1
+      s:server_receive(id, topic, payload, qos, conn.mid)
+      return conn.mid
+    end
+    function conn.subscribe(_, topic, qos)
+      conn.mid = conn.mid + 1
+      s.subscriptions[#s.subscriptions + 1] = topic
+      s:queue("subscribe", id, conn.mid, qos)
+      return conn.mid
+    end
+    function conn.disconnect() s:queue("disconnect", id, 0, 0, "client disconnected") end
+    function conn.want_write() return false end
+    function conn.close() end
+    s.conn = conn
+    if s.refuse_with then
+      s:queue("connect", id, s.refuse_with, 0)
+      s:queue("disconnect", id, 14, 0, "connection refused")
+    else
+      s:queue("connect", id, 0, 0)
+    end
+    return conn, id
+  end
+  return core
+end
+
+-- load(path [, opts]) -> session. opts: {config = {...} overrides, echo_logs = bool,
+-- wall = start wall clock ms, budget_ms = handler budget}
+function M.load(path, opts)
+  opts = opts or {}
+  local s = setmetatable({
+    clock = 0, wall_start = opts.wall or WALL_START, events = {}, logs = {},
+    telemetry = {}, attributes = {}, published = {}, subscriptions = {}, claims = {},
+    rpc_responses = {}, attribute_answers = {}, rpc_answers = {}, next_conn = 0,
+    next_rpc_id = 0, server = {client = {}, shared = {}}, echo_logs = opts.echo_logs,
+  }, Session)
+  local core = fake_core(s)
+  local config = {script = path, host = "tb.testing", port = 1883, token = "testing",
+    session_limits = false, handler_budget = opts.budget_ms or 1000, budget_clock = real_ms,
+    backoff_min = 1000, backoff_max = 60000, request_timeout = 10000, rpc_timeout = 60000}
+  for k, v in pairs(opts.config or {}) do config[k] = v end
+  s.config = config
+  s.core = core
+  s.log = logmod.new(core.log_write, opts.log_level or "debug")
+  local ctx = agent.build(core, config, s.log)
+  ctx.on_send = function(kind, data)
+    if kind == "telemetry" then
+      for _, e in ipairs(data) do s.telemetry[#s.telemetry + 1] = e end
+    else
+      s.attributes[#s.attributes + 1] = data
+    end
+  end
+  s.ctx, s.sched, s.session = ctx, ctx.sched, ctx.session
+  local gen, err = ctx.loader:load(path)
+  if not gen then error(err, 2) end
+  ctx.loader:commit(gen)
+  s:pump()
+  return s
+end
+
+function Session:queue(kind, a, b, c, s1, s2)
+  self.events[#self.events + 1] = {kind, a, b, c, s1, s2}
+end
+
+-- pump(): delivers queued transport events and due timers until nothing is left to do.
+function Session:pump()
+  for _ = 1, 100000 do
+    if #self.events > 0 then
+      local e = table.remove(self.events, 1)
+      self.session:on_event(e[1], e[2], e[3], e[4], e[5], e[6])
+    else
+      local due = self.sched:next_due()
+      if due ~= 0 then return end
+      self.sched:run_due()
+    end
+  end
+  error("tb.testing: the session did not settle (a handler loops through timers of 0 ms?)", 2)
+end
+
+local function decode(s, text)
+  local v, err = s.core.json_decode(text)
+  if err then error("tb.testing: agent sent invalid JSON: " .. err, 3) end
+  return v
+end
+
+local function keys_of(csv)
+  if type(csv) ~= "string" then return nil end
+  local t = {}
+  for k in csv:gmatch("[^,]+") do t[#t + 1] = k end
+  return t
+end
+
+local function pick(store, keys)
+  local out = {}
+  if keys then
+    for _, k in ipairs(keys) do if store[k] ~= nil then out[k] = store[k] end end
+  else
+    for k, v in pairs(store) do out[k] = v end
+  end
+  return next(out) and out or nil
+end
+
+-- The fake server: what ThingsBoard does with each publish of the agent.
+function Session:server_receive(conn_id, topic, payload, qos, mid)
+  self.published[#self.published + 1] = {topic = topic, payload = payload, qos = qos}
+  local id = topic:match("^v1/devices/me/attributes/request/(%d+)$")
+  if id then
+    local req = decode(self, payload)
+    local answer
+    if not self.session.fetching_current and #self.attribute_answers > 0 then
+      answer = table.remove(self.attribute_answers, 1)
+    else
+      answer = {client = pick(self.server.client, keys_of(req.clientKeys)),
+                shared = pick(self.server.shared, keys_of(req.sharedKeys))}
+      if req.clientKeys and not req.sharedKeys then answer.shared = nil end
+      if req.sharedKeys and not req.clientKeys then answer.client = nil end
+    end
+    self:queue("message", conn_id, 1, 0, "v1/devices/me/attributes/response/" .. id,
+      assert(self.core.json_encode(answer)))
+  end
+  id = topic:match("^v1/devices/me/rpc/request/(%d+)$")
+  if id then
+    local req = decode(self, payload)
+    local answers = self.rpc_answers[req.method]
+    if answers and #answers > 0 then
+      local answer = #answers > 1 and table.remove(answers, 1) or answers[1]
+      self:queue("message", conn_id, 1, 0, "v1/devices/me/rpc/response/" .. id,
+        assert(self.core.json_encode(answer)))
+    end
+  end
+  id = topic:match("^v1/devices/me/rpc/response/(%d+)$")
+  if id then
+    self.rpc_responses[tonumber(id)] = decode(self, payload)
+  end
+  if topic == "v1/devices/me/attributes" then
+    for k, v in pairs(decode(self, payload)) do self.server.client[k] = v end
+  elseif topic == "v1/devices/me/claim" then
+    self.claims[#self.claims + 1] = decode(self, payload)
+  end
+  if qos and qos > 0 then self:queue("publish", conn_id, mid, 0) end
+end
+
+-- connect(): the server accepts the connection; on_connect handlers run.
+function Session:connect()
+  if self.session:online() then return self end
+  self.session:start()
+  self:pump()
+  return self
+end
+
+-- disconnect([reason]): the connection drops; on_disconnect handlers run. The agent
+-- reconnects by itself after its backoff (advance the clock to see it).
+function Session:disconnect(reason)
+  if self.session.conn_id then
+    self:queue("disconnect", self.session.conn_id, 7, 0, reason or "connection lost")
+    self:pump()
+  end
+  return self
+end
+
+-- refuse(code): the next connection attempts get this CONNACK code (nil to accept again).
+function Session:refuse(code)
+  self.refuse_with = code
+  return self
+end
+
+function Session:connected()
+  return self.session:online()
+end
+
+-- advance(ms): moves the virtual clock; timers due on the way run in order.
+function Session:advance(ms)
+  assert(type(ms) == "number" and ms >= 0, "advance(ms) needs a number of ms")
+  local target = self.clock + math.floor(ms)
+  self:pump()
+  while true do
+    local due = self.sched:next_due()
+    if due == nil or self.clock + due > target then break end
+    self.clock = self.clock + due
+    self.sched:run_due()
+    self:pump()
+  end
+  self.clock = target
+  self:pump()
+  return self
+end
+
+local function ensure_online(s)
+  if not s.session:online() then s:connect() end
+end
+
+-- rpc(method, params) -> response, id: a server-side RPC; the response is the decoded JSON
+-- the agent sent back (nil when the handler sent none, or has not answered yet: advance the
+-- clock and read s.rpc_responses[id]).
+function Session:rpc(method, params)
+  assert(type(method) == "string", "rpc(method, params) needs a method name")
+  ensure_online(self)
+  local id = self.next_rpc_id
+  self.next_rpc_id = id + 1
+  local payload = assert(self.core.json_encode({method = method, params = params}))
+  self:queue("message", self.session.conn_id, 1, 0, "v1/devices/me/rpc/request/" .. id, payload)
+  self:pump()
+  return self.rpc_responses[id], id
+end
+
+-- push_attributes(changes) / delete_attributes(keys): shared attribute updates.
+function Session:push_attributes(changes)
+  ensure_online(self)
+  for k, v in pairs(changes) do self.server.shared[k] = v end
+  self:queue("message", self.session.conn_id, 1, 0, "v1/devices/me/attributes",
+    assert(self.core.json_encode(changes)))
+  self:pump()
+  return self
+end
+
+function Session:delete_attributes(keys)
+  ensure_online(self)
+  for _, k in ipairs(keys) do self.server.shared[k] = nil end
+  self:queue("message", self.session.conn_id, 1, 0, "v1/devices/me/attributes",
+    assert(self.core.json_encode({deleted = setmetatable(keys, self.core.json_array_mt)})))
+  self:pump()
+  return self
+end
+
+-- answer_attributes{client=, shared=}: what the next request_attributes gets.
+function Session:answer_attributes(answer)
+  self.attribute_answers[#self.attribute_answers + 1] = answer
+  return self
+end
+
+-- set_attributes{client=, shared=}: the server's stored attributes (answers by key).
+function Session:set_attributes(attrs)
+  for k, v in pairs(attrs.client or {}) do self.server.client[k] = v end
+  for k, v in pairs(attrs.shared or {}) do self.server.shared[k] = v end
+  return self
+end
+
+-- answer_rpc_call(method, result, ...): what rpc_call(method) gets; several results are
+-- used in turn, the last one repeats. {error="timeout"} is what ThingsBoard sends on timeout.
+function Session:answer_rpc_call(method, ...)
+  self.rpc_answers[method] = table.pack(...)
+  self.rpc_answers[method].n = nil
+  return self
+end
+
+-- sent(topic) -> list of decoded payloads the agent published on topic
+function Session:sent(topic)
+  local out = {}
+  for _, m in ipairs(self.published) do
+    if m.topic == topic then out[#out + 1] = decode(self, m.payload) end
+  end
+  return out
+end
+
+-- logged(pattern [, level]) -> the first log message matching the Lua pattern
+function Session:logged(pattern, level)
+  for _, l in ipairs(self.logs) do
+    if (not level or l.level == level:upper()) and l.message:find(pattern) then return l.message end
+  end
+  return nil
+end
+
+-- state: the script's tb.state table
+function Session:state()
+  return self.ctx.state
+end
+
+return M

@@ -1,0 +1,95 @@
+/* log.c: writes log lines to stderr, one write() per line so lines never interleave, and
+ * masks every registered secret (access token, password) wherever it appears, so no code
+ * path can leak one into a log by accident. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <lauxlib.h>
+#include "core.h"
+#include "loop.h"
+
+#define TB_MAX_SECRETS 8
+
+static char *secrets[TB_MAX_SECRETS];
+static int nsecrets = 0;
+
+/* core.log_secret(s): masks s in every later log line (ignored when shorter than 3 bytes) */
+static int l_log_secret(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  if (len < 3 || nsecrets >= TB_MAX_SECRETS) return 0;
+  for (int i = 0; i < nsecrets; i++)
+    if (strcmp(secrets[i], s) == 0) return 0;
+  secrets[nsecrets] = strdup(s);
+  if (secrets[nsecrets]) nsecrets++;
+  return 0;
+}
+
+/* Appends msg to b with every secret replaced by "***". */
+static void add_masked(luaL_Buffer *b, const char *msg, size_t len) {
+  size_t i = 0;
+  while (i < len) {
+    int hit = 0;
+    for (int k = 0; k < nsecrets; k++) {
+      size_t sl = strlen(secrets[k]);
+      if (sl <= len - i && memcmp(msg + i, secrets[k], sl) == 0) {
+        luaL_addstring(b, "***");
+        i += sl;
+        hit = 1;
+        break;
+      }
+    }
+    if (!hit) luaL_addchar(b, msg[i++]);
+  }
+}
+
+/* core.log_write(level, message): "2026-11-25T18:00:00.123Z INFO message\n" on stderr */
+static int l_log_write(lua_State *L) {
+  const char *level = luaL_checkstring(L, 1);
+  size_t len;
+  const char *msg = luaL_checklstring(L, 2, &len);
+  int64_t ms = tb_loop_wall();
+  time_t secs = (time_t)(ms / 1000);
+  struct tm tm;
+  gmtime_r(&secs, &tm);
+  char stamp[40];
+  size_t n = strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", &tm);
+  snprintf(stamp + n, sizeof stamp - n, ".%03dZ ", (int)(ms % 1000));
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  luaL_addstring(&b, stamp);
+  luaL_addstring(&b, level);
+  luaL_addchar(&b, ' ');
+  add_masked(&b, msg, len);
+  luaL_addchar(&b, '\n');
+  luaL_pushresult(&b);
+  size_t outlen;
+  const char *out = lua_tolstring(L, -1, &outlen);
+  while (outlen > 0) {
+    ssize_t w = write(2, out, outlen);
+    if (w <= 0) break;
+    out += w;
+    outlen -= (size_t)w;
+  }
+  return 0;
+}
+
+/* core.mask(s) -> s with every secret replaced (for messages that leave the agent) */
+static int l_mask(lua_State *L) {
+  size_t len;
+  const char *msg = luaL_checklstring(L, 1, &len);
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  add_masked(&b, msg, len);
+  luaL_pushresult(&b);
+  return 1;
+}
+
+int tb_log_open(lua_State *L) {
+  static const luaL_Reg fns[] = {
+    {"log_write", l_log_write}, {"log_secret", l_log_secret}, {"mask", l_mask}, {NULL, NULL}};
+  luaL_setfuncs(L, fns, 0);
+  return 0;
+}
