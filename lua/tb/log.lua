@@ -31,11 +31,11 @@ function M.new(writer, level)
   self.info = emit("info", "INFO")
   self.warn = emit("warn", "WARN")
   self.error = emit("error", "ERROR")
-  function self.set_level(level)
-    assert(LEVELS[level], "unknown log level: " .. tostring(level))
-    self.threshold = LEVELS[level]
+  function self.set_level(name)
+    assert(LEVELS[name], "unknown log level: " .. tostring(name))
+    self.threshold = LEVELS[name]
   end
-  function self.enabled(level) return LEVELS[level] >= self.threshold end
+  function self.enabled(name) return LEVELS[name] >= self.threshold end
   return self
 end
 

@@ -284,7 +284,9 @@ function M:note_session_length(lasted)
   self.short_sessions = kept
   if #kept >= FLAP_COUNT and not self.flap_warned then
     self.flap_warned = true
-    self.log.warn("the server closed %d sessions within %d s of accepting them: another device or agent is probably using the same credentials (ThingsBoard keeps one session per device and closes the older); backing off", #kept, FLAP_WINDOW_MS // 1000)
+    self.log.warn("the server closed %d sessions within %d s of accepting them: another device or agent is " ..
+      "probably using the same credentials (ThingsBoard keeps one session per device and closes the older); " ..
+      "backing off", #kept, FLAP_WINDOW_MS // 1000)
   end
 end
 

@@ -1,0 +1,260 @@
+-- The device session through tb.testing: the real session, scheduler and loader over the
+-- fake transport. These are the contract's behaviours as a script sees them.
+local testing = require "tb.testing"
+
+local function script(text)
+  local path = os.tmpname() .. ".lua"
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+  return path
+end
+
+describe("session", function()
+  it("subscribes, fetches shared attributes, runs on_connect, and subscribes to RPC last", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_attributes(function(c) tb.state.seen = c.mode end)
+      tb.on_connect(function() tb.state.connected = true end)
+    ]]))
+    s:set_attributes({shared = {mode = "eco"}})
+    s:connect()
+    assert.equal("eco", s:state().seen)
+    assert.is_true(s:state().connected)
+    assert.equal("v1/devices/me/rpc/request/+", s.subscriptions[#s.subscriptions])
+    assert.same({}, s:sent("v1/devices/me/attributes/request/1")[1])
+  end)
+
+  it("queues telemetry while offline, stamps it, and delivers it in order after connect", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      for i = 1, 3 do assert(tb.send_telemetry{seq = i}) end
+    ]]))
+    assert.equal(0, #s:sent("v1/devices/me/telemetry"))
+    s:advance(1000)
+    s:connect()
+    local sent = s:sent("v1/devices/me/telemetry")
+    assert.equal(3, #sent)
+    for i, m in ipairs(sent) do
+      assert.equal(i, m.values.seq)
+      assert.equal(1700000000000, m.ts)    -- the time it was measured, not when it was sent
+    end
+  end)
+
+  it("drops the oldest records when the outbox is full and says so", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      for i = 1, 8 do tb.send_telemetry{seq = i} end
+    ]]), {config = {outbox_limit = 5}})
+    assert.truthy(s:logged("outbox full", "warn"))
+    s:connect()
+    local sent = s:sent("v1/devices/me/telemetry")
+    assert.equal(5, #sent)
+    assert.equal(4, sent[1].values.seq)
+  end)
+
+  it("refuses payloads over the limit at the call and never queues them", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.state.ok, tb.state.err = tb.send_telemetry{blob = string.rep("x", 70000)}
+    ]]))
+    assert.is_nil(s:state().ok)
+    assert.matches("payload too large", s:state().err)
+    s:connect()
+    assert.equal(0, #s:sent("v1/devices/me/telemetry"))
+  end)
+
+  it("refuses NaN and infinities with a clear error", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.state.r1 = {tb.send_telemetry{t = 0/0}}
+      tb.state.r2 = {tb.send_attributes{t = math.huge}}
+    ]]))
+    assert.is_nil(s:state().r1[1])
+    assert.matches("NaN", s:state().r1[2])
+    assert.matches("inf", s:state().r2[2])
+  end)
+
+  it("sends the three telemetry forms", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_connect(function()
+        tb.send_telemetry{a = 1}
+        tb.send_telemetry{{a = 2}, {ts = 5, values = {a = 3}}}
+        tb.send_telemetry({a = 4}, 1234)
+      end)
+    ]]))
+    s:connect()
+    local raw = {}
+    for _, m in ipairs(s.published) do
+      if m.topic == "v1/devices/me/telemetry" then raw[#raw + 1] = m.payload end
+    end
+    assert.equal('{"a":1}', raw[1])
+    assert.matches('^%[{"a":2},{', raw[2])
+    assert.same({{a = 2}, {ts = 5, values = {a = 3}}}, s:sent("v1/devices/me/telemetry")[2])
+    assert.matches('"ts":1234', raw[3])
+    assert.same({1700000000000, 1700000000000, 5, 1234}, {s.telemetry[1].ts, s.telemetry[2].ts, s.telemetry[3].ts, s.telemetry[4].ts})
+  end)
+
+  it("runs RPC handlers with the contract's response rules", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("str", function() return "text" end)
+      tb.on_rpc("fail", function() error("broken") end)
+      tb.on_rpc("soft", function() return nil, "not now" end)
+      tb.on_rpc("oneway", function() end)
+      tb.on_rpc("slow", function(p) tb.sleep(100) return p end)
+    ]]))
+    s:connect()
+    assert.equal("text", s:rpc("str"))
+    local raw = s.published[#s.published].payload
+    assert.equal('"text"', raw)
+    assert.same({error = "broken"}, s:rpc("fail"))
+    assert.truthy(s:logged("RPC fail failed: .*broken", "error"))
+    assert.same({error = "not now"}, s:rpc("soft"))
+    assert.is_nil(s:rpc("oneway"))
+    assert.same({error = "unknown method: nope"}, s:rpc("nope"))
+    local r1, id1 = s:rpc("slow", 1)
+    local r2, id2 = s:rpc("slow", 2)
+    assert.is_nil(r1); assert.is_nil(r2)
+    s:advance(100)
+    assert.equal(1, s.rpc_responses[id1])
+    assert.equal(2, s.rpc_responses[id2])
+  end)
+
+  it("routes '*' to a fallback handler with the method name", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("*", function(params, id, method) return {method = method, id = id} end)
+    ]]))
+    assert.same({method = "anything", id = 0}, s:rpc("anything"))
+  end)
+
+  it("makes client-side RPC calls with results, server errors and timeouts", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("go", function()
+        tb.state.time = tb.rpc_call("getTime", {})
+        tb.state.err = select(2, tb.rpc_call("busy"))
+        tb.state.lost = select(2, tb.rpc_call("silent", nil, 500))
+        return true
+      end)
+    ]]))
+    s:answer_rpc_call("getTime", {time = 42})
+    s:answer_rpc_call("busy", {error = "timeout"})
+    s:connect()
+    local _, id = s:rpc("go")
+    s:advance(500)
+    assert.same({time = 42}, s:state().time)
+    assert.equal("timeout", s:state().err)
+    assert.equal("timeout", s:state().lost)
+    assert.is_true(s.rpc_responses[id])
+  end)
+
+  it("requests attributes with comma-joined keys and returns both sections", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("go", function()
+        tb.state.res = tb.request_attributes{client = {"a", "b"}, shared = {"c"}}
+        return true
+      end)
+    ]]))
+    s:answer_attributes({shared = {c = 3}})
+    s:rpc("go")
+    local req = s.published
+    local found
+    for _, m in ipairs(req) do
+      if m.topic:match("attributes/request/%d+$") then found = m.payload end
+    end
+    assert.matches('"clientKeys":"a,b"', found)
+    assert.matches('"sharedKeys":"c"', found)
+    assert.same({client = {}, shared = {c = 3}}, s:state().res)
+  end)
+
+  it("passes shared attribute deletions as the second argument", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_attributes(function(changes, deleted) tb.state.deleted = deleted; tb.state.changes = changes end)
+    ]]))
+    s:connect()
+    s:delete_attributes({"a", "b"})
+    assert.same({"a", "b"}, s:state().deleted)
+    assert.same({}, s:state().changes)
+  end)
+
+  it("raises when a yielding call is made at the top level", function()
+    assert.has_error(function()
+      testing.load(script([[ local tb = require "tb"; tb.sleep(10) ]]))
+    end)
+    local ok, err = pcall(testing.load, script([[ local tb = require "tb"; tb.sleep(10) ]]))
+    assert.is_false(ok)
+    assert.matches("tb.sleep yields and cannot be called at a script's top level", err)
+  end)
+
+  it("cuts off a runaway handler and keeps serving", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("spin", function() while true do end end)
+      tb.on_rpc("ping", function() return "pong" end)
+    ]]), {budget_ms = 100})
+    local res = s:rpc("spin")
+    assert.matches("without yielding", res.error)
+    assert.equal("pong", s:rpc("ping"))
+  end)
+
+  it("keeps timers independent and cancellable", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.state.ticks, tb.state.once = 0, 0
+      local t = tb.every(100, function() tb.state.ticks = tb.state.ticks + 1 end)
+      tb.after(250, function() t:cancel() end)
+      tb.after(50, function() tb.state.once = tb.state.once + 1 end)
+    ]]))
+    s:advance(1000)
+    assert.equal(2, s:state().ticks)
+    assert.equal(1, s:state().once)
+  end)
+
+  it("reconnects with backoff after a drop and re-subscribes", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.state.connects, tb.state.drops = 0, 0
+      tb.on_connect(function() tb.state.connects = tb.state.connects + 1 end)
+      tb.on_disconnect(function() tb.state.drops = tb.state.drops + 1 end)
+    ]]))
+    s:connect()
+    s:disconnect()
+    assert.is_false(s:connected())
+    assert.equal(1, s:state().drops)
+    s:advance(2000)
+    assert.is_true(s:connected())
+    assert.equal(2, s:state().connects)
+  end)
+
+  it("warns once when the server keeps closing fresh sessions", function()
+    local s = testing.load(script([[ local tb = require "tb" ]]))
+    s:connect()
+    for _ = 1, 3 do
+      s:advance(500)
+      s:disconnect("session taken over")
+      s:advance(6000)
+    end
+    assert.truthy(s:logged("same credentials", "warn"))
+  end)
+
+  it("hands unacknowledged records back to the outbox on a drop", function()
+    local s = testing.load(script([[ local tb = require "tb" ]]))
+    s:connect()
+    -- stop acknowledging: the fake server swallows PUBACKs from now on
+    local receive = s.server_receive
+    s.server_receive = function(self, id, topic, payload, qos, mid) return receive(self, id, topic, payload, 0, mid) end
+    s.ctx.current.api.send_telemetry{seq = 1}
+    s.ctx.current.api.send_telemetry{seq = 2}
+    s.server_receive = receive
+    s:disconnect()
+    s:advance(2000)
+    local seqs = {}
+    for _, m in ipairs(s:sent("v1/devices/me/telemetry")) do seqs[#seqs + 1] = m.values and m.values.seq or m.seq end
+    assert.same({1, 2, 1, 2}, seqs)
+  end)
+end)
