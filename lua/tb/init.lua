@@ -67,7 +67,8 @@ function M.bind(ctx, gen)
     end
     local stamp = session:would_queue() or gen.loading
     local now = ctx.clock()
-    local entries, points, body = {}, 0, nil
+    local entries, points = {}, 0
+    local body
     local function entry(v)
       if type(v) ~= "table" then return nil, "telemetry entries must be tables" end
       if v.ts ~= nil and v.values ~= nil then
