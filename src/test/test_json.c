@@ -1,0 +1,621 @@
+/* Tests of the wire JSON codec (json.c) through the Lua functions it registers and through
+ * its C entries: every rule of contract.md "Values and JSON" and the codec's brief, plus
+ * round trips of random doubles and integers and clean failures on hostile input. */
+#include <locale.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "check.h"
+#include "core.h"
+#include "json.h"
+#include <lualib.h>
+
+static lua_State *L;
+
+/* Globals for the snippets: core, null, mt; show(v) prints a decoded value with its types
+ * (integers bare, floats as f<%.17g>, arrays only when they carry the array metatable);
+ * E(v) and D(text) give the JSON text / shown value, or "ERR <message>". */
+static const char helpers[] =
+  "core = ...\n"
+  "null, mt = core.json_null, core.json_array_mt\n"
+  "function show(v)\n"
+  "  local t = type(v)\n"
+  "  if t == 'number' then\n"
+  "    if math.type(v) == 'integer' then return string.format('%d', v) end\n"
+  "    return 'f' .. string.format('%.17g', v)\n"
+  "  elseif t == 'string' then\n"
+  "    return '\"' .. v:gsub('[^\\32-\\126]', function(c)\n"
+  "      return string.format('\\\\%d', c:byte()) end) .. '\"'\n"
+  "  elseif v == null then return 'null'\n"
+  "  elseif t == 'table' then\n"
+  "    local parts = {}\n"
+  "    if getmetatable(v) == mt then\n"
+  "      for i = 1, #v do parts[i] = show(v[i]) end\n"
+  "      return '[' .. table.concat(parts, ',') .. ']'\n"
+  "    end\n"
+  "    local keys = {}\n"
+  "    for k in pairs(v) do keys[#keys + 1] = k end\n"
+  "    table.sort(keys)\n"
+  "    for i, k in ipairs(keys) do parts[i] = k .. '=' .. show(v[k]) end\n"
+  "    return '{' .. table.concat(parts, ',') .. '}'\n"
+  "  end\n"
+  "  return tostring(v)\n"
+  "end\n"
+  "function E(v)\n"
+  "  local s, err = core.json_encode(v)\n"
+  "  if s == nil then return 'ERR ' .. err end\n"
+  "  return s\n"
+  "end\n"
+  "function D(text)\n"
+  "  local v, err = core.json_decode(text)\n"
+  "  if v == nil then return 'ERR ' .. err end\n"
+  "  return show(v)\n"
+  "end\n";
+
+static char out[1 << 16];
+
+static const char *result(int status) {
+  size_t n;
+  const char *s;
+  if (status != LUA_OK) {
+    snprintf(out, sizeof out, "LUA ERROR: %s", lua_tostring(L, -1));
+  } else {
+    s = luaL_tolstring(L, -1, &n);
+    snprintf(out, sizeof out, "%s", s);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return out;
+}
+
+/* Runs a Lua chunk and returns its first result as text. */
+static const char *run(const char *code) {
+  int status = luaL_loadstring(L, code);
+  if (status == LUA_OK) status = lua_pcall(L, 0, 1, 0);
+  return result(status);
+}
+
+/* E(<Lua expression>) */
+static const char *enc(const char *expr) {
+  char code[4096];
+  snprintf(code, sizeof code, "return E(%s)", expr);
+  return run(code);
+}
+
+/* D(text) on the exact bytes given. */
+static const char *decn(const char *text, size_t n) {
+  lua_getglobal(L, "D");
+  lua_pushlstring(L, text, n);
+  return result(lua_pcall(L, 1, 1, 0));
+}
+
+static const char *dec(const char *text) {
+  return decn(text, strlen(text));
+}
+
+static void test_encode_numbers(void) {
+  CHECK_STR(enc("0"), "0");
+  CHECK_STR(enc("-1"), "-1");
+  CHECK_STR(enc("math.maxinteger"), "9223372036854775807");
+  CHECK_STR(enc("math.mininteger"), "-9223372036854775808");
+  CHECK_STR(enc("9007199254740993"), "9007199254740993");
+  CHECK_STR(enc("42.0"), "42.0");
+  CHECK_STR(enc("0.1"), "0.1");
+  CHECK_STR(enc("1e300"), "1e+300");
+  CHECK_STR(enc("-0.0"), "-0.0");
+  CHECK_STR(enc("0.0"), "0.0");
+  CHECK_STR(enc("1.5"), "1.5");
+  CHECK_STR(enc("-2.5e-10"), "-2.5e-10");
+  CHECK_STR(enc("1/3"), "0.3333333333333333");
+  CHECK_STR(enc("2^53"), "9007199254740992.0");
+  CHECK_STR(enc("1e21"), "1e+21");
+  CHECK_STR(enc("123456789.125"), "123456789.125");
+  CHECK_STR(enc("math.pi"), "3.141592653589793");
+  CHECK_STR(enc("0.1 + 0.2"), "0.30000000000000004");
+  CHECK_STR(enc("2^-1074"), "4.94065645841247e-324");
+  CHECK_STR(enc("1.7976931348623157e308"), "1.7976931348623157e+308");
+  CHECK_STR(enc("0/0"), "ERR cannot encode NaN");
+  CHECK_STR(enc("-(0/0)"), "ERR cannot encode NaN");
+  CHECK_STR(enc("math.huge"), "ERR cannot encode inf");
+  CHECK_STR(enc("-math.huge"), "ERR cannot encode inf");
+  CHECK_STR(enc("{a = {b = 0/0}}"), "ERR cannot encode NaN at .a.b");
+  CHECK_STR(enc("{1, 2, {x = math.huge}}"), "ERR cannot encode inf at [3].x");
+  CHECK_STR(enc("{v = {ok = 1, bad = print}}"), "ERR cannot encode function at .v.bad");
+  CHECK_STR(enc("{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{0/0}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}}"),
+            "ERR cannot encode NaN at ...[1][1][1][1][1][1][1][1][1][1][1][1][1][1][1][1][1][1][1][1]"
+            "[1][1][1][1][1][1][1][1][1][1][1]");
+}
+
+static void test_encode_strings(void) {
+  CHECK_STR(enc("''"), "\"\"");
+  CHECK_STR(enc("'plain/text'"), "\"plain/text\"");
+  CHECK_STR(enc("'q\"b\\\\'"), "\"q\\\"b\\\\\"");
+  CHECK_STR(enc("'\\n\\r\\t\\b\\f'"), "\"\\n\\r\\t\\b\\f\"");
+  CHECK_STR(enc("'\\0\\1\\31\\127'"), "\"\\u0000\\u0001\\u001f\x7f\"");
+  CHECK_STR(enc("'h\\u{e9}llo \\u{20ac} \\u{1d11e}'"), "\"h\xc3\xa9llo \xe2\x82\xac \xf0\x9d\x84\x9e\"");
+  CHECK_STR(enc("'\\u{7f}\\u{80}\\u{7ff}\\u{800}\\u{ffff}\\u{10000}\\u{10ffff}'"),
+            "\"\x7f\xc2\x80\xdf\xbf\xe0\xa0\x80\xef\xbf\xbf\xf0\x90\x80\x80\xf4\x8f\xbf\xbf\"");
+  CHECK_STR(enc("'\\xff'"), "ERR invalid UTF-8 in string");
+  CHECK_STR(enc("'\\x80'"), "ERR invalid UTF-8 in string");
+  CHECK_STR(enc("'\\xc0\\x80'"), "ERR invalid UTF-8 in string");     /* overlong NUL */
+  CHECK_STR(enc("'\\xc1\\xbf'"), "ERR invalid UTF-8 in string");     /* overlong */
+  CHECK_STR(enc("'\\xe0\\x9f\\xbf'"), "ERR invalid UTF-8 in string"); /* overlong */
+  CHECK_STR(enc("'\\xf0\\x8f\\xbf\\xbf'"), "ERR invalid UTF-8 in string");
+  CHECK_STR(enc("'\\xed\\xa0\\x80'"), "ERR invalid UTF-8 in string"); /* surrogate */
+  CHECK_STR(enc("'\\xf4\\x90\\x80\\x80'"), "ERR invalid UTF-8 in string"); /* > U+10FFFF */
+  CHECK_STR(enc("'\\xf5\\x80\\x80\\x80'"), "ERR invalid UTF-8 in string");
+  CHECK_STR(enc("'ok\\xe2\\x82'"), "ERR invalid UTF-8 in string");   /* truncated */
+  CHECK_STR(enc("'\\xe2\\x28\\xa1'"), "ERR invalid UTF-8 in string");
+  CHECK_STR(enc("{k = 'a\\xff'}"), "ERR invalid UTF-8 in string at .k");
+  CHECK_STR(enc("{['\\xff'] = 1}"), "ERR invalid UTF-8 in string");
+  /* long strings and many escapes grow the buffer past its first kilobyte */
+  CHECK_STR(run("local s = string.rep('ab\\n\\0', 5000)\n"
+                "return E(s) == '\"' .. string.rep('ab\\\\n\\\\u0000', 5000) .. '\"'"),
+            "true");
+  CHECK_STR(run("local s = string.rep('\\u{1d11e}', 30000) return E(s) == '\"' .. s .. '\"'"), "true");
+}
+
+#define MIXED "ERR cannot encode table with mixed or non-string keys"
+
+static void test_encode_tables(void) {
+  CHECK_STR(enc("nil"), "null");
+  CHECK_STR(enc("null"), "null");
+  CHECK_STR(enc("true"), "true");
+  CHECK_STR(enc("false"), "false");
+  CHECK_STR(enc("{}"), "{}");
+  CHECK_STR(enc("setmetatable({}, mt)"), "[]");
+  CHECK_STR(enc("{1, 2, 3}"), "[1,2,3]");
+  CHECK_STR(enc("setmetatable({1, 'a'}, mt)"), "[1,\"a\"]");
+  CHECK_STR(enc("{a = 1}"), "{\"a\":1}");
+  CHECK_STR(enc("{[''] = {}}"), "{\"\":{}}");
+  CHECK_STR(enc("{x = {1.0, null, {}}}"), "{\"x\":[1.0,null,{}]}");
+  CHECK_STR(enc("{null, null}"), "[null,null]");
+  CHECK_STR(enc("{[3] = 'c', [1] = 'a', [2] = 'b'}"), "[\"a\",\"b\",\"c\"]");
+  CHECK_STR(enc("{[1.0] = 'a'}"), "[\"a\"]");  /* Lua normalises the key to an integer */
+  CHECK_STR(run("local t = {a = 1, b = 'x', c = {true}} local s = E(t)\n"
+                "return #s == #'{\"a\":1,\"b\":\"x\",\"c\":[true]}' and show(core.json_decode(s))"),
+            "{a=1,b=\"x\",c=[true]}");
+  CHECK_STR(run("local t = {} for i = 1, 1000 do t[i] = i * 1000 end\n"
+                "return E(t) == '[' .. table.concat(t, ',') .. ']'"),
+            "true");
+  CHECK_STR(run("local t = {} for i = 1, 300 do t['k' .. i] = i end\n"
+                "local back = core.json_decode(E(t)) for k, v in pairs(t) do\n"
+                "  if back[k] ~= v then return k end end\n"
+                "for k in pairs(back) do if t[k] == nil then return k end end return 'same'"),
+            "same");
+  CHECK_STR(enc("{1, a = 2}"), MIXED);
+  CHECK_STR(enc("{a = 2, 1}"), MIXED);
+  CHECK_STR(enc("{1, nil, 3}"), MIXED);
+  CHECK_STR(enc("{[2] = 1}"), MIXED);
+  CHECK_STR(enc("{[0] = 1}"), MIXED);
+  CHECK_STR(enc("{[-1] = 1}"), MIXED);
+  CHECK_STR(enc("{[1.5] = 1}"), MIXED);
+  CHECK_STR(enc("{[true] = 1}"), MIXED);
+  CHECK_STR(enc("{[{}] = 1}"), MIXED);
+  CHECK_STR(enc("{[1] = 1, [3] = 3}"), MIXED);
+  CHECK_STR(enc("setmetatable({a = 1}, mt)"), MIXED);
+  CHECK_STR(enc("{a = {[2] = 0}}"), MIXED " at .a");
+  CHECK_STR(enc("print"), "ERR cannot encode function");
+  CHECK_STR(enc("coroutine.create(print)"), "ERR cannot encode thread");
+  CHECK_STR(enc("io.stdout"), "ERR cannot encode userdata");
+  CHECK_STR(enc("{f = io.stdout}"), "ERR cannot encode userdata at .f");
+  /* failures return exactly nil and a message; misuse raises like Lua */
+  CHECK_STR(run("return select('#', core.json_encode(0/0)) == 2 and"
+                " select(1, core.json_encode(0/0)) == nil"),
+            "true");
+  CHECK_STR(run("local ok, e = pcall(function() local r = core.json_encode() return r end)\n"
+                "return e:match('bad argument.*')"),
+            "bad argument #1 to 'json_encode' (value expected)");
+  /* metamethods are not consulted: tables are read raw */
+  CHECK_STR(enc("setmetatable({}, {__index = function() return 1 end, __len = function() return 3 end})"),
+            "{}");
+  CHECK_STR(enc("setmetatable({a = 1}, {__pairs = function() error('no') end})"), "{\"a\":1}");
+}
+
+static void test_encode_depth(void) {
+  CHECK_STR(run("local t = 1 for i = 1, 128 do t = {t} end\n"
+                "return E(t) == string.rep('[', 128) .. '1' .. string.rep(']', 128)"),
+            "true");
+  CHECK_STR(run("local t = 1 for i = 1, 129 do t = {t} end return E(t)"), "ERR nesting too deep");
+  CHECK_STR(run("local t = {} for i = 1, 127 do t = {a = t} end\n"
+                "return E(t) == string.rep('{\"a\":', 127) .. '{}' .. string.rep('}', 127)"),
+            "true");
+  CHECK_STR(run("local t = {} for i = 1, 128 do t = {a = t} end return E(t)"),
+            "ERR nesting too deep");
+  CHECK_STR(run("local t = {} t.self = t return E(t)"), "ERR nesting too deep");
+  CHECK_STR(run("local t = {} t[1] = t return E(t)"), "ERR nesting too deep");
+}
+
+static void test_decode_numbers(void) {
+  CHECK_STR(dec("42"), "42");
+  CHECK_STR(dec("-7"), "-7");
+  CHECK_STR(dec("0"), "0");
+  CHECK_STR(dec("-0"), "0");
+  CHECK_STR(dec("999999999999999999"), "999999999999999999");
+  CHECK_STR(dec("1000000000000000000"), "1000000000000000000");
+  CHECK_STR(dec("9223372036854775807"), "9223372036854775807");
+  CHECK_STR(dec("-9223372036854775808"), "-9223372036854775808");
+  CHECK_STR(dec("9007199254740993"), "9007199254740993");
+  CHECK_STR(dec("9223372036854775808"), "f9.2233720368547758e+18");
+  CHECK_STR(dec("-9223372036854775809"), "f-9.2233720368547758e+18");
+  CHECK_STR(dec("12345678901234567890"), "f1.2345678901234567e+19");
+  CHECK_STR(dec("42.0"), "f42");
+  CHECK_STR(dec("-0.0"), "f-0");
+  CHECK_STR(dec("1e3"), "f1000");
+  CHECK_STR(dec("4.2E1"), "f42");
+  CHECK_STR(dec("1E+2"), "f100");
+  CHECK_STR(dec("1e-2"), "f0.01");
+  CHECK_STR(dec("0.1"), "f0.10000000000000001");
+  CHECK_STR(dec("1e400"), "finf");
+  CHECK_STR(dec("-1e400"), "f-inf");
+  CHECK_STR(dec("1e-400"), "f0");
+  CHECK_STR(dec("0.12345678901234567"), "f0.12345678901234566");
+  CHECK_STR(run("local s = '0.' .. string.rep('0', 300) .. '1e301' return D(s)"), "f1");
+  CHECK_STR(run("local s = string.rep('9', 400) return D(s)"), "finf");
+  CHECK_STR(dec("01"), "ERR invalid JSON at byte 2: trailing garbage");
+  CHECK_STR(dec("-"), "ERR invalid JSON at byte 2: unexpected end");
+  CHECK_STR(dec("-a"), "ERR invalid JSON at byte 2: bad number");
+  CHECK_STR(dec("1."), "ERR invalid JSON at byte 3: unexpected end");
+  CHECK_STR(dec("1.e5"), "ERR invalid JSON at byte 3: bad number");
+  CHECK_STR(dec("1e"), "ERR invalid JSON at byte 3: unexpected end");
+  CHECK_STR(dec("1e+"), "ERR invalid JSON at byte 4: unexpected end");
+  CHECK_STR(dec("[1ex]"), "ERR invalid JSON at byte 4: bad number");
+  CHECK_STR(dec(".5"), "ERR invalid JSON at byte 1: unexpected character");
+  CHECK_STR(dec("+1"), "ERR invalid JSON at byte 1: unexpected character");
+  CHECK_STR(dec("0x10"), "ERR invalid JSON at byte 2: trailing garbage");
+  CHECK_STR(dec("NaN"), "ERR invalid JSON at byte 1: unexpected character");
+  CHECK_STR(dec("-Infinity"), "ERR invalid JSON at byte 2: bad number");
+  CHECK_STR(dec("[1,2 3]"), "ERR invalid JSON at byte 6: expected ',' or ']'");
+}
+
+static void test_decode_strings(void) {
+  CHECK_STR(dec("\"\""), "\"\"");
+  CHECK_STR(dec("\"abc\""), "\"abc\"");
+  CHECK_STR(dec("\"\\\"\\\\\\/\\b\\f\\n\\r\\t\""), "\"\"\\/\\8\\12\\10\\13\\9\"");
+  CHECK_STR(dec("\"\\u0041\\u00e9\\u20AC\""), "\"A\\195\\169\\226\\130\\172\"");
+  CHECK_STR(dec("\"\\ud834\\udd1e\""), "\"\\240\\157\\132\\158\"");
+  CHECK_STR(dec("\"\\uDBFF\\uDFFF\""), "\"\\244\\143\\191\\191\"");
+  CHECK_STR(dec("\"a\\u0000b\""), "\"a\\0b\"");
+  CHECK_STR(dec("\"h\xc3\xa9 \xf0\x9d\x84\x9e\""), "\"h\\195\\169 \\240\\157\\132\\158\"");
+  CHECK_STR(dec("\"\xef\xbb\xbf\""), "\"\\239\\187\\191\"");
+  CHECK_STR(dec("\"\\ud800\""), "ERR invalid JSON at byte 2: lone surrogate");
+  CHECK_STR(dec("\"\\udc00\""), "ERR invalid JSON at byte 2: lone surrogate");
+  CHECK_STR(dec("\"ab\\ud800\\u0041\""), "ERR invalid JSON at byte 4: lone surrogate");
+  CHECK_STR(dec("\"\\ud800\\ud800\""), "ERR invalid JSON at byte 2: lone surrogate");
+  CHECK_STR(dec("\"\\ud800x\""), "ERR invalid JSON at byte 2: lone surrogate");
+  CHECK_STR(dec("{\"abc\": \"x\\qy\"}"), "ERR invalid JSON at byte 11: bad escape");
+  CHECK_STR(dec("\"\\u12G4\""), "ERR invalid JSON at byte 2: bad escape");
+  CHECK_STR(dec("\"\\u12\""), "ERR invalid JSON at byte 2: bad escape");
+  CHECK_STR(dec("\"\\x41\""), "ERR invalid JSON at byte 2: bad escape");
+  CHECK_STR(dec("\"\\U0041\""), "ERR invalid JSON at byte 2: bad escape");
+  CHECK_STR(dec("\"a\tb\""), "ERR invalid JSON at byte 3: control character in string");
+  CHECK_STR(dec("\"\\n\nb\""), "ERR invalid JSON at byte 4: control character in string");
+  CHECK_STR(decn("\"a\0b\"", 5), "ERR invalid JSON at byte 3: control character in string");
+  CHECK_STR(dec("\"a\xff\""), "ERR invalid JSON at byte 3: invalid UTF-8");
+  CHECK_STR(dec("\"\\t\xc0\x80\""), "ERR invalid JSON at byte 4: invalid UTF-8");
+  CHECK_STR(dec("\"\xed\xa0\x80\""), "ERR invalid JSON at byte 2: invalid UTF-8");
+  CHECK_STR(dec("\"\xf4\x90\x80\x80\""), "ERR invalid JSON at byte 2: invalid UTF-8");
+  CHECK_STR(dec("\"\xe2\x82\""), "ERR invalid JSON at byte 2: invalid UTF-8");
+  CHECK_STR(dec("\"abc"), "ERR invalid JSON at byte 5: unexpected end");
+  CHECK_STR(dec("\"ab\\"), "ERR invalid JSON at byte 5: unexpected end");
+  CHECK_STR(dec("\"ab\\\""), "ERR invalid JSON at byte 6: unexpected end");
+  CHECK_STR(dec("\xff"), "ERR invalid JSON at byte 1: unexpected character");
+  CHECK_STR(dec("'a'"), "ERR invalid JSON at byte 1: unexpected character");
+  /* long strings, escaped and not, and every escape round trip */
+  CHECK_STR(run("local s = string.rep('x\\\\n', 10000) local v = core.json_decode('\"' .. s .. '\"')\n"
+                "return v == string.rep('x\\n', 10000)"),
+            "true");
+  CHECK_STR(run("local parts = {} for c = 0, 255 do parts[#parts + 1] = string.char(c) end\n"
+                "local s = table.concat(parts):gsub('[\\128-\\255]', '') .. '\\u{7ff}\\u{ffff}\\u{10ffff}'\n"
+                "return core.json_decode(E(s)) == s"),
+            "true");
+}
+
+static void test_decode_structure(void) {
+  CHECK_STR(dec("true"), "true");
+  CHECK_STR(dec("false"), "false");
+  CHECK_STR(dec("null"), "null");
+  CHECK_STR(run("return core.json_decode('null') == core.json_null"), "true");
+  CHECK_STR(dec("\"top\""), "\"top\"");
+  CHECK_STR(dec(" \t\n\r 1 \r\n\t "), "1");
+  CHECK_STR(dec("[]"), "[]");
+  CHECK_STR(dec("[ ]"), "[]");
+  CHECK_STR(dec("{}"), "{}");
+  CHECK_STR(dec(" { } "), "{}");
+  CHECK_STR(dec("[1, \"a\", null, true, [], {}, 2.5]"), "[1,\"a\",null,true,[],{},f2.5]");
+  CHECK_STR(dec("{\"a\": null, \"b\": [null]}"), "{a=null,b=[null]}");
+  CHECK_STR(run("local v = core.json_decode('{\"a\":null}')\n"
+                "return v.a == core.json_null and next(v) == 'a'"),
+            "true");
+  CHECK_STR(dec("{\"a\":1,\"a\":2}"), "{a=2}");
+  CHECK_STR(dec("{\"\":0}"), "{=0}");
+  CHECK_STR(run("return getmetatable(core.json_decode('[1]')) == mt and"
+                " getmetatable(core.json_decode('{}')) == nil"),
+            "true");
+  CHECK_STR(run("return E(core.json_decode('[]')) .. E(core.json_decode('{}'))"
+                " .. E(core.json_decode('{\"a\":[],\"b\":{},\"c\":null}').a)"),
+            "[]{}[]");
+  /* past the batch sizes: arrays of 32 and objects of 16 go straight into the table */
+  CHECK_STR(run("for n = 1, 100 do local t = {} for i = 1, n do t[i] = i end\n"
+                "  local v = core.json_decode(E(t))\n"
+                "  if #v ~= n or getmetatable(v) ~= mt then return n end\n"
+                "  for i = 1, n do if v[i] ~= i then return n end end\n"
+                "end return 'ok'"),
+            "ok");
+  CHECK_STR(run("for n = 1, 60 do local parts = {}\n"
+                "  for i = 1, n do parts[i] = string.format('\"k%d\":%d', i, i) end\n"
+                "  parts[n + 1] = '\"k1\":0'\n"
+                "  local v = core.json_decode('{' .. table.concat(parts, ',') .. '}')\n"
+                "  local c = 0 for k in pairs(v) do c = c + 1 end\n"
+                "  if c ~= n or v.k1 ~= 0 or v['k' .. n] ~= (n == 1 and 0 or n) then return n end\n"
+                "end return 'ok'"),
+            "ok");
+  CHECK_STR(dec(""), "ERR empty JSON text");
+  CHECK_STR(dec(" \n\t\r "), "ERR empty JSON text");
+  CHECK_STR(dec("\f1"), "ERR invalid JSON at byte 1: unexpected character");
+  CHECK_STR(dec("1 2"), "ERR invalid JSON at byte 3: trailing garbage");
+  CHECK_STR(dec("{}x"), "ERR invalid JSON at byte 3: trailing garbage");
+  CHECK_STR(dec("[1]]"), "ERR invalid JSON at byte 4: trailing garbage");
+  CHECK_STR(dec("nul"), "ERR invalid JSON at byte 4: unexpected end");
+  CHECK_STR(dec("nulx"), "ERR invalid JSON at byte 4: unexpected character");
+  CHECK_STR(dec("True"), "ERR invalid JSON at byte 1: unexpected character");
+  CHECK_STR(dec("truefalse"), "ERR invalid JSON at byte 5: trailing garbage");
+  CHECK_STR(dec("["), "ERR invalid JSON at byte 2: unexpected end");
+  CHECK_STR(dec("[1,]"), "ERR invalid JSON at byte 4: unexpected character");
+  CHECK_STR(dec("[,1]"), "ERR invalid JSON at byte 2: unexpected character");
+  CHECK_STR(dec("{\"a\" 1}"), "ERR invalid JSON at byte 6: expected ':'");
+  CHECK_STR(dec("{\"a\":1,}"), "ERR invalid JSON at byte 8: expected string key");
+  CHECK_STR(dec("{a:1}"), "ERR invalid JSON at byte 2: expected string key");
+  CHECK_STR(dec("{\"a\":1 \"b\":2}"), "ERR invalid JSON at byte 8: expected ',' or '}'");
+  CHECK_STR(dec("{\"a\":"), "ERR invalid JSON at byte 6: unexpected end");
+  CHECK_STR(dec("{\"a\""), "ERR invalid JSON at byte 5: unexpected end");
+  CHECK_STR(dec("{\"a\":1"), "ERR invalid JSON at byte 7: unexpected end");
+  CHECK_STR(run("return select('#', core.json_decode('x')) == 2 and"
+                " select(1, core.json_decode('x')) == nil"),
+            "true");
+  CHECK_STR(run("local ok, e = pcall(function() local r = core.json_decode() return r end)\n"
+                "return e:match('bad argument.*')"),
+            "bad argument #1 to 'json_decode' (string expected, got no value)");
+  CHECK_STR(run("return core.json_decode(42)"), "42");
+}
+
+static void test_decode_depth(void) {
+  CHECK_STR(run("return D(string.rep('[', 128) .. string.rep(']', 128)) =="
+                " string.rep('[', 128) .. string.rep(']', 128)"),
+            "true");
+  CHECK_STR(run("return D(string.rep('[', 129) .. string.rep(']', 129))"), "ERR nesting too deep");
+  CHECK_STR(run("return D(string.rep('{\"a\":', 127) .. '{}' .. string.rep('}', 127)):sub(1, 6)"),
+            "{a={a=");
+  CHECK_STR(run("return D(string.rep('{\"a\":', 128) .. '{}' .. string.rep('}', 128))"),
+            "ERR nesting too deep");
+  CHECK_STR(run("return D(string.rep('[', 100000))"), "ERR nesting too deep");
+  CHECK_STR(run("return D(string.rep('{\"a\":[', 100000))"), "ERR nesting too deep");
+  /* deep values under full batches use the most Lua stack per level */
+  CHECK_STR(run("local s = string.rep('[' .. string.rep('1,', 31), 127) .. '1'\n"
+                "s = s .. string.rep(']', 127) local v = core.json_decode(s)\n"
+                "local d = 0 while type(v) == 'table' do d = d + 1 v = v[32] end return d"),
+            "127");
+}
+
+/* xorshift64*, so failures reproduce */
+static uint64_t rng_state = 0x9E3779B97F4A7C15u;
+static uint64_t rng(void) {
+  rng_state ^= rng_state >> 12;
+  rng_state ^= rng_state << 25;
+  rng_state ^= rng_state >> 27;
+  return rng_state * 0x2545F4914F6CDD1Du;
+}
+
+/* decode(encode(x)) == x bit for bit, through the Lua functions; n random finite doubles */
+static void test_random_doubles(int n) {
+  int i, bad = 0, base = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, "test.core");
+  for (i = 0; i < n; i++) {
+    uint64_t bits = rng(), back_bits;
+    double x, back;
+    const char *text;
+    if (i % 4 == 1) bits &= ~(uint64_t)0x7FF0000000000000u;  /* subnormals and zeros */
+    if (i % 4 == 2) bits = (bits & 0x800FFFFFFFFFFFFFu) | ((uint64_t)(1023 + (int)(rng() % 120) - 60) << 52);
+    memcpy(&x, &bits, sizeof x);
+    if (!isfinite(x)) continue;
+    lua_getfield(L, base + 1, "json_encode");
+    lua_pushnumber(L, x);
+    lua_call(L, 1, 1);
+    text = lua_tostring(L, -1);
+    if (!text || !strpbrk(text, ".eE")) {
+      bad++;
+      lua_settop(L, base + 1);
+      continue;
+    }
+    lua_getfield(L, base + 1, "json_decode");
+    lua_insert(L, -2);
+    lua_call(L, 1, 1);
+    back = lua_tonumber(L, -1);
+    memcpy(&back_bits, &back, sizeof back);
+    if (lua_isinteger(L, -1) || back_bits != bits) {
+      if (bad++ < 5) fprintf(stderr, "double %a did not round-trip\n", x);
+    }
+    lua_settop(L, base + 1);
+  }
+  lua_settop(L, base);
+  CHECK(bad == 0);
+}
+
+static void test_random_integers(int n) {
+  int i, bad = 0, base = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, "test.core");
+  for (i = 0; i < n; i++) {
+    lua_Integer v = (lua_Integer)(rng() >> (rng() % 64));
+    char want[32];
+    if (i & 1) v = -v;
+    snprintf(want, sizeof want, "%lld", (long long)v);
+    lua_getfield(L, base + 1, "json_encode");
+    lua_pushinteger(L, v);
+    lua_call(L, 1, 1);
+    if (strcmp(lua_tostring(L, -1), want) != 0) bad++;
+    lua_getfield(L, base + 1, "json_decode");
+    lua_insert(L, -2);
+    lua_call(L, 1, 1);
+    if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) != v) bad++;
+    lua_settop(L, base + 1);
+  }
+  lua_settop(L, base);
+  CHECK(bad == 0);
+}
+
+/* Every prefix and many mutations of a document must fail or succeed cleanly (the sanitizers
+ * catch any read past the end), with the stack balanced. */
+static void test_hostile_input(void) {
+  static const char doc[] =
+    "{\"a\":[1,-2.5e+3,\"x\\u00e9\\ud834\\udd1e\\n\",true,false,null,{\"b\":{}}],"
+    "\"c\":\"\xe2\x82\xac\",\"d\":[[[]]],\"e\":12345678901234567890}";
+  size_t n = sizeof doc - 1, i;
+  int base = lua_gettop(L), unbalanced = 0, prefixes_ok = 0, j;
+  char err[128], buf[sizeof doc];
+  for (i = 0; i <= n; i++) {
+    char *copy = malloc(i ? i : 1);  /* exact size, so ASan sees any overread */
+    memcpy(copy, doc, i);
+    if (tb_json_decode_push(L, copy, i, err, sizeof err) == 0) {
+      prefixes_ok++;
+      lua_pop(L, 1);
+    }
+    if (lua_gettop(L) != base) unbalanced++;
+    free(copy);
+  }
+  CHECK(prefixes_ok == 1);  /* only the whole document */
+  CHECK(unbalanced == 0);
+  for (j = 0; j < 20000; j++) {
+    size_t at = rng() % n;
+    memcpy(buf, doc, n);
+    buf[at] = (char)rng();
+    if (j & 1) buf[rng() % n] = "[]{}\",:\\u0e-"[rng() % 13];
+    if (tb_json_decode_push(L, buf, n, err, sizeof err) == 0) lua_pop(L, 1);
+    if (lua_gettop(L) != base) unbalanced++;
+  }
+  CHECK(unbalanced == 0);
+}
+
+static void test_c_entries(void) {
+  luaL_Buffer b;
+  char err[128];
+  int base = lua_gettop(L);
+  /* encode appends to a buffer in use, and leaves it untouched on failure */
+  luaL_buffinit(L, &b);
+  luaL_addstring(&b, "v=");
+  lua_pushinteger(L, 7);  /* under the buffer: the value is found by index */
+  lua_insert(L, -2);
+  CHECK(tb_json_encode_at(L, -2, &b, err, sizeof err) == 0);
+  luaL_addchar(&b, ';');
+  lua_createtable(L, 0, 0);
+  lua_pushnumber(L, 0.0 / 0.0);
+  lua_setfield(L, -2, "x");
+  lua_insert(L, -2);
+  CHECK(tb_json_encode_at(L, -2, &b, err, sizeof err) == -1);
+  CHECK_STR(err, "cannot encode NaN at .x");
+  luaL_pushresult(&b);
+  CHECK_STR(lua_tostring(L, -1), "v=7;");
+  CHECK(lua_gettop(L) == base + 3);
+  lua_settop(L, base);
+  /* a large value through a buffer that must grow its box */
+  CHECK_STR(run("local t = {} for i = 1, 5000 do t[i] = 'item' .. i end\n"
+                "test_big = t return #E(t)"),
+            "53894");
+  luaL_buffinit(L, &b);
+  lua_getglobal(L, "test_big");
+  lua_insert(L, -2);
+  CHECK(tb_json_encode_at(L, -2, &b, err, sizeof err) == 0);
+  luaL_pushresult(&b);
+  CHECK(lua_rawlen(L, -1) == 53894);
+  lua_settop(L, base);
+  /* decode pushes exactly one value, or nothing */
+  CHECK(tb_json_decode_push(L, "[1,2]xyz", 5, err, sizeof err) == 0);
+  CHECK(lua_gettop(L) == base + 1 && lua_rawlen(L, -1) == 2);
+  lua_settop(L, base);
+  CHECK(tb_json_decode_push(L, "[1,2", 4, err, sizeof err) == -1);
+  CHECK_STR(err, "invalid JSON at byte 5: unexpected end");
+  CHECK(lua_gettop(L) == base);
+  CHECK(tb_json_decode_push(L, "[1]", 3, NULL, 0) == 0);  /* no error buffer needed */
+  CHECK(tb_json_decode_push(L, "]", 1, NULL, 0) == -1);
+  CHECK(lua_gettop(L) == base + 1);
+  lua_settop(L, base);
+  /* light userdata other than NULL */
+  lua_getfield(L, LUA_REGISTRYINDEX, "test.core");
+  lua_getfield(L, -1, "json_encode");
+  lua_pushlightuserdata(L, &b);
+  lua_call(L, 1, 2);
+  CHECK(lua_isnil(L, -2));
+  CHECK_STR(lua_tostring(L, -1), "cannot encode userdata");
+  lua_settop(L, base);
+  /* the module table and the registry share the array metatable */
+  lua_getfield(L, LUA_REGISTRYINDEX, "test.core");
+  lua_getfield(L, -1, "json_array_mt");
+  lua_getfield(L, LUA_REGISTRYINDEX, TB_JSON_ARRAY_MT);
+  CHECK(lua_istable(L, -1) && lua_rawequal(L, -1, -2));
+  lua_getfield(L, -3, "json_null");
+  CHECK(lua_islightuserdata(L, -1) && lua_touserdata(L, -1) == NULL);
+  lua_settop(L, base);
+}
+
+/* Output must not follow the C locale's decimal point. Runs only where such a locale exists. */
+static void test_locale(void) {
+  static const char *names[] = {"de_DE.UTF-8", "de_DE.utf8", "fr_FR.UTF-8", "fr_FR.utf8",
+                                "ps_AF.UTF-8", "ps_AF.utf8", NULL};
+  const char **name;
+  for (name = names; *name; name++) {
+    if (!setlocale(LC_NUMERIC, *name)) continue;
+    if (strcmp(localeconv()->decimal_point, ".") == 0) continue;
+    /* no float literals here: Lua's own lexer fails in a locale with a multibyte point */
+    CHECK_STR(enc("1/2"), "0.5");
+    CHECK_STR(enc("84/2"), "42.0");
+    CHECK_STR(enc("{-11/4, 2^-14}"), "[-2.75,6.103515625e-05]");
+    CHECK_STR(enc("{1/3}"), "[0.3333333333333333]");
+    CHECK_STR(run("for i = 1, 1000 do local x = (i * 7919 % 1000003) / 997 * 2^(i % 200 - 100)\n"
+                  "  if core.json_decode(core.json_encode(x)) ~= x then return x end\n"
+                  "end return 'ok'"),
+              "ok");
+    CHECK_STR(run("local v = core.json_decode('[0.5, -2.75, 3, 1e2, 6.103515625e-05]')\n"
+                  "return v[1] == 1/2 and v[2] == -11/4 and math.type(v[3]) == 'integer'\n"
+                  "  and v[4] == 100 and v[5] == 2^-14"),
+              "true");
+    printf("json: locale %s checked\n", *name);
+  }
+  setlocale(LC_NUMERIC, "C");
+}
+
+int main(void) {
+  L = luaL_newstate();
+  luaL_openlibs(L);
+  lua_newtable(L);
+  lua_pushinteger(L, 1);  /* tb_json_open must leave the stack as it found it */
+  lua_insert(L, -2);
+  tb_json_open(L);
+  CHECK(lua_gettop(L) == 2 && lua_istable(L, -1));
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, "test.core");
+  if (luaL_loadstring(L, helpers) != LUA_OK) {
+    fprintf(stderr, "%s\n", lua_tostring(L, -1));
+    return 1;
+  }
+  lua_insert(L, -2);
+  lua_call(L, 1, 0);
+  lua_settop(L, 0);
+
+  test_encode_numbers();
+  test_encode_strings();
+  test_encode_tables();
+  test_encode_depth();
+  test_decode_numbers();
+  test_decode_strings();
+  test_decode_structure();
+  test_decode_depth();
+  test_random_doubles(100000);
+  test_random_integers(100000);
+  test_hostile_input();
+  test_c_entries();
+  test_locale();
+  CHECK(lua_gettop(L) == 0);
+
+  lua_close(L);
+  return check_done("json");
+}
