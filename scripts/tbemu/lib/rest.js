@@ -1,0 +1,355 @@
+// rest.js — the control side over HTTP: ThingsBoard REST paths (so a test also runs against a
+// real ThingsBoard), the emulator-only /emu API, URL-package files, the web page and SSE.
+import http from 'node:http'
+import fs from 'node:fs'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { parse, stringify, toKv, kvRaw, kvString, kvPlain, isObj, JNum, Raw } from './typedjson.js'
+import { httpError, SCOPES } from './store.js'
+import { normType } from './firmware.js'
+
+const WEB = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'web')
+
+export class RestSide {
+  constructor (emu) {
+    this.emu = emu
+    this.store = emu.store
+    this.sse = new Set()
+    this.routes = []
+    this.define()
+  }
+
+  async start (host, port) {
+    this.server = http.createServer((req, res) => this.handle(req, res))
+    this.server.keepAliveTimeout = 1000
+    await new Promise((resolve, reject) => { this.server.once('error', reject); this.server.listen(port, host, resolve) })
+    const push = (type, data) => { for (const r of this.sse) r.write(`event: ${type}\ndata: ${JSON.stringify(data)}\n\n`) }
+    this.store.on('change', (kind, dev) => {
+      if (this.sse.size === 0) return
+      if (dev && kind !== 'deviceDeleted') push('device', this.plainSummary(dev))
+      else if (kind === 'deviceDeleted') push('deviceDeleted', { id: dev.id })
+      else if (kind === 'package') push('packages', this.packages())
+    })
+    return this.server.address().port
+  }
+
+  async stop () {
+    for (const r of this.sse) r.end()
+    this.server.closeAllConnections()
+    await new Promise(resolve => this.server.close(() => resolve()))
+  }
+
+  on (method, pattern, fn) {
+    const names = []
+    const re = new RegExp('^' + pattern.replace(/:(\w+)/g, (_, n) => { names.push(n); return '([^/]+)' }) + '$')
+    this.routes.push({ method, re, names, fn })
+  }
+
+  async handle (req, res) {
+    const url = new URL(req.url, 'http://x')
+    try {
+      for (const r of this.routes) {
+        if (r.method !== req.method && !(r.method === 'GET' && req.method === 'HEAD')) continue
+        const m = r.re.exec(url.pathname)
+        if (!m) continue
+        const params = Object.fromEntries(r.names.map((n, i) => [n, decodeURIComponent(m[i + 1])]))
+        const q = Object.fromEntries(url.searchParams)
+        const ctx = { req, res, params, q, url, body: () => readBody(req), json: async () => { const b = await readBody(req); return b.length ? parse(b) : new Map() } }
+        const out = await r.fn(ctx)
+        if (out === undefined) return // handled
+        return send(res, 200, out)
+      }
+      send(res, 404, { status: 404, message: 'Not found: ' + url.pathname, errorCode: 32, timestamp: Date.now() })
+    } catch (e) {
+      const status = e.status || (e instanceof SyntaxError ? 400 : 500)
+      if (status === 500) this.emu.log('HTTP error: ' + e.stack)
+      if (!res.headersSent) send(res, status, { status, message: e.message, errorCode: status === 404 ? 32 : status === 401 ? 10 : 31, timestamp: Date.now() })
+      else res.destroy()
+    }
+  }
+
+  tbDevice (dev) {
+    return {
+      id: { entityType: 'DEVICE', id: dev.id }, createdTime: dev.createdTime,
+      tenantId: { entityType: 'TENANT', id: '13814000-1dd2-11b2-8080-808080808080' },
+      name: dev.name, type: dev.type, label: null, deviceProfileId: { entityType: 'DEVICE_PROFILE', id: '5d8c5d90-0000-11ee-8080-808080808080' },
+      additionalInfo: { gateway: dev.gateway }
+    }
+  }
+
+  plainSummary (dev) {
+    const s = this.emu.summary(dev)
+    const plain = (kv) => ({ type: kv.type, value: kvPlain(kv) })
+    s.latest = Object.fromEntries(Object.entries(s.latest).map(([k, v]) => [k, { ts: v.ts, ...plain(v.kv) }]))
+    for (const sc of SCOPES) s.attributes[sc] = Object.fromEntries(Object.entries(s.attributes[sc]).map(([k, v]) => [k, { lastUpdateTs: v.lastUpdateTs, ...plain(v.kv) }]))
+    return s
+  }
+
+  packages () { return [...this.store.packages.values()].map(p => this.emu.firmware.publicPackage(p)) }
+
+  define () {
+    const emu = this.emu; const store = this.store
+    const dev = (id) => { const d = store.byId(id); if (!d) throw httpError(404, 'Requested item wasn\'t found!'); return d }
+    const keysOf = (q) => q.keys !== undefined ? q.keys.split(',').filter(k => k !== '') : null
+    const kvsOf = (body) => {
+      if (!isObj(body)) throw httpError(400, 'JSON object expected')
+      const out = []
+      for (const [k, v] of body) { const kv = toKv(v); if (kv) out.push([k, kv]) }
+      return out
+    }
+
+    // ---- ThingsBoard REST --------------------------------------------------------------
+    this.on('POST', '/api/auth/login', () => ({ token: 'tbemu.jwt.token', refreshToken: 'tbemu.refresh.token' }))
+    this.on('GET', '/api/auth/user', () => ({ id: { entityType: 'USER', id: '00000000-0000-0000-0000-000000000001' }, authority: 'TENANT_ADMIN', email: 'tenant@thingsboard.org' }))
+    this.on('GET', '/api/tenant/devices', ({ q }) => {
+      if (q.deviceName !== undefined) {
+        const d = store.byName(q.deviceName)
+        if (!d) throw httpError(404, 'Requested item wasn\'t found!')
+        return this.tbDevice(d)
+      }
+      const all = [...store.devices.values()].filter(d => !q.textSearch || d.name.toLowerCase().includes(q.textSearch.toLowerCase()))
+      const size = Number(q.pageSize || 100); const page = Number(q.page || 0)
+      return { data: all.slice(page * size, page * size + size).map(d => this.tbDevice(d)), totalPages: Math.ceil(all.length / size), totalElements: all.length, hasNext: (page + 1) * size < all.length }
+    })
+    this.on('GET', '/api/device/:id', ({ params }) => this.tbDevice(dev(params.id)))
+    this.on('GET', '/api/device/:id/credentials', ({ params }) => {
+      const c = dev(params.id).credentials
+      return c.credentialsType === 'ACCESS_TOKEN'
+        ? { deviceId: { entityType: 'DEVICE', id: params.id }, credentialsType: 'ACCESS_TOKEN', credentialsId: c.credentialsId, credentialsValue: null }
+        : { deviceId: { entityType: 'DEVICE', id: params.id }, credentialsType: 'MQTT_BASIC', credentialsId: null, credentialsValue: JSON.stringify({ clientId: c.clientId, userName: c.userName, password: c.password }) }
+    })
+    this.on('GET', '/api/plugins/telemetry/DEVICE/:id/keys/timeseries', ({ params }) => [...dev(params.id).telemetry.keys()])
+    this.on('GET', '/api/plugins/telemetry/DEVICE/:id/keys/attributes(?:/(\\w+))?', ({ params, url }) => {
+      const d = dev(params.id); const sc = url.pathname.split('/')[7]
+      return [...new Set((sc ? [sc] : SCOPES).flatMap(s => [...(d.attributes[s] || new Map()).keys()]))]
+    })
+    this.on('GET', '/api/plugins/telemetry/DEVICE/:id/values/timeseries', ({ params, q }) => {
+      const d = dev(params.id)
+      const strict = q.useStrictDataTypes === 'true'
+      const val = (kv) => strict ? kvRaw(kv) : kvString(kv)
+      const keys = keysOf(q) || [...d.telemetry.keys()]
+      const out = {}
+      if (q.startTs === undefined && q.endTs === undefined) {
+        for (const k of keys) { const l = store.latest(d, k); if (l) out[k] = [{ ts: l.ts, value: val(l.kv) }] }
+        return out
+      }
+      const start = Number(q.startTs || 0); const end = Number(q.endTs || Date.now())
+      const limit = Number(q.limit || 100); const asc = (q.orderBy || 'DESC').toUpperCase() === 'ASC'
+      for (const k of keys) {
+        let h = (d.telemetry.get(k) || []).filter(e => e.ts >= start && e.ts < end)
+        if (!asc) h = h.slice().reverse()
+        h = h.slice(0, limit)
+        if (h.length) out[k] = h.map(e => ({ ts: e.ts, value: val(e.kv) }))
+      }
+      return out
+    })
+    const attrValues = ({ params, q, url }) => {
+      const d = dev(params.id)
+      const sc = url.pathname.split('/')[7]
+      if (sc && !SCOPES.includes(sc)) throw httpError(400, 'Invalid scope ' + sc)
+      const keys = keysOf(q)
+      const out = []
+      for (const s of sc ? [sc] : SCOPES) {
+        for (const [k, v] of d.attributes[s]) if (!keys || keys.includes(k)) out.push({ lastUpdateTs: v.lastUpdateTs, key: k, value: kvRaw(v.kv) })
+      }
+      return out
+    }
+    this.on('GET', '/api/plugins/telemetry/DEVICE/:id/values/attributes', attrValues)
+    this.on('GET', '/api/plugins/telemetry/DEVICE/:id/values/attributes/:scope', attrValues)
+    const saveAttrs = async ({ params, json }) => {
+      const d = dev(params.id)
+      const scope = params.scope
+      if (scope !== 'SHARED_SCOPE' && scope !== 'SERVER_SCOPE') throw httpError(400, 'Invalid scope: ' + scope)
+      const kvs = kvsOf(await json())
+      if (scope === 'SHARED_SCOPE') emu.setSharedAttributes(d, kvs)
+      else store.saveAttributes(d, scope, kvs)
+      return ''
+    }
+    this.on('POST', '/api/plugins/telemetry/DEVICE/:id/attributes/:scope', saveAttrs)
+    this.on('POST', '/api/plugins/telemetry/DEVICE/:id/:scope', saveAttrs)
+    this.on('DELETE', '/api/plugins/telemetry/DEVICE/:id/:scope', ({ params, q }) => {
+      const d = dev(params.id)
+      const keys = keysOf(q) || []
+      if (!SCOPES.includes(params.scope)) throw httpError(400, 'Invalid scope')
+      if (params.scope === 'SHARED_SCOPE') emu.deleteSharedAttributes(d, keys)
+      else store.deleteAttributes(d, params.scope, keys)
+      return ''
+    })
+    this.on('POST', '/api/plugins/telemetry/DEVICE/:id/timeseries/:scope', async ({ params, json }) => {
+      const d = dev(params.id); const body = await json()
+      const groups = Array.isArray(body) ? body : [body]
+      for (const g of groups) {
+        if (isObj(g) && g.has('ts') && g.has('values')) store.saveTelemetry(d, Number(g.get('ts').text ?? g.get('ts')), kvsOf(g.get('values')))
+        else store.saveTelemetry(d, Date.now(), kvsOf(g))
+      }
+      return ''
+    })
+    const rpc = (oneway) => async ({ params, json }) => {
+      const d = dev(params.id)
+      const body = await json()
+      if (!isObj(body) || !body.has('method')) throw httpError(400, 'method is required')
+      const t = body.get('timeout')
+      const r = await emu.rpc.call(d, { method: body.get('method'), params: body.get('params'), timeout: t instanceof JNum ? t.toNumber() : t, oneway })
+      if (r.status !== 200 || r.body === '') return r
+      return new Raw(r.body)
+    }
+    this.on('POST', '/api/plugins/rpc/twoway/:id', rpc(false))
+    this.on('POST', '/api/plugins/rpc/oneway/:id', rpc(true))
+
+    // ---- emulator-only ------------------------------------------------------------------
+    this.on('GET', '/emu/health', () => ({ ok: true, mqtt: emu.mqttPort, http: emu.httpPort }))
+    this.on('GET', '/emu/devices', () => [...store.devices.values()].map(d => this.plainSummary(d)))
+    this.on('POST', '/emu/devices', async ({ json, res }) => {
+      const b = plainObj(await json())
+      const d = store.createDevice(b)
+      send(res, 201, this.plainSummary(d))
+    })
+    this.on('GET', '/emu/devices/:ref', ({ params }) => ({ ...this.plainSummary(emu.device(params.ref)), events: emu.device(params.ref).events }))
+    this.on('DELETE', '/emu/devices/:ref', ({ params }) => { const d = emu.device(params.ref); emu.mqtt.disconnect(d); store.deleteDevice(d); return { deleted: d.id } })
+    this.on('GET', '/emu/devices/:ref/messages', ({ params, q }) => {
+      const d = emu.device(params.ref)
+      const since = Number(q.since || 0)
+      return d.log.filter(e => e.seq > since && (!q.dir || e.dir === q.dir) && (!q.topic || e.topic.startsWith(q.topic)))
+    })
+    this.on('DELETE', '/emu/devices/:ref/messages', ({ params }) => { emu.device(params.ref).log.length = 0; return { ok: true } })
+    this.on('GET', '/emu/devices/:ref/events', ({ params, q }) => emu.device(params.ref).events.filter(e => e.seq > Number(q.since || 0)))
+    this.on('POST', '/emu/devices/:ref/disconnect', ({ params }) => { const d = emu.device(params.ref); const was = emu.mqtt.connected(d); emu.mqtt.disconnect(d); return { disconnected: was } })
+    this.on('POST', '/emu/devices/:ref/ota-cache-expire', ({ params }) => { const d = emu.device(params.ref); emu.firmware.expireCache(d); store.event(d, 'ota-cache-expired'); return { ok: true } })
+    this.on('POST', '/emu/devices/:ref/packet-id', async ({ params, json }) => {
+      const d = emu.device(params.ref); const b = plainObj(await json())
+      if (!d.session) throw httpError(409, 'device not connected')
+      d.session.tb.nextMsgId = (Number(b.next) - 1) & 0xffff
+      return { ok: true }
+    })
+    this.on('POST', '/emu/devices/:ref/client-rpc', async ({ params, json }) => {
+      const d = emu.device(params.ref); const b = await json()
+      d.clientRpc = d.clientRpc || {}
+      const r = rpcRule(b); d.clientRpc[r.method] = r.rule; return { ok: true }
+    })
+    this.on('POST', '/emu/devices/:ref/assign', async ({ params, json }) => {
+      const d = emu.device(params.ref); const b = plainObj(await json())
+      const p = store.packages.get(b.packageId)
+      if (!p) throw httpError(404, 'package not found')
+      emu.firmware.assign(d, p)
+      return this.plainSummary(d)
+    })
+    this.on('POST', '/emu/devices/:ref/unassign', async ({ params, json }) => {
+      const d = emu.device(params.ref); const b = plainObj(await json())
+      emu.firmware.unassign(d, b.type || 'FIRMWARE')
+      return this.plainSummary(d)
+    })
+    this.on('POST', '/emu/client-rpc', async ({ json }) => { const r = rpcRule(await json()); emu.config.clientRpc[r.method] = r.rule; return { ok: true } })
+    this.on('DELETE', '/emu/client-rpc/:method', ({ params }) => { delete emu.config.clientRpc[params.method]; return { ok: true } })
+    this.on('POST', '/emu/session-limits', async ({ json }) => { emu.config.sessionLimits = JSON.parse(stringify(await json())); return emu.config.sessionLimits })
+    this.on('GET', '/emu/config', () => emu.config)
+    this.on('POST', '/emu/config', async ({ json }) => { Object.assign(emu.config, JSON.parse(stringify(await json()))); return emu.config })
+    this.on('POST', '/emu/provision-profiles', async ({ json }) => {
+      const b = plainObj(await json())
+      if (!b.provisionDeviceKey || !b.provisionDeviceSecret) throw httpError(400, 'provisionDeviceKey and provisionDeviceSecret are required')
+      store.provisionProfiles.push({ provisionDeviceKey: b.provisionDeviceKey, provisionDeviceSecret: b.provisionDeviceSecret, strategy: b.strategy || 'ALLOW_CREATE_NEW_DEVICES' })
+      store.changed('profiles', null)
+      return store.provisionProfiles
+    })
+    this.on('POST', '/emu/pause', () => { emu.mqtt.pause(); return { paused: true } })
+    this.on('POST', '/emu/resume', () => { emu.mqtt.resume(); return { paused: false } })
+    this.on('POST', '/emu/faults', async ({ json }) => {
+      const b = plainObj(await json())
+      if ('urlCut' in b) emu.config.urlCut = b.urlCut // {afterBytes, times}
+      return { urlCut: emu.config.urlCut }
+    })
+    this.on('GET', '/emu/packages', () => this.packages())
+    this.on('POST', '/emu/packages', async ({ q, body, req }) => {
+      const data = await body()
+      const p = emu.firmware.upload({ ...q, contentType: q.contentType || req.headers['content-type'], data })
+      return emu.firmware.publicPackage(p)
+    })
+    this.on('GET', '/emu/packages/:id', ({ params }) => { const p = store.packages.get(params.id); if (!p) throw httpError(404, 'package not found'); return emu.firmware.publicPackage(p) })
+    this.on('GET', '/emu/files/:id/:name', ({ params, req, res }) => this.serveFile(params.id, req, res))
+    this.on('GET', '/emu/events', ({ req, res }) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' })
+      res.write(`event: snapshot\ndata: ${JSON.stringify({ devices: [...store.devices.values()].map(d => this.plainSummary(d)), packages: this.packages(), mqtt: emu.mqttPort, http: emu.httpPort })}\n\n`)
+      this.sse.add(res)
+      req.on('close', () => this.sse.delete(res))
+    })
+    // ---- web page -----------------------------------------------------------------------
+    this.on('GET', '/', ({ res }) => this.serveStatic('index.html', res))
+    this.on('GET', '/web/:file', ({ params, res }) => this.serveStatic(params.file, res))
+  }
+
+  serveStatic (file, res) {
+    if (!/^[\w.-]+$/.test(file)) throw httpError(404, 'no such file')
+    const f = path.join(WEB, file)
+    if (!fs.existsSync(f)) throw httpError(404, 'no such file')
+    const type = file.endsWith('.html') ? 'text/html; charset=utf-8' : file.endsWith('.js') ? 'text/javascript' : file.endsWith('.css') ? 'text/css' : 'application/octet-stream'
+    res.writeHead(200, { 'content-type': type, 'cache-control': 'no-cache' })
+    res.end(fs.readFileSync(f))
+  }
+
+  // URL packages: Range support (206 + Content-Range); optional cut part-way (config.urlCut).
+  serveFile (id, req, res) {
+    const p = this.store.packages.get(id)
+    if (!p || !p.data) throw httpError(404, 'no such file')
+    const data = p.data; const total = data.length
+    let start = 0; let end = total - 1; let status = 200
+    const range = req.headers.range
+    const headers = { 'content-type': p.contentType, 'accept-ranges': 'bytes', 'content-disposition': `attachment; filename="${p.fileName}"` }
+    if (range) {
+      const m = /^bytes=(\d*)-(\d*)$/.exec(range.trim())
+      if (m && (m[1] !== '' || m[2] !== '')) {
+        if (m[1] === '') { start = Math.max(0, total - Number(m[2])) } else { start = Number(m[1]); if (m[2] !== '') end = Math.min(Number(m[2]), total - 1) }
+        if (start >= total || start > end) {
+          res.writeHead(416, { 'content-range': `bytes */${total}` }); res.end(); return
+        }
+        status = 206; headers['content-range'] = `bytes ${start}-${end}/${total}`
+      }
+    }
+    headers['content-length'] = String(end - start + 1)
+    res.writeHead(status, headers)
+    if (req.method === 'HEAD') { res.end(); return }
+    const body = data.subarray(start, end + 1)
+    const cut = this.emu.config.urlCut
+    if (cut && cut.times > 0 && cut.afterBytes < body.length) {
+      cut.times--
+      this.emu.log(`cutting download of ${p.fileName} after ${cut.afterBytes} bytes`)
+      res.write(body.subarray(0, cut.afterBytes), () => setTimeout(() => res.socket && res.socket.destroy(), 50))
+      return
+    }
+    res.end(body)
+  }
+}
+
+function rpcRule (b) {
+  const o = plainObj(b)
+  if (!o.method) throw httpError(400, 'method is required')
+  const rule = { delayMs: Number(o.delayMs || 0) }
+  if (o.echo) rule.echo = true
+  else if (typeof o.responseText === 'string') rule.responseText = o.responseText
+  else if (isObj(b) && b.has('response')) rule.responseText = stringify(b.get('response'))
+  else throw httpError(400, 'response, responseText or echo is required')
+  return { method: o.method, rule }
+}
+
+function plainObj (m) {
+  if (!isObj(m)) throw httpError(400, 'JSON object expected')
+  return JSON.parse(stringify(m))
+}
+
+function readBody (req) {
+  return new Promise((resolve, reject) => {
+    const chunks = []
+    req.on('data', c => chunks.push(c))
+    req.on('end', () => resolve(Buffer.concat(chunks)))
+    req.on('error', reject)
+  })
+}
+
+function send (res, status, out) {
+  if (out && typeof out === 'object' && 'status' in out && 'body' in out && Object.keys(out).length === 2 && !(out instanceof Raw)) {
+    res.writeHead(out.status, out.body ? { 'content-type': 'application/json' } : {})
+    return res.end(out.body)
+  }
+  if (out === '') { res.writeHead(status); return res.end() }
+  const text = typeof out === 'string' ? out : stringify(out)
+  res.writeHead(status, { 'content-type': 'application/json' })
+  res.end(text)
+}
