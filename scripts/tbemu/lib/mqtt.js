@@ -119,6 +119,9 @@ export class MqttSide {
       }
       return ok
     }
+    parser.prependListener('packet', (p) => { // before aedes sees it: QoS 2 subscriptions are granted QoS 1
+      if (p.cmd === 'subscribe') for (const sub of p.subscriptions) sub.qos = Math.min(sub.qos, 1)
+    })
     parser.on('packet', (p) => {
       this.touch(client)
       if (p.cmd === 'puback' && client.tb.pubackWaiters.has(p.messageId)) {

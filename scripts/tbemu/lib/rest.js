@@ -120,7 +120,7 @@ export class RestSide {
     })
     this.on('GET', '/api/plugins/telemetry/DEVICE/:id/keys/timeseries', ({ params }) => [...dev(params.id).telemetry.keys()])
     this.on('GET', '/api/plugins/telemetry/DEVICE/:id/keys/attributes(?:/(\\w+))?', ({ params, url }) => {
-      const d = dev(params.id); const sc = url.pathname.split('/')[7]
+      const d = dev(params.id); const sc = url.pathname.split('/')[8]
       return [...new Set((sc ? [sc] : SCOPES).flatMap(s => [...(d.attributes[s] || new Map()).keys()]))]
     })
     this.on('GET', '/api/plugins/telemetry/DEVICE/:id/values/timeseries', ({ params, q }) => {
@@ -143,9 +143,9 @@ export class RestSide {
       }
       return out
     })
-    const attrValues = ({ params, q, url }) => {
+    const attrValues = ({ params, q }) => {
       const d = dev(params.id)
-      const sc = url.pathname.split('/')[7]
+      const sc = params.scope
       if (sc && !SCOPES.includes(sc)) throw httpError(400, 'Invalid scope ' + sc)
       const keys = keysOf(q)
       const out = []
