@@ -9,6 +9,8 @@ int luaopen_tb_core(lua_State *L) {
   tb_loop_open(L);
   tb_mqtt_open(L);
   tb_log_open(L);
+  tb_sink_open_lua(L);
+  tb_http_open(L);
   lua_pushliteral(L, TB_VERSION);
   lua_setfield(L, -2, "version");
   return 1;

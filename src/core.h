@@ -10,6 +10,8 @@ int tb_hash_open(lua_State *L);   /* hash.c: streaming checksums in ThingsBoard'
 int tb_loop_open(lua_State *L);   /* loop.c: the poll loop, clock and signals */
 int tb_mqtt_open(lua_State *L);   /* mqtt.c: libmosquitto connections */
 int tb_log_open(lua_State *L);    /* log.c: the log line writer */
+int tb_sink_open_lua(lua_State *L); /* sink.c: hashed download files, state dir helpers */
+int tb_http_open(lua_State *L);   /* http.c: libcurl downloads in the poll loop */
 
 int luaopen_tb_core(lua_State *L);
 #endif

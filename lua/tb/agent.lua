@@ -4,6 +4,7 @@ local sched_mod = require "tb.sched"
 local session_mod = require "tb.session"
 local loader_mod = require "tb.loader"
 local api = require "tb"
+local firmware = require "tb.firmware"
 
 local M = {}
 
@@ -21,6 +22,8 @@ function M.build(core, config, log)
   ctx.rpc_timeout = config.rpc_timeout
   ctx.load_budget_ms = config.load_budget or 5000
   ctx.loader = loader_mod.new(ctx)
+  ctx.firmware = firmware.new("fw", ctx)
+  ctx.software = firmware.new("sw", ctx)
   return ctx
 end
 
@@ -29,6 +32,8 @@ function M.run(core, config, log)
   local ok, err = core.signals_open()
   if not ok then return 2, err end
   local ctx = M.build(core, config, log)
+  local sok, serr = core.mkdirs(config.state_dir, 448)
+  if not sok then log.warn("state directory unusable (%s): downloads will fail, data stays in memory", serr) end
   local gen
   gen, err = ctx.loader:load(config.script)
   if not gen then
@@ -54,6 +59,10 @@ function M.run(core, config, log)
       end
       log.info("SIG%s: finishing in-flight messages, then disconnecting", s1)
       session:stop(config.shutdown_timeout or 3000)
+      return
+    end
+    if kind == "http_done" then
+      local _ = ctx.firmware:on_http_done(a, b, c, s1, s2) or ctx.software:on_http_done(a, b, c, s1, s2)
       return
     end
     local okd, errd = xpcall(session.on_event, debug.traceback, session, kind, a, b, c, s1, s2)

@@ -37,6 +37,9 @@ local OPTIONS = {
   {"request-timeout", "TB_REQUEST_TIMEOUT", "int", 10000, "default timeout of request_attributes in ms"},
   {"rpc-timeout", "TB_RPC_TIMEOUT", "int", 60000, "default timeout of rpc_call in ms"},
   {"shutdown-timeout", "TB_SHUTDOWN_TIMEOUT", "int", 3000, "ms to finish in-flight messages on SIGTERM"},
+  {"fw-window", "TB_FW_WINDOW", "int", 4, "firmware chunks requested at once over MQTT"},
+  {"fw-chunk-timeout", "TB_FW_CHUNK_TIMEOUT", "int", 10000, "ms to wait for a firmware chunk before asking again"},
+  {"http-cafile", "TB_HTTP_CAFILE", "file", nil, "CA file for fw_url downloads (default: the system's CA store)"},
 }
 
 local by_name = {}
@@ -156,8 +159,10 @@ function M.config(o, script)
     session_limits = not o["no-session-limits"], backoff_min = o["backoff-min"],
     backoff_max = o["backoff-max"], handler_budget = o["handler-budget"],
     request_timeout = o["request-timeout"], rpc_timeout = o["rpc-timeout"],
-    shutdown_timeout = o["shutdown-timeout"],
+    shutdown_timeout = o["shutdown-timeout"], fw_window = o["fw-window"],
+    fw_chunk_timeout = o["fw-chunk-timeout"], http_cafile = o["http-cafile"],
   }
+  if c.fw_window < 1 or c.fw_window > 64 then return nil, "--fw-window must be 1 to 64" end
   if c.token and (c.username or c.password or c.client_id) then
     return nil, "give either --token or MQTT basic credentials (--client-id/--username/--password), not both"
   end

@@ -38,7 +38,7 @@ function M.new(o)
     payload_limit = c.payload_limit or 65536,
     seq = 0, next_req = 0, attempts = 0, ever_connected = false,
     short_sessions = {}, flap_warned = false,
-    own_requests = {}, listeners = {attributes = {}, message = {}, connect = {}},
+    own_requests = {}, listeners = {attributes = {}, message = {}, connect = {}, disconnect = {}, subscriptions = {}},
     stats = {sent = 0, acked = 0, dropped = 0, reconnects = 0, refused = 0},
   }, M)
   local buckets, err = limits.parse(c.rate_limits)
@@ -170,7 +170,7 @@ function M:connect_sequence(conn_id)
   self.ready = true
   self:flush()
   local gen = self.generation()
-  local need_attrs = #gen.attr_handlers > 0 or #self.listeners.attributes > 0
+  local need_attrs = #gen.attr_handlers > 0 or gen.firmware ~= nil or gen.software ~= nil
   if need_attrs then
     self.fetching_current = true
     local res, err = self:request_attributes({}, self.config.request_timeout or 10000)
@@ -241,6 +241,7 @@ function M:on_disconnect(conn_id, rc, why)
   table.sort(back, function(a, b) return a.seq < b.seq end)
   self.inflight, self.inflight_n = {}, 0
   if #back > 0 then self.outbox:unshift(back) end
+  for _, fn in ipairs(self.listeners.disconnect) do fn() end
   self.sched:wake_all("attr:", nil, "disconnected")
   self.sched:wake_all("rpc:", nil, "disconnected")
   self.own_requests = {}

@@ -29,6 +29,25 @@ local function fake_core(s)
   core.log_secret = function() end
   core.mask = function(x) return x end
   core.signals_open = function() return true end
+  -- fw_url downloads: the bytes of s:offer_firmware{url=...} land at once through a real sink
+  core.http_download = function(o)
+    s.next_http = (s.next_http or 0) + 1
+    local id = s.next_http
+    local bytes = s.http_files[o.url]
+    local dl = {progress = function() return bytes and #bytes or 0, 0 end, cancel = function() end,
+      release = function() end}
+    local sink, err = real.sink_open(o.path, o.algorithm, 0)
+    if not sink then return nil, err end
+    if not bytes then
+      sink:close()
+      s:queue("http_done", id, 404, 22, "The requested URL returned error: 404", "")
+    else
+      sink:write(bytes)
+      local hex = sink:finish()
+      s:queue("http_done", id, 200, 0, nil, hex)
+    end
+    return dl, id
+  end
   core.mqtt_connect = function(opts)
     s.next_conn = s.next_conn + 1
     local id = s.next_conn
@@ -66,12 +85,14 @@ function M.load(path, opts)
   local s = setmetatable({
     clock = 0, wall_start = opts.wall or WALL_START, events = {}, logs = {},
     telemetry = {}, attributes = {}, published = {}, subscriptions = {}, claims = {},
+    packages = {}, http_files = {}, req_sizes = {},
     rpc_responses = {}, attribute_answers = {}, rpc_answers = {}, next_conn = 0,
     next_rpc_id = 0, server = {client = {}, shared = {}}, echo_logs = opts.echo_logs,
   }, Session)
   local core = fake_core(s)
   local config = {script = path, host = "tb.testing", port = 1883, token = "testing",
-    session_limits = false, handler_budget = opts.budget_ms or 1000, budget_clock = real_ms,
+    session_limits = false, state_dir = opts.state_dir or (os.tmpname() .. ".tbagent"),
+    fw_chunk_timeout = 10000, handler_budget = opts.budget_ms or 1000, budget_clock = real_ms,
     backoff_min = 1000, backoff_max = 60000, request_timeout = 10000, rpc_timeout = 60000}
   for k, v in pairs(opts.config or {}) do config[k] = v end
   s.config = config
@@ -102,7 +123,12 @@ function Session:pump()
   for _ = 1, 100000 do
     if #self.events > 0 then
       local e = table.remove(self.events, 1)
-      self.session:on_event(e[1], e[2], e[3], e[4], e[5], e[6])
+      if e[1] == "http_done" then
+        local _ = self.ctx.firmware:on_http_done(e[2], e[3], e[4], e[5], e[6])
+          or self.ctx.software:on_http_done(e[2], e[3], e[4], e[5], e[6])
+      else
+        self.session:on_event(e[1], e[2], e[3], e[4], e[5], e[6])
+      end
     else
       local due = self.sched:next_due()
       if due ~= 0 then return end
@@ -167,12 +193,85 @@ function Session:server_receive(conn_id, topic, payload, qos, mid)
   if id then
     self.rpc_responses[tonumber(id)] = decode(self, payload)
   end
+  local kind, req, idx = topic:match("^v2/(%a%a)/request/(%d+)/chunk/(%d+)$")
+  if kind then self:serve_chunk(conn_id, kind, req, tonumber(idx), payload) end
   if topic == "v1/devices/me/attributes" then
     for k, v in pairs(decode(self, payload)) do self.server.client[k] = v end
   elseif topic == "v1/devices/me/claim" then
     self.claims[#self.claims + 1] = decode(self, payload)
   end
   if qos and qos > 0 then self:queue("publish", conn_id, mid, 0) end
+end
+
+local function ensure_online(s)
+  if not s.session:online() then s:connect() end
+end
+
+-- Chunks as ThingsBoard serves them: the size is remembered per request id, the last
+-- chunk is short, an index past the end is empty; errors go to v2/fw/error, then the
+-- connection closes.
+function Session:serve_chunk(conn_id, kind, req, idx, payload)
+  local pkg = self.packages[kind]
+  local function refuse(code)
+    self:queue("message", conn_id, 1, 0, "v2/fw/error", code)
+    self:queue("disconnect", conn_id, 7, 0, "closed by server after " .. code)
+  end
+  if not pkg or pkg.url then return refuse(pkg and "FAILURE" or "NOT_FOUND") end
+  local size = math.tointeger(tonumber(payload))
+  if not size or size <= 0 then size = self.req_sizes[kind .. req] or 0 end
+  self.req_sizes[kind .. req] = size
+  if size > 65536 then return refuse("PAYLOAD_TOO_LARGE") end
+  local bytes = pkg.bytes
+  if pkg.expire_at and idx >= pkg.expire_at and not pkg.expired_once then
+    bytes = ""                       -- the server's cache expired under this request id
+    pkg.expired_once = true
+  end
+  local chunk = size == 0 and bytes or bytes:sub(idx * size + 1, (idx + 1) * size)
+  self:queue("message", conn_id, 1, 0, "v2/" .. kind .. "/response/" .. req .. "/chunk/" .. idx, chunk)
+end
+
+local ALGORITHMS = {MD5 = true, SHA256 = true, SHA384 = true, SHA512 = true, CRC32 = true,
+  MURMUR3_32 = true, MURMUR3_128 = true}
+
+-- offer_firmware(info, bytes) -> result: assigns a package the way ThingsBoard does (the
+-- fw_* shared attributes) and runs the script's policy against it to the end. info:
+-- {title=, version=, checksum_algorithm="SHA256", checksum=(computed if absent), url=,
+-- kind="fw"|"sw", expire_at_chunk=} -> {state=, states={...}, error=, installed=bool}
+function Session:offer_firmware(info, bytes)
+  assert(type(info) == "table" and info.title and info.version, "offer_firmware needs {title=, version=}")
+  bytes = bytes or ""
+  ensure_online(self)
+  local kind = info.kind or "fw"
+  local p = kind .. "_"
+  local alg = info.checksum_algorithm or "SHA256"
+  assert(ALGORITHMS[alg:upper()], "unknown checksum algorithm " .. alg)
+  local checksum = info.checksum or assert(self.core.hash_hex(alg, bytes))
+  self.packages[kind] = {bytes = bytes, url = info.url, expire_at = info.expire_at_chunk}
+  local attrs = {[p .. "title"] = info.title, [p .. "version"] = info.version}
+  if info.url then
+    self.http_files[info.url] = bytes
+    attrs[p .. "url"] = info.url
+  end
+  attrs[p .. "size"] = info.size or #bytes
+  attrs[p .. "checksum_algorithm"] = alg
+  attrs[p .. "checksum"] = checksum
+  if info.tag then attrs[p .. "tag"] = info.tag end
+  local updater = kind == "fw" and self.ctx.firmware or self.ctx.software
+  local states, last_error = {}, nil
+  updater.on_state = function(state, err)
+    states[#states + 1] = state
+    if err then last_error = err end
+  end
+  self:push_attributes(attrs)
+  for _ = 1, 10000 do
+    local st = states[#states]
+    if st == "UPDATED" or st == "FAILED" or (not updater.job and #states > 0) then break end
+    if not updater.job and #states == 0 then break end   -- declined, or nothing to do
+    self:advance(100)
+  end
+  updater.on_state = nil
+  return {state = states[#states], states = states, error = last_error,
+    installed = states[#states] == "UPDATED"}
 end
 
 -- connect(): the server accepts the connection; on_connect handlers run.
@@ -218,10 +317,6 @@ function Session:advance(ms)
   self.clock = target
   self:pump()
   return self
-end
-
-local function ensure_online(s)
-  if not s.session:online() then s:connect() end
 end
 
 -- rpc(method, params) -> response, id: a server-side RPC; the response is the decoded JSON

@@ -1,0 +1,350 @@
+/* http.c: firmware downloads over HTTP(S) with libcurl's multi interface, driven by the one
+ * poll loop (curl's sockets become loop sources, its timer a loop deadline): no threads, no
+ * blocking. Bytes stream straight into a sink (file + hash) from the write callback, which
+ * is plain C; Lua hears only "http_done" once the transfer ends. TLS is verified by
+ * default. A download never grows past max_size, and resumes with a Range request. */
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <curl/curl.h>
+#include <lauxlib.h>
+#include "core.h"
+#include "loop.h"
+#include "sink.h"
+
+#define HTTP_MT "tb.http"
+#define MAX_SOCKETS 16
+
+typedef struct tb_http {
+  CURL *easy;
+  lua_Integer id;
+  tb_sink sink;
+  int64_t start_offset;   /* bytes already on disk when this attempt started */
+  int64_t max_size;       /* -1: unknown */
+  int checked_status;     /* the response status was looked at */
+  int discard;            /* a non-2xx body: not part of the image */
+  int too_large;
+  char errbuf[CURL_ERROR_SIZE];
+  int active;
+} tb_http;
+
+typedef struct {
+  curl_socket_t fd;
+  int what;               /* CURL_POLL_IN / OUT / INOUT; 0 = free slot */
+} curl_sock;
+
+static CURLM *multi = NULL;
+static curl_sock socks[MAX_SOCKETS];
+static int64_t curl_deadline = -1;
+static lua_Integer next_http_id = 1;
+static int timer_registered = 0;
+static int running_handles = 0;
+
+static void check_done(void);
+
+static int sock_fd(void *ctx) {
+  curl_sock *s = ctx;
+  return s->what ? (int)s->fd : -1;
+}
+
+static short sock_events(void *ctx) {
+  curl_sock *s = ctx;
+  short ev = 0;
+  if (s->what & CURL_POLL_IN) ev |= POLLIN;
+  if (s->what & CURL_POLL_OUT) ev |= POLLOUT;
+  return ev;
+}
+
+static void sock_ready(void *ctx, short revents) {
+  curl_sock *s = ctx;
+  if (!s->what || !revents) return;
+  int flags = 0;
+  if (revents & POLLIN) flags |= CURL_CSELECT_IN;
+  if (revents & POLLOUT) flags |= CURL_CSELECT_OUT;
+  if (revents & (POLLERR | POLLHUP)) flags |= CURL_CSELECT_ERR;
+  curl_multi_socket_action(multi, s->fd, flags, &running_handles);
+  check_done();
+}
+
+static int timer_fd(void *ctx) {
+  (void)ctx;
+  return -1;
+}
+
+static short timer_events(void *ctx) {
+  (void)ctx;
+  return 0;
+}
+
+static int64_t timer_deadline(void *ctx) {
+  (void)ctx;
+  return curl_deadline;
+}
+
+static void timer_ready(void *ctx, short revents) {
+  (void)ctx; (void)revents;
+  if (curl_deadline >= 0 && tb_loop_now() >= curl_deadline) {
+    curl_deadline = -1;
+    curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running_handles);
+    check_done();
+  }
+}
+
+static int on_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp) {
+  (void)easy; (void)userp; (void)socketp;
+  int slot = -1;
+  for (int i = 0; i < MAX_SOCKETS; i++)
+    if (socks[i].what && socks[i].fd == fd) slot = i;
+  if (what == CURL_POLL_REMOVE) {
+    if (slot >= 0) {
+      tb_loop_remove_source(&socks[slot]);
+      socks[slot].what = 0;
+    }
+    return 0;
+  }
+  if (slot < 0) {
+    for (int i = 0; i < MAX_SOCKETS && slot < 0; i++)
+      if (!socks[i].what) slot = i;
+    if (slot < 0) return -1;
+    socks[slot].fd = fd;
+    socks[slot].what = what;
+    tb_source src = {sock_fd, sock_events, sock_ready, NULL, &socks[slot]};
+    if (tb_loop_add_source(&src) != 0) {
+      socks[slot].what = 0;
+      return -1;
+    }
+  }
+  socks[slot].what = what;
+  return 0;
+}
+
+static int on_timer(CURLM *m, long timeout_ms, void *userp) {
+  (void)m; (void)userp;
+  curl_deadline = timeout_ms < 0 ? -1 : tb_loop_now() + timeout_ms;
+  return 0;
+}
+
+static size_t on_write(char *data, size_t size, size_t n, void *userp) {
+  tb_http *h = userp;
+  size_t len = size * n;
+  if (!h->checked_status) {
+    long code = 0;
+    curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &code);
+    h->checked_status = 1;
+    if (code < 200 || code >= 300) {
+      h->discard = 1;
+    } else if (code == 200 && h->start_offset > 0) {
+      /* the server ignored our Range: the body is the whole image from byte 0 */
+      if (tb_sink_reset(&h->sink) != 0) return 0;
+      h->start_offset = 0;
+    }
+  }
+  if (h->discard) return len;
+  if (h->max_size >= 0 && h->sink.size + (int64_t)len > h->max_size) {
+    h->too_large = 1;
+    return 0;  /* aborts the transfer */
+  }
+  if (tb_sink_write(&h->sink, data, len) != 0) return 0;
+  return len;
+}
+
+static void http_release(lua_State *L, tb_http *h) {
+  if (h->easy) {
+    curl_multi_remove_handle(multi, h->easy);
+    curl_easy_cleanup(h->easy);
+    h->easy = NULL;
+  }
+  tb_sink_close(&h->sink);
+  if (h->active && L) {
+    lua_pushnil(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, h);
+  }
+  h->active = 0;
+}
+
+static void check_done(void) {
+  CURLMsg *msg;
+  int left;
+  while ((msg = curl_multi_info_read(multi, &left)) != NULL) {
+    if (msg->msg != CURLMSG_DONE) continue;
+    tb_http *h = NULL;
+    curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&h);
+    if (!h) continue;
+    long code = 0;
+    curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &code);
+    tb_event *e = tb_event_new("http_done");
+    if (!e) continue;
+    e->a = h->id;
+    e->b = code;
+    e->c = msg->data.result;
+    char hex[TB_HASH_HEX_MAX] = "";
+    const char *why = NULL;
+    if (h->too_large) why = "download is larger than the announced size";
+    else if (h->sink.error[0] && msg->data.result == CURLE_WRITE_ERROR) why = h->sink.error;
+    else if (msg->data.result != CURLE_OK) why = h->errbuf[0] ? h->errbuf : curl_easy_strerror(msg->data.result);
+    else if (code < 200 || code >= 300) why = "HTTP error status";
+    if (!why) {
+      e->c = 0;
+      /* the image is complete: sync it and hand back its digest */
+      if (tb_sink_finish(&h->sink, hex, sizeof hex) != 0) {
+        why = h->sink.error;
+        e->c = -1;
+      }
+    }
+    e->a = h->id;
+    if (why) tb_event_set_s1(e, why, strlen(why));
+    tb_event_set_s2(e, hex, strlen(hex));
+    tb_loop_push(e);
+    curl_multi_remove_handle(multi, h->easy);
+    curl_easy_cleanup(h->easy);
+    h->easy = NULL;
+    tb_sink_close(&h->sink);
+  }
+}
+
+static int ensure_multi(void) {
+  if (multi) return 0;
+  if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return -1;
+  multi = curl_multi_init();
+  if (!multi) return -1;
+  curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+  curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, on_timer);
+  if (!timer_registered) {
+    tb_source src = {timer_fd, timer_events, timer_ready, timer_deadline, &curl_deadline};
+    tb_loop_add_source(&src);
+    timer_registered = 1;
+  }
+  return 0;
+}
+
+static const char *opt_str(lua_State *L, const char *key) {
+  lua_getfield(L, 1, key);
+  const char *s = lua_isnil(L, -1) ? NULL : luaL_checkstring(L, -1);
+  lua_pop(L, 1);
+  return s;
+}
+
+static lua_Integer opt_integer(lua_State *L, const char *key, lua_Integer def) {
+  lua_getfield(L, 1, key);
+  lua_Integer v = lua_isnil(L, -1) ? def : luaL_checkinteger(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* core.http_download{url=, path=, algorithm=, resume=bool, max_size=, cafile=, insecure=,
+ *   connect_timeout_ms=, stall_seconds=} -> download, id | nil, err
+ * Streams url into path; "http_done"(id, http_status, curl_code, error|nil, hex) ends it. */
+static int l_http_download(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  const char *url = opt_str(L, "url");
+  const char *path = opt_str(L, "path");
+  const char *alg = opt_str(L, "algorithm");
+  const char *cafile = opt_str(L, "cafile");
+  lua_getfield(L, 1, "resume");
+  int resume = lua_toboolean(L, -1);
+  lua_getfield(L, 1, "insecure");
+  int insecure = lua_toboolean(L, -1);
+  lua_pop(L, 2);
+  lua_Integer max_size = opt_integer(L, "max_size", -1);
+  lua_Integer connect_ms = opt_integer(L, "connect_timeout_ms", 15000);
+  lua_Integer stall = opt_integer(L, "stall_seconds", 30);
+  luaL_argcheck(L, url && path, 1, "url and path are required");
+  if (ensure_multi() != 0) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "cannot initialise libcurl");
+    return 2;
+  }
+  tb_http *h = lua_newuserdatauv(L, sizeof *h, 0);
+  memset(h, 0, sizeof *h);
+  h->sink.fd = -1;
+  luaL_setmetatable(L, HTTP_MT);
+  h->id = next_http_id++;
+  h->max_size = max_size;
+  if (tb_sink_open(&h->sink, path, alg, resume ? -1 : 0) != 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, h->sink.error);
+    tb_sink_close(&h->sink);
+    return 2;
+  }
+  h->start_offset = h->sink.size;
+  if (max_size >= 0 && h->start_offset > max_size) {
+    tb_sink_reset(&h->sink);
+    h->start_offset = 0;
+  }
+  h->easy = curl_easy_init();
+  if (!h->easy) {
+    tb_sink_close(&h->sink);
+    lua_pushnil(L);
+    lua_pushliteral(L, "cannot create a curl handle");
+    return 2;
+  }
+  curl_easy_setopt(h->easy, CURLOPT_URL, url);
+  curl_easy_setopt(h->easy, CURLOPT_PRIVATE, (char *)h);
+  curl_easy_setopt(h->easy, CURLOPT_WRITEFUNCTION, on_write);
+  curl_easy_setopt(h->easy, CURLOPT_WRITEDATA, h);
+  curl_easy_setopt(h->easy, CURLOPT_ERRORBUFFER, h->errbuf);
+  curl_easy_setopt(h->easy, CURLOPT_FOLLOWLOCATION, 1L);
+  curl_easy_setopt(h->easy, CURLOPT_MAXREDIRS, 5L);
+  curl_easy_setopt(h->easy, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(h->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+  curl_easy_setopt(h->easy, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+  curl_easy_setopt(h->easy, CURLOPT_CONNECTTIMEOUT_MS, (long)connect_ms);
+  /* a stalled transfer (under 1 byte/s for `stall` seconds) fails and can be resumed */
+  curl_easy_setopt(h->easy, CURLOPT_LOW_SPEED_LIMIT, 1L);
+  curl_easy_setopt(h->easy, CURLOPT_LOW_SPEED_TIME, (long)stall);
+  curl_easy_setopt(h->easy, CURLOPT_USERAGENT, "tbagent/" TB_VERSION);
+  if (cafile) curl_easy_setopt(h->easy, CURLOPT_CAINFO, cafile);
+  if (insecure) {
+    curl_easy_setopt(h->easy, CURLOPT_SSL_VERIFYPEER, 0L);
+    curl_easy_setopt(h->easy, CURLOPT_SSL_VERIFYHOST, 0L);
+  }
+  if (h->start_offset > 0) curl_easy_setopt(h->easy, CURLOPT_RESUME_FROM_LARGE, (curl_off_t)h->start_offset);
+  if (curl_multi_add_handle(multi, h->easy) != CURLM_OK) {
+    http_release(L, h);
+    lua_pushnil(L);
+    lua_pushliteral(L, "cannot start the download");
+    return 2;
+  }
+  h->active = 1;
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, h);  /* alive until done or cancelled */
+  lua_pushinteger(L, h->id);
+  return 2;
+}
+
+/* download:progress() -> bytes on disk, bytes this attempt started from */
+static int l_progress(lua_State *L) {
+  tb_http *h = luaL_checkudata(L, 1, HTTP_MT);
+  lua_pushinteger(L, h->sink.size);
+  lua_pushinteger(L, h->start_offset);
+  return 2;
+}
+
+/* download:cancel(): stops the transfer; the partial file stays for a later resume */
+static int l_cancel(lua_State *L) {
+  tb_http *h = luaL_checkudata(L, 1, HTTP_MT);
+  http_release(L, h);
+  return 0;
+}
+
+/* download:release(): forgets a finished download */
+static int l_gc(lua_State *L) {
+  tb_http *h = luaL_checkudata(L, 1, HTTP_MT);
+  http_release(L, h);
+  return 0;
+}
+
+int tb_http_open(lua_State *L) {
+  static const luaL_Reg methods[] = {{"progress", l_progress}, {"cancel", l_cancel},
+    {"release", l_gc}, {NULL, NULL}};
+  if (luaL_newmetatable(L, HTTP_MT)) {
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, l_http_download);
+  lua_setfield(L, -2, "http_download");
+  return 0;
+}
