@@ -53,9 +53,10 @@ test('value typing: long vs double by text, strings, big numbers, JSON, null ski
 
 test('client attributes are stored in CLIENT_SCOPE; arrays close the connection', async () => {
   const c = await connect(emu, { username: 'T1' })
-  await publish(c, 'v1/devices/me/attributes', '{"fw":"1.0","n":3.0}')
-  const attrs = await emu.get(`/api/plugins/telemetry/DEVICE/${id}/values/attributes/CLIENT_SCOPE?keys=fw,n`)
-  assert.deepEqual(attrs.map(a => [a.key, a.value]).sort(), [['fw', '1.0'], ['n', 3]])
+  await publish(c, 'v1/devices/me/attributes', '{"fw":"v1.0","n":3.0,"ver":"1.0"}')
+  const attrs = await emu.get(`/api/plugins/telemetry/DEVICE/${id}/values/attributes/CLIENT_SCOPE?keys=fw,n,ver`)
+  // a parsable string such as "1.0" becomes a number, as on the server
+  assert.deepEqual(attrs.map(a => [a.key, a.value]).sort(), [['fw', 'v1.0'], ['n', 3], ['ver', 1]])
   assert.ok(attrs[0].lastUpdateTs > 0)
   const r = await emu.api('GET', `/api/plugins/telemetry/DEVICE/${id}/values/attributes/CLIENT_SCOPE?keys=n`)
   assert.match(r.text, /"value":3\.0/)
