@@ -12,6 +12,7 @@ int tb_mqtt_open(lua_State *L);   /* mqtt.c: libmosquitto connections */
 int tb_log_open(lua_State *L);    /* log.c: the log line writer */
 int tb_sink_open_lua(lua_State *L); /* sink.c: hashed download files, state dir helpers */
 int tb_http_open(lua_State *L);   /* http.c: libcurl downloads in the poll loop */
+int tb_watch_open(lua_State *L);  /* watch.c: inotify on the script's directory */
 
 int luaopen_tb_core(lua_State *L);
 #endif

@@ -5,6 +5,7 @@ local session_mod = require "tb.session"
 local loader_mod = require "tb.loader"
 local api = require "tb"
 local firmware = require "tb.firmware"
+local reload = require "tb.reload"
 
 local M = {}
 
@@ -41,6 +42,10 @@ function M.run(core, config, log)
   end
   ctx.loader:commit(gen)
   log.info("tbagent %s running %s (generation %d)", core.version, config.script, gen.id)
+  if config.reload then
+    ctx.reloader = reload.new(ctx)
+    ctx.reloader:start()
+  end
   local session, sched = ctx.session, ctx.sched
   local exit_code, exit_message = 0, nil
   local signals = 0
@@ -48,7 +53,10 @@ function M.run(core, config, log)
   local function dispatch(kind, a, b, c, s1, s2)
     if kind == "signal" then
       if s1 == "HUP" then
-        if ctx.reload then ctx.reload("SIGHUP") end
+        if ctx.reloader or config.reload == false then
+          ctx.reloader = ctx.reloader or reload.new(ctx)
+          ctx.reloader:reload("SIGHUP")
+        end
         return
       end
       signals = signals + 1
@@ -59,6 +67,10 @@ function M.run(core, config, log)
       end
       log.info("SIG%s: finishing in-flight messages, then disconnecting", s1)
       session:stop(config.shutdown_timeout or 3000)
+      return
+    end
+    if kind == "watch" then
+      if ctx.reloader then ctx.reloader:on_watch(s1) end
       return
     end
     if kind == "http_done" then

@@ -37,7 +37,7 @@ end
 function M.new_generation(id)
   return {id = id or 0, rpc = {}, attr_handlers = {}, connect_handlers = {},
     disconnect_handlers = {}, firmware = nil, software = nil, loading = false, held = nil,
-    retired = false, modules = {}}
+    retired = false, modules = {}, module_files = {}}
 end
 
 -- bind(ctx, gen) -> tb: the API table for one generation. ctx = {session=, sched=, log=,

@@ -75,6 +75,7 @@ function M:load(path, text)
         local mod = chunk(name, file)
         if mod == nil then mod = true end
         gen.modules[name] = mod
+        gen.module_files[name] = {path = file, text = src}
         return mod
       end
     end

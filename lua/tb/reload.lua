@@ -1,0 +1,87 @@
+-- tb.reload: hot reload of the running script. A change in the script's directory (or
+-- SIGHUP) is debounced, skipped when no loaded file changed, then the new version is loaded
+-- beside the old one; only a version that loads without error replaces it, all at once.
+-- The MQTT session is never touched.
+local M = {}
+M.__index = M
+
+local DEBOUNCE_MS = 50
+
+-- new(ctx) -> reloader; ctx from tb.agent.build with a committed generation in ctx.current
+function M.new(ctx)
+  return setmetatable({ctx = ctx, log = ctx.log, sched = ctx.sched, reloads = 0, rejected = 0}, M)
+end
+
+local function dirname(path)
+  return path:match("^(.*)/[^/]*$") or "."
+end
+
+-- Every file the live generation was built from, with the text it had.
+local function sources(gen)
+  local files = {[gen.path] = gen.text}
+  for _, f in pairs(gen.module_files or {}) do files[f.path] = f.text end
+  return files
+end
+
+-- start(): watches the script's directory.
+function M:start()
+  local path = self.ctx.current.path
+  local ok, err = self.ctx.core.watch_dir(dirname(path))
+  if not ok then
+    self.log.warn("hot reload off: %s", err)
+    return nil, err
+  end
+  self.log.debug("watching %s for changes", dirname(path))
+  return true
+end
+
+-- on_watch(name): a file changed in the directory.
+function M:on_watch(name)
+  if name and not name:match("%.lua$") then return end
+  self.first_change = self.first_change or self.sched.now()
+  if self.timer then self.timer:cancel() end
+  self.timer = self.sched:timer(DEBOUNCE_MS, function()
+    self.timer = nil
+    self:reload("file change")
+  end, nil, nil, "reload")
+end
+
+local function read(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local t = f:read("a")
+  f:close()
+  return t
+end
+
+-- reload(reason) -> true | nil, err
+function M:reload(reason)
+  local ctx = self.ctx
+  local live = ctx.current
+  local since = self.first_change
+  self.first_change = nil
+  local changed = false
+  for path, text in pairs(sources(live)) do
+    if read(path) ~= text then changed = true break end
+  end
+  if not changed and reason == "file change" then
+    self.log.debug("reload skipped: no loaded file changed")
+    return true
+  end
+  local gen, err = ctx.loader:load(live.path)
+  if not gen then
+    self.rejected = self.rejected + 1
+    self.log.error("reload rejected: %s (generation %d keeps running)", tostring(err):match("^[^\n]*"), live.id)
+    return nil, err
+  end
+  ctx.loader:commit(gen)
+  self.reloads = self.reloads + 1
+  local took = since and (self.sched.now() - since) or 0
+  self.log.info("reloaded %s: generation %d live (%s, %d ms after the change)", live.path, gen.id, reason, took)
+  -- a new policy may want a package that is already offered
+  if ctx.firmware then ctx.firmware:evaluate() end
+  if ctx.software then ctx.software:evaluate() end
+  return true
+end
+
+return M
