@@ -310,7 +310,10 @@ function M:download_mqtt(job)
       job.chunks[idx] = nil
       job.in_flight = job.in_flight - 1
       local expected = math.min(cs, size - offset)
-      if #chunk ~= expected then
+      if #chunk > expected then
+        sink:close()
+        return nil, string.format("size mismatch: chunk %d has %d bytes where fw_size %d leaves %d", idx, #chunk, size, expected)
+      elseif #chunk < expected then
         restarts = restarts + 1
         self.log.warn("%s chunk %d has %d bytes, expected %d; restarting at byte %d under a new request id",
           self.label, idx, #chunk, expected, offset)

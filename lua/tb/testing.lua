@@ -3,6 +3,7 @@
 -- server does) and runs the real tb library on top, so a script that passes here behaves
 -- the same in the agent. The clock is virtual: advance() never really sleeps.
 local agent = require "tb.agent"
+local reload = require "tb.reload"
 local logmod = require "tb.log"
 
 local M = {}
@@ -388,6 +389,26 @@ function Session:logged(pattern, level)
     if (not level or l.level == level:upper()) and l.message:find(pattern) then return l.message end
   end
   return nil
+end
+
+-- reload([text]) -> true | nil, err: hot reload as the agent does it (writes text to the
+-- script first when given). A version that fails to load is rejected; the old one stays.
+function Session:reload(text)
+  local path = self.ctx.current.path
+  if text then
+    local f = assert(io.open(path, "wb"))
+    f:write(text)
+    f:close()
+  end
+  self.reloader = self.reloader or reload.new(self.ctx)
+  local ok, err = self.reloader:reload("tb.testing")
+  self:pump()
+  return ok, err
+end
+
+-- generation() -> the number of the live version of the script (1 after load)
+function Session:generation()
+  return self.ctx.current.id
 end
 
 -- state: the script's tb.state table

@@ -1,0 +1,201 @@
+-- The OTA policy through tb.testing: the real firmware state machine and checksums against
+-- a fake server that serves chunks the way ThingsBoard does.
+local testing = require "tb.testing"
+local core = require "tb.core"
+
+local function script(text)
+  local path = os.tmpname() .. ".lua"
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+  return path
+end
+
+local POLICY = [[
+  local tb = require "tb"
+  tb.firmware{
+    current = {title = "dev", version = "1.0"},
+    chunk_size = %d,
+    accept = function(info) return info.version ~= "bad" end,
+    install = function(path, info)
+      local f = assert(io.open(path, "rb"))
+      tb.state.image = f:read("a")
+      f:close()
+      tb.state.installed = (tb.state.installed or 0) + 1
+      if info.version == "explodes" then error("flash write failed") end
+      if info.version == "refused" then return nil, "battery too low" end
+      return true
+    end,
+  }
+]]
+
+local function image(n)
+  local parts = {}
+  for i = 1, n do parts[i] = string.char((i * 7 + i // 256) % 256) end
+  return table.concat(parts)
+end
+
+local function load(chunk, opts)
+  return testing.load(script(POLICY:format(chunk or 1024)), opts)
+end
+
+describe("firmware over MQTT", function()
+  local FULL = {"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}
+
+  for _, alg in ipairs({"MD5", "SHA256", "SHA384", "SHA512", "CRC32", "MURMUR3_32", "MURMUR3_128"}) do
+    it("verifies " .. alg .. " and installs", function()
+      local s = load(1000)
+      local img = image(4321)
+      local r = s:offer_firmware({title = "dev", version = "2.0", checksum_algorithm = alg}, img)
+      assert.same(FULL, r.states)
+      assert.equal(img, s:state().image)
+    end)
+  end
+
+  it("accepts checksums with leading zero bytes, 0x, upper case and the other byte order", function()
+    -- "62" has CRC32 0x0012d20a: ThingsBoard writes it little-endian as 0ad21200
+    assert.equal("0ad21200", core.hash_hex("CRC32", "62"))
+    for _, typed in ipairs({"0ad21200", "0AD21200", "0x0ad21200", "0x0012d20a", "12d20a"}) do
+      local s = load(1)
+      local r = s:offer_firmware({title = "dev", version = "2.0", checksum_algorithm = "CRC32", checksum = typed}, "62")
+      assert.equal("UPDATED", r.state, typed)
+    end
+  end)
+
+  it("handles sizes that are and are not a multiple of the chunk size, and the empty image", function()
+    for _, n in ipairs({0, 1, 1023, 1024, 1025, 4096, 5000}) do
+      local s = load(1024)
+      local img = image(n)
+      local r = s:offer_firmware({title = "dev", version = "v" .. n}, img)
+      assert.equal("UPDATED", r.state, "size " .. n)
+      assert.equal(img, s:state().image)
+    end
+  end)
+
+  it("fails a corrupted image with both checksums in fw_error and does not install", function()
+    local s = load(1000)
+    local img = image(3000)
+    local sum = core.hash_hex("SHA256", img)
+    local corrupted = img:sub(1, 1500) .. "X" .. img:sub(1502)
+    local r = s:offer_firmware({title = "dev", version = "2.0", checksum = sum}, corrupted)
+    assert.equal("FAILED", r.state)
+    assert.matches("checksum mismatch", r.error)
+    assert.matches(sum, r.error, 1, true)
+    assert.is_nil(s:state().installed)
+  end)
+
+  it("fails a wrong size clearly", function()
+    local s = load(1000)
+    local img = image(3000)
+    local r = s:offer_firmware({title = "dev", version = "2.0", size = 2500,
+      checksum = core.hash_hex("SHA256", img)}, img)
+    assert.equal("FAILED", r.state)
+    assert.matches("size mismatch: chunk 2 has 1000 bytes where fw_size 2500 leaves 500", r.error, 1, true)
+  end)
+
+  it("restarts under a new request id when a chunk comes back empty before the end", function()
+    local s = load(1000)
+    local img = image(5500)
+    local r = s:offer_firmware({title = "dev", version = "2.0", expire_at_chunk = 3}, img)
+    assert.equal("UPDATED", r.state)
+    assert.equal(img, s:state().image)
+    assert.truthy(s:logged("chunk 3 has 0 bytes, expected 1000; restarting at byte 3000", "warn"))
+    local reqs = {}
+    for _, m in ipairs(s.published) do
+      local req = m.topic:match("^v2/fw/request/(%d+)/chunk/")
+      if req then reqs[req] = true end
+    end
+    local n = 0
+    for _ in pairs(reqs) do n = n + 1 end
+    assert.equal(2, n)
+  end)
+
+  it("fails with the server's NOT_FOUND", function()
+    local s = load(1000)
+    s:connect()
+    s.packages.fw = nil
+    s:push_attributes({fw_title = "dev", fw_version = "3.0", fw_size = 10, fw_checksum = "x",
+      fw_checksum_algorithm = "SHA256"})
+    s:advance(100)
+    assert.truthy(s:logged("FAILED: server refused the download: NOT_FOUND"))
+  end)
+
+  it("reports install failures as FAILED with the reason", function()
+    local s = load(1000)
+    local r = s:offer_firmware({title = "dev", version = "explodes"}, image(10))
+    assert.equal("FAILED", r.state)
+    assert.matches("install failed: .*flash write failed", r.error)
+    r = s:offer_firmware({title = "dev", version = "refused"}, image(10))
+    assert.equal("FAILED", r.state)
+    assert.equal("install failed: battery too low", r.error)
+  end)
+
+  it("lets the script decline an update", function()
+    local s = load(1000)
+    local r = s:offer_firmware({title = "dev", version = "bad"}, image(10))
+    assert.is_nil(r.state)
+    assert.is_nil(s:state().installed)
+  end)
+
+  it("does nothing when the offered version is installed, and reports the new version after", function()
+    local s = load(1000)
+    local r = s:offer_firmware({title = "dev", version = "1.0"}, image(10))
+    assert.is_nil(r.state)
+    r = s:offer_firmware({title = "dev", version = "2.0"}, image(10))
+    assert.equal("UPDATED", r.state)
+    local last = s:sent("v1/devices/me/telemetry")
+    assert.same({current_fw_title = "dev", current_fw_version = "2.0"}, last[#last])
+  end)
+
+  it("resumes after a restart from the partial file in the state directory", function()
+    local dir = os.tmpname() .. ".state"
+    local img = image(10000)
+    local s = load(1000, {state_dir = dir})
+    s:connect()
+    s.packages.fw = {bytes = img}
+    -- the agent "dies" after 4 chunks: stop serving, then start a new session on the same dir
+    local serve = s.serve_chunk
+    local served = 0
+    s.serve_chunk = function(self, ...)
+      served = served + 1
+      if served <= 4 then return serve(self, ...) end
+    end
+    s:push_attributes({fw_title = "dev", fw_version = "2.0", fw_size = #img, fw_checksum_algorithm = "SHA256",
+      fw_checksum = core.hash_hex("SHA256", img)})
+    s:advance(50)
+    assert.equal(4000, core.file_size(dir .. "/firmware/dev-2.0.part"))
+    local s2 = load(1000, {state_dir = dir})
+    local r = s2:offer_firmware({title = "dev", version = "2.0"}, img)
+    assert.equal("UPDATED", r.state)
+    assert.equal(img, s2:state().image)
+    assert.truthy(s2:logged("resuming download at byte 4000"))
+  end)
+end)
+
+describe("firmware over HTTP and software", function()
+  it("downloads fw_url packages", function()
+    local s = load(1000)
+    local img = image(2000)
+    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    assert.equal("UPDATED", r.state)
+    assert.equal(img, s:state().image)
+  end)
+
+  it("runs a software policy beside the firmware one", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.firmware{current = {title = "fw", version = "1"}, install = function() tb.state.fw = true return true end}
+      tb.software{current = {title = "app", version = "1"}, install = function(p)
+        local f = io.open(p, "rb"); tb.state.sw = f:read("a"); f:close(); return true end}
+    ]]))
+    local r = s:offer_firmware({kind = "sw", title = "app", version = "2"}, "software bytes")
+    assert.equal("UPDATED", r.state)
+    assert.equal("software bytes", s:state().sw)
+    assert.is_nil(s:state().fw)
+    local found
+    for _, m in ipairs(s:sent("v1/devices/me/telemetry")) do
+      if m.sw_state == "UPDATED" then found = true end
+    end
+    assert.is_true(found)
+  end)
+end)

@@ -1,0 +1,92 @@
+-- Hot reload through tb.testing: the same loader and generation swap as the agent.
+local testing = require "tb.testing"
+
+local function script(text)
+  local path = os.tmpname() .. ".lua"
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+  return path
+end
+
+describe("hot reload", function()
+  it("swaps handlers, keeps tb.state, retires old timers", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.state.loads = (tb.state.loads or 0) + 1
+      tb.on_rpc("ver", function() return 1 end)
+      tb.every(100, function() tb.state.old_ticks = (tb.state.old_ticks or 0) + 1 end)
+    ]]))
+    s:connect()
+    s:advance(250)
+    assert.equal(2, s:state().old_ticks)
+    assert.is_true(s:reload([[
+      local tb = require "tb"
+      tb.state.loads = tb.state.loads + 1
+      tb.on_rpc("ver", function() return 2 end)
+      tb.every(100, function() tb.state.new_ticks = (tb.state.new_ticks or 0) + 1 end)
+    ]]))
+    assert.equal(2, s:generation())
+    s:advance(300)
+    assert.equal(2, s:state().old_ticks)
+    assert.equal(3, s:state().new_ticks)
+    assert.equal(2, s:state().loads)
+    assert.equal(2, s:rpc("ver"))
+  end)
+
+  it("rejects a version that fails to load and keeps the old one, sending nothing of it", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("ver", function() return 1 end)
+    ]]))
+    s:connect()
+    local before = #s.published
+    local ok, err = s:reload([[
+      local tb = require "tb"
+      tb.send_telemetry{from_rejected = true}
+      tb.on_rpc("ver", function() return 2 end)
+      error("half-written")
+    ]])
+    assert.is_nil(ok)
+    assert.matches("half%-written", err)
+    assert.truthy(s:logged("reload rejected: .*:4: half%-written", "error"))
+    assert.equal(before, #s.published)
+    assert.equal(1, s:rpc("ver"))
+  end)
+
+  it("lets a running handler finish on the old code", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("slow", function() tb.sleep(1000) return "old" end)
+    ]]))
+    local _, id = s:rpc("slow")
+    s:reload([[
+      local tb = require "tb"
+      tb.on_rpc("slow", function() return "new" end)
+    ]])
+    assert.equal("new", s:rpc("slow"))
+    s:advance(1000)
+    assert.equal("old", s.rpc_responses[id])
+  end)
+
+  it("reloads modules the script requires from its own directory", function()
+    local dir = os.tmpname() .. ".d"
+    os.execute("mkdir -p " .. dir)
+    local function write(name, text)
+      local f = assert(io.open(dir .. "/" .. name, "w"))
+      f:write(text)
+      f:close()
+    end
+    write("helper.lua", "return {answer = function() return 1 end}")
+    write("main.lua", [[
+      local tb = require "tb"
+      local helper = require "helper"
+      tb.on_rpc("answer", function() return helper.answer() end)
+    ]])
+    local s = testing.load(dir .. "/main.lua")
+    assert.equal(1, s:rpc("answer"))
+    write("helper.lua", "return {answer = function() return 2 end}")
+    assert.is_true(s:reload())
+    assert.equal(2, s:rpc("answer"))
+  end)
+end)
