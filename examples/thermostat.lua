@@ -11,7 +11,8 @@ local function read_sensor()
   local s = tb.state
   s.temperature = s.temperature or 18.0
   s.temperature = s.temperature + (s.setpoint - s.temperature) * 0.1
-  return {temperature = s.temperature, humidity = 40.0 + (s.temperature % 1) * 10}
+  local function round1(x) return math.floor(x * 10 + 0.5) / 10 end
+  return {temperature = round1(s.temperature), humidity = round1(40.0 + (s.temperature % 1) * 10)}
 end
 
 local function set_setpoint(value, source)
@@ -45,3 +46,20 @@ end)
 tb.on_connect(function()
   tb.send_attributes{setpoint = tb.state.setpoint, firmware = "thermostat-1.0"}
 end)
+
+-- Firmware updates: tbagent downloads and verifies the image; this decides what to do with
+-- it. A real thermostat would flash it; this one checks it and keeps a copy.
+tb.firmware{
+  current = {title = "thermostat", version = "1.0.0"},
+  accept = function(info)
+    return info.title == "thermostat"
+  end,
+  install = function(path, info)
+    local f, err = io.open(path, "rb")
+    if not f then return nil, err end
+    local size = f:seek("end")
+    f:close()
+    tb.log.info("installing %s %s (%d bytes)", info.title, info.version, size)
+    return true
+  end,
+}

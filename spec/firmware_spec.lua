@@ -144,7 +144,8 @@ describe("firmware over MQTT", function()
     r = s:offer_firmware({title = "dev", version = "2.0"}, image(10))
     assert.equal("UPDATED", r.state)
     local last = s:sent("v1/devices/me/telemetry")
-    assert.same({current_fw_title = "dev", current_fw_version = "2.0"}, last[#last])
+    assert.same({current_fw_title = "dev", current_fw_version = "2.0"}, last[#last].values)
+    assert.is_true(last[#last].ts > last[#last - 1].ts)
   end)
 
   it("resumes after a restart from the partial file in the state directory", function()
@@ -194,7 +195,7 @@ describe("firmware over HTTP and software", function()
     assert.is_nil(s:state().fw)
     local found
     for _, m in ipairs(s:sent("v1/devices/me/telemetry")) do
-      if m.sw_state == "UPDATED" then found = true end
+      if m.values.sw_state == "UPDATED" then found = true end
     end
     assert.is_true(found)
   end)

@@ -69,8 +69,12 @@ function M:current()
   return policy and policy.current or {}
 end
 
+-- Reports telemetry with its own strictly increasing timestamp: ThingsBoard keeps one value
+-- per key and millisecond, so states sent in the same millisecond would overwrite each other.
 function M:report(values)
-  local payload = assert(self.core.json_encode(values))
+  local ts = math.max(self.ctx.clock(), (self.last_ts or 0) + 1)
+  self.last_ts = ts
+  local payload = assert(self.core.json_encode({ts = ts, values = values}))
   local ok, err = self.session:submit(self.session.topics.telemetry, payload, "telemetry", 1)
   if not ok then self.log.warn("%s state not reported: %s", self.label, err) end
 end

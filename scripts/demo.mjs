@@ -1,0 +1,117 @@
+// The demo walk-through (run by scripts/demo): tbemu + tbagent + examples/thermostat.lua,
+// driven through ThingsBoard's own REST paths, each step printed as it happens.
+import { spawn } from 'node:child_process'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..')
+const once = process.argv.includes('--once')
+const token = 'DEMO_THERMOSTAT_TOKEN'
+const children = []
+const work = fs.mkdtempSync(path.join(os.tmpdir(), 'tbagent-demo-'))
+
+function say (line) { process.stdout.write(line + '\n') }
+function stopAll () { for (const c of children) if (c.exitCode === null) c.kill('SIGTERM') }
+process.on('SIGINT', () => { stopAll(); process.exit(130) })
+process.on('SIGTERM', () => { stopAll(); process.exit(143) })
+
+function start (cmd, args, name, onLine) {
+  const p = spawn(cmd, args, { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] })
+  children.push(p)
+  const log = fs.createWriteStream(path.join(work, name + '.log'))
+  for (const stream of [p.stdout, p.stderr]) {
+    let buf = ''
+    stream.on('data', d => {
+      log.write(d)
+      buf += d
+      let nl
+      while ((nl = buf.indexOf('\n')) >= 0) { const line = buf.slice(0, nl); buf = buf.slice(nl + 1); if (onLine) onLine(line, stream === p.stdout) }
+    })
+  }
+  return p
+}
+
+async function waitFor (what, fn, timeoutMs = 20000) {
+  const t0 = Date.now()
+  for (;;) {
+    const v = await fn()
+    if (v) return v
+    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)
+    await new Promise(r => setTimeout(r, 100))
+  }
+}
+
+async function main () {
+  let ready
+  const emuReady = new Promise((resolve, reject) => {
+    const emu = start(process.execPath, ['scripts/tbemu/tbemu.js', '--mqtt-port', '0', '--http-port', '0', '--device', `thermostat:${token}`], 'tbemu',
+      (line, isStdout) => { if (isStdout && line.startsWith('{')) resolve(JSON.parse(line)) })
+    emu.on('exit', code => reject(new Error(`tbemu exited with ${code}; see ${work}/tbemu.log`)))
+    setTimeout(() => reject(new Error('tbemu did not start within 15 s')), 15000).unref()
+  })
+  ready = await emuReady
+  const base = `http://127.0.0.1:${ready.http}`
+  const api = async (method, p, body, raw) => {
+    const r = await fetch(base + p, { method, headers: raw ? {} : { 'content-type': 'application/json' }, body: raw ?? (body === undefined ? undefined : JSON.stringify(body)) })
+    const text = await r.text()
+    let json; try { json = JSON.parse(text) } catch {}
+    return { status: r.status, json, text }
+  }
+  say(`[1/6] ThingsBoard emulator up: MQTT on 127.0.0.1:${ready.mqtt}, page at ${base}/`)
+
+  const agent = start(path.join(root, 'build/tbagent'), ['run', 'examples/thermostat.lua', '--port', String(ready.mqtt), '--token', token,
+    '--state-dir', path.join(work, 'state'), '--no-reload'], 'tbagent',
+  (line) => { if (/ (WARN|ERROR) |installing|reloaded/.test(line)) say('      agent: ' + line.replace(/^\S+ /, '')) })
+  agent.on('exit', code => { if (code !== 0 && code !== null) say(`      agent exited with ${code}; see ${work}/tbagent.log`) })
+  const id = (await waitFor('the device', async () => (await api('GET', '/api/tenant/devices?deviceName=thermostat')).json)).id.id
+  say(`[2/6] tbagent running examples/thermostat.lua as device "thermostat" (${id})`)
+
+  const tele = await waitFor('telemetry', async () => {
+    const r = await api('GET', `/api/plugins/telemetry/DEVICE/${id}/values/timeseries?keys=temperature,humidity&useStrictDataTypes=true`)
+    return r.json && r.json.temperature && r.json
+  })
+  say(`[3/6] telemetry arrived: temperature=${tele.temperature[0].value}, humidity=${tele.humidity[0].value}`)
+
+  const rpc = await api('POST', `/api/plugins/rpc/twoway/${id}`, { method: 'setSpValue', params: 23.5, timeout: 10000 })
+  if (rpc.status !== 200) throw new Error(`RPC failed: HTTP ${rpc.status} ${rpc.text}`)
+  say(`[4/6] RPC setSpValue(23.5) answered: ${rpc.text}`)
+
+  await api('POST', `/api/plugins/telemetry/DEVICE/${id}/attributes/SHARED_SCOPE`, { target: 20.5 })
+  await waitFor('the script to apply the shared attribute', async () => {
+    const r = await api('GET', `/api/plugins/telemetry/DEVICE/${id}/values/attributes/CLIENT_SCOPE?keys=setpoint`)
+    return r.json && r.json[0] && r.json[0].value === 20.5
+  })
+  say('[5/6] shared attribute target=20.5 reached the script: it reported setpoint=20.5 back')
+
+  const image = Buffer.alloc(300 * 1024)
+  for (let i = 0; i < image.length; i++) image[i] = (i * 31 + (i >> 8)) & 0xff
+  const pkg = await api('POST', '/emu/packages?title=thermostat&version=1.1.0&checksumAlgorithm=SHA256', undefined, image)
+  if (pkg.status >= 300) throw new Error(`package upload failed: ${pkg.text}`)
+  await api('POST', '/emu/devices/thermostat/assign', { packageId: pkg.json.id })
+  say(`      firmware thermostat 1.1.0 (${image.length} bytes, SHA256 ${pkg.json.checksum.slice(0, 16)}...) assigned`)
+  const since = Date.now() - 1000
+  let shown = 0
+  await waitFor('fw_state UPDATED', async () => {
+    const r = await api('GET', `/api/plugins/telemetry/DEVICE/${id}/values/timeseries?keys=fw_state,fw_error&startTs=${since}&endTs=${Date.now() + 1000}&limit=100&orderBy=ASC`)
+    const states = (r.json && r.json.fw_state) || []
+    for (; shown < states.length; shown++) say(`      fw_state ${states[shown].value}`)
+    const st = states.length ? states[states.length - 1].value : null
+    if (st === 'FAILED') throw new Error('firmware update FAILED: ' + (r.json.fw_error && r.json.fw_error[0].value))
+    return st === 'UPDATED'
+  }, 60000)
+  const cur = await api('GET', `/api/plugins/telemetry/DEVICE/${id}/values/timeseries?keys=current_fw_version`)
+  say(`[6/6] firmware update done: current_fw_version=${cur.json.current_fw_version[0].value}`)
+  say('')
+  say(`demo: every step passed. Web page: ${base}/  (logs in ${work})`)
+  if (once) { stopAll(); return 0 }
+  say('demo: tbemu and tbagent keep running; press Ctrl-C to stop them')
+  await new Promise(() => {})
+}
+
+main().then(code => process.exit(code ?? 0), err => {
+  say(`demo: FAILED: ${err.message}`)
+  stopAll()
+  process.exit(1)
+})
