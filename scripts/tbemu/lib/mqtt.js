@@ -192,6 +192,7 @@ export class MqttSide {
     this.touch(client)
     if (tb.device) {
       if (tb.device.session !== client) client.conn.destroy()
+      else this.store.changed('connection', tb.device)
     }
   }
 
@@ -209,7 +210,7 @@ export class MqttSide {
     tb.pubackWaiters.clear()
   }
 
-  connected (dev) { return !!(dev.session && dev.session.connected && !dev.session.closed) }
+  connected (dev) { return !!(dev.session && !dev.session.closed && !dev.session.conn.destroyed) }
 
   disconnect (dev) {
     if (dev.session) { this.store.event(dev, 'closed', { reason: 'emu: dropped by control API' }); dev.session.conn.destroy() }
