@@ -12,6 +12,7 @@ int luaopen_tb_core(lua_State *L) {
   tb_sink_open_lua(L);
   tb_http_open(L);
   tb_watch_open(L);
+  tb_proc_open(L);
   lua_pushliteral(L, TB_VERSION);
   lua_setfield(L, -2, "version");
   return 1;

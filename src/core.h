@@ -13,6 +13,7 @@ int tb_log_open(lua_State *L);    /* log.c: the log line writer */
 int tb_sink_open_lua(lua_State *L); /* sink.c: hashed download files, state dir helpers */
 int tb_http_open(lua_State *L);   /* http.c: libcurl downloads in the poll loop */
 int tb_watch_open(lua_State *L);  /* watch.c: inotify on the script's directory */
+int tb_proc_open(lua_State *L);   /* proc.c: child processes for tb.exec */
 
 int luaopen_tb_core(lua_State *L);
 #endif

@@ -69,6 +69,10 @@ function M.run(core, config, log)
       session:stop(config.shutdown_timeout or 3000)
       return
     end
+    if kind == "exit" then
+      sched:wake("exec:" .. a, b, c, s1)
+      return
+    end
     if kind == "watch" then
       if ctx.reloader then ctx.reloader:on_watch(s1) end
       return

@@ -195,6 +195,39 @@ function M.bind(ctx, gen)
     sched:sleep(math.floor(ms))
   end
 
+  -- exec(command [, {timeout=ms, output_limit=bytes}]) -> output | nil, err, code, output
+  -- Runs a command without blocking the agent: a string goes to /bin/sh -c, a table is an
+  -- argv (no shell). Yields until it ends. err: "exit N: <last output line>", "signal N",
+  -- "timeout" (the command is killed) or why it could not start.
+  function tb.exec(command, opts)
+    opts = opts or {}
+    local argv
+    if type(command) == "string" then
+      argv = {"/bin/sh", "-c", command}
+    else
+      argcheck(type(command) == "table", 1, "exec", "string or table expected, got " .. (command == nil and "no value" or type(command)))
+      argcheck(#command >= 1, 1, "exec", "command table is empty")
+      argv = {}
+      for i, a in ipairs(command) do
+        argcheck(type(a) == "string" or type(a) == "number", 1, "exec", "argument " .. i .. " must be a string")
+        argv[i] = tostring(a)
+      end
+    end
+    typecheck(opts, 2, "exec", "table")
+    sched:check_yieldable("tb.exec")
+    local id, err = core.spawn(argv, opts.output_limit or 65536)
+    if not id then return nil, err end
+    local code, sig, output = sched:wait("exec:" .. id, opts.timeout or 600000)
+    if code == nil then
+      core.spawn_kill(id)
+      return nil, "timeout"
+    end
+    if code == 0 then return output end
+    if code < 0 then return nil, "signal " .. tostring(sig), code, output end
+    local last = output:match("([^\n]+)\n*$")
+    return nil, "exit " .. code .. (last and (": " .. last) or ""), code, output
+  end
+
   -- firmware{current=, accept=, install=, chunk_size=} / software{...}
   local function ota_policy(fname)
     return function(spec)

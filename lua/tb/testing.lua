@@ -30,6 +30,20 @@ local function fake_core(s)
   core.log_secret = function() end
   core.mask = function(x) return x end
   core.signals_open = function() return true end
+  -- tb.exec runs the command for real (synchronously) and reports it as the agent would
+  core.spawn = function(argv)
+    s.next_child = (s.next_child or 0) + 1
+    local quoted = {}
+    for i, a in ipairs(argv) do quoted[i] = "'" .. a:gsub("'", "'\\''") .. "'" end
+    local p = io.popen(table.concat(quoted, " ") .. " 2>&1 </dev/null", "r")
+    local out = p:read("a")
+    local _, how, code = p:close()
+    s.commands[#s.commands + 1] = argv
+    if how == "signal" then s:queue("exit", s.next_child, -1, code, out)
+    else s:queue("exit", s.next_child, code, 0, out) end
+    return s.next_child
+  end
+  core.spawn_kill = function() return false end
   -- fw_url downloads: the bytes of s:offer_firmware{url=...} land at once through a real sink
   core.http_download = function(o)
     s.next_http = (s.next_http or 0) + 1
@@ -86,7 +100,7 @@ function M.load(path, opts)
   local s = setmetatable({
     clock = 0, wall_start = opts.wall or WALL_START, events = {}, logs = {},
     telemetry = {}, attributes = {}, published = {}, subscriptions = {}, claims = {},
-    packages = {}, http_files = {}, req_sizes = {},
+    packages = {}, http_files = {}, req_sizes = {}, commands = {},
     rpc_responses = {}, attribute_answers = {}, rpc_answers = {}, next_conn = 0,
     next_rpc_id = 0, server = {client = {}, shared = {}}, echo_logs = opts.echo_logs,
   }, Session)
@@ -124,7 +138,9 @@ function Session:pump()
   for _ = 1, 100000 do
     if #self.events > 0 then
       local e = table.remove(self.events, 1)
-      if e[1] == "http_done" then
+      if e[1] == "exit" then
+        self.sched:wake("exec:" .. e[2], e[3], e[4], e[5])
+      elseif e[1] == "http_done" then
         local _ = self.ctx.firmware:on_http_done(e[2], e[3], e[4], e[5], e[6])
           or self.ctx.software:on_http_done(e[2], e[3], e[4], e[5], e[6])
       else
