@@ -1,0 +1,142 @@
+// Item 1: the command line, environment variables and exit codes of the contract.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { runAgent, tmpdir, writeScript, world, freePort } from './lib.mjs';
+
+const GOOD = `
+local tb = require "tb"
+tb.on_rpc("ping", function() return "pong" end)
+tb.every(1000, function() end)
+tb.on_connect(function() tb.send_telemetry({booted = true}) end)
+`;
+
+function oneLine(stderr) {
+  const lines = stderr.split('\n').filter((l) => l.trim() !== '');
+  assert.equal(lines.length, 1, `expected exactly one line on stderr, got:\n${stderr}`);
+  assert.match(lines[0], /^tbagent: /);
+  return lines[0];
+}
+
+test('--help prints usage with every contract option and exits 0', async () => {
+  const r = await runAgent(['--help']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /tbagent run SCRIPT\.lua/);
+  assert.match(r.stdout, /tbagent check SCRIPT\.lua/);
+  for (const o of ['--host', '--port', '--token', '--client-id', '--username', '--password', '--cafile',
+    '--cert', '--key', '--state-dir', '--log-level', '--no-reload']) {
+    assert.ok(r.stdout.includes(o), `--help does not mention ${o}`);
+  }
+  for (const e of ['TB_HOST', 'TB_PORT', 'TB_TOKEN', 'TB_CLIENT_ID', 'TB_USERNAME', 'TB_PASSWORD', 'TB_CAFILE',
+    'TB_CERT', 'TB_KEY', 'TB_STATE_DIR', 'TB_LOG_LEVEL']) {
+    assert.ok(r.stdout.includes(e), `--help does not mention ${e}`);
+  }
+  // reconnect backoff defaults of issue 2 item 7: 1 s doubling to 60 s
+  assert.match(r.stdout, /--backoff-min[^\n]*\[1000\]/);
+  assert.match(r.stdout, /--backoff-max[^\n]*\[60000\]/);
+  assert.equal(r.stderr, '');
+});
+
+test('--version prints the version and exits 0', async () => {
+  const r = await runAgent(['--version']);
+  assert.equal(r.code, 0);
+  assert.match(r.stdout, /^tbagent \d+\.\d+\.\d+/);
+});
+
+test('bad usage exits 2 with one clear line', async (t) => {
+  const dir = tmpdir();
+  const script = writeScript(dir, GOOD);
+  const cases = [
+    { args: [], re: /command/ },
+    { args: ['run'], re: /SCRIPT/ },
+    { args: ['frobnicate', script], re: /frobnicate/ },
+    { args: ['run', script, '--token', 't', '--bogus'], re: /--bogus/ },
+    { args: ['run', script, '--token', 't', '--port', '0'], re: /--port/ },
+    { args: ['run', script, '--token', 't', '--port', 'abc'], re: /--port/ },
+    { args: ['run', script, '--token', 't', '--port', '70000'], re: /--port/ },
+    { args: ['run', script, '--token', 't', '--port'], re: /--port/ },
+    { args: ['run', script, '--token', 't', '--log-level', 'loud'], re: /--log-level/ },
+    { args: ['run', script, '--token', 't', '--qos', '2'], re: /--qos/ },
+    { args: ['run', script], re: /credentials|token/ },
+    { args: ['run', script, '--token', 't', '--username', 'u'], re: /token/ },
+    { args: ['run', script, '--token', 't', '--cafile', `${dir}/nonexistent.pem`], re: /--cafile/ },
+    { args: ['run', script, '--token', 't'], env: { TB_PORT: 'nope' }, re: /TB_PORT/ },
+  ];
+  for (const c of cases) {
+    await t.test(c.args.join(' ') + (c.env ? ` ${JSON.stringify(c.env)}` : ''), async () => {
+      const r = await runAgent(c.args, { env: c.env });
+      assert.equal(r.code, 2, `exit ${r.code}; stderr: ${r.stderr}`);
+      assert.match(oneLine(r.stderr), c.re);
+    });
+  }
+});
+
+test('a script file that does not exist: exit 1, one line naming it', async () => {
+  const dir = tmpdir();
+  const r = await runAgent(['run', `${dir}/missing.lua`, '--token', 't', '--port', String(await freePort())]);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(oneLine(r.stderr), /missing\.lua/);
+});
+
+test('a script with a syntax error: exit 1 with file:line', async () => {
+  const dir = tmpdir();
+  const script = writeScript(dir, 'local tb = require "tb"\n\nlocal x = = 3\n');
+  const r = await runAgent(['run', script, '--token', 't', '--port', String(await freePort())]);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(oneLine(r.stderr), /device\.lua:3:/);
+});
+
+test('a script that raises at load: exit 1 with file:line', async () => {
+  const dir = tmpdir();
+  const script = writeScript(dir, 'local tb = require "tb"\nlocal t = nil\nprint(t.field)\n');
+  const r = await runAgent(['run', script, '--token', 't', '--port', String(await freePort())]);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(oneLine(r.stderr), /device\.lua:3:/);
+});
+
+test('check: good script exits 0, bad scripts exit 1 with file:line', async () => {
+  const dir = tmpdir();
+  const good = writeScript(dir, GOOD, 'good.lua');
+  let r = await runAgent(['check', good]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /ok/);
+  assert.match(r.stdout, /ping/);
+  const bad = writeScript(dir, 'local tb = require "tb"\ntb.on_rpc("x", function()\n', 'bad.lua');
+  r = await runAgent(['check', bad]);
+  assert.equal(r.code, 1);
+  assert.match(oneLine(r.stderr), /bad\.lua:\d+:/);
+  const raises = writeScript(dir, 'local tb = require "tb"\ntb.every("soon", print)\n', 'raises.lua');
+  r = await runAgent(['check', raises]);
+  assert.equal(r.code, 1);
+  assert.match(oneLine(r.stderr), /raises\.lua:2:/);
+  r = await runAgent(['check', `${dir}/nope.lua`]);
+  assert.equal(r.code, 1);
+  assert.match(oneLine(r.stderr), /nope\.lua/);
+});
+
+// A broker whose ACL lets only the user "env-token" reach the device topics: telemetry gets
+// through only when the agent sent that token as its MQTT user name.
+const ACL = 'user server\ntopic readwrite #\n\nuser env-token\ntopic readwrite v1/devices/me/#\n';
+
+test('environment variables configure the agent (TB_PORT, TB_TOKEN, TB_LOG_LEVEL)', async (t) => {
+  const w = world(t);
+  const broker = await w.broker({ acl: ACL });
+  const server = await w.server(broker, { username: 'server' });
+  const agent = await w.agent(GOOD, {
+    auth: false,
+    env: { TB_PORT: String(broker.port), TB_TOKEN: 'env-token', TB_LOG_LEVEL: 'debug', TB_HOST: '127.0.0.1' },
+  });
+  await server.waitFor('v1/devices/me/telemetry', (m) => m.text === '{"booted":true}', 8000);
+  await agent.waitForLog(/ DEBUG /, 3000);
+});
+
+test('the command line wins over environment variables', async (t) => {
+  const w = world(t);
+  const broker = await w.broker({ acl: ACL });
+  const server = await w.server(broker, { username: 'server' });
+  const agent = await w.agent(GOOD, {
+    broker, token: 'env-token', args: ['--log-level', 'warn'],
+    env: { TB_PORT: String(await freePort()), TB_TOKEN: 'wrong-token', TB_LOG_LEVEL: 'debug' },
+  });
+  await server.waitFor('v1/devices/me/telemetry', (m) => m.text === '{"booted":true}', 8000);
+  assert.equal(agent.log.count(/ (DEBUG|INFO) /), 0, `--log-level warn should win over TB_LOG_LEVEL=debug:\n${agent.log.text()}`);
+});
