@@ -257,4 +257,32 @@ describe("session", function()
     for _, m in ipairs(s:sent("v1/devices/me/telemetry")) do seqs[#seqs + 1] = m.values and m.values.seq or m.seq end
     assert.same({1, 2, 1, 2}, seqs)
   end)
+
+  it("sets aside a record the server keeps disconnecting for, and delivers the rest", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.send_telemetry{seq = 1}
+      tb.send_telemetry{poison = true}
+      tb.send_telemetry{seq = 2}
+    ]]))
+    -- the fake server closes the connection, without PUBACK, whenever the poison arrives
+    local receive = s.server_receive
+    s.server_receive = function(self, id, topic, payload, qos, mid)
+      if payload:find("poison") then
+        self.published[#self.published + 1] = {topic = topic, payload = payload, qos = qos}
+        self:queue("disconnect", id, 7, 0, "closed by server")
+        return
+      end
+      return receive(self, id, topic, payload, qos, mid)
+    end
+    s:connect()
+    for _ = 1, 4 do s:advance(70000) end
+    assert.truthy(s:logged("set aside a telemetry record", "error"))
+    local seqs = {}
+    for _, m in ipairs(s:sent("v1/devices/me/telemetry")) do
+      if m.values.seq then seqs[m.values.seq] = true end
+    end
+    assert.is_true(seqs[1] and seqs[2])
+    assert.equal(1, s.session.stats.set_aside)
+  end)
 end)

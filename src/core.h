@@ -14,6 +14,7 @@ int tb_sink_open_lua(lua_State *L); /* sink.c: hashed download files, state dir 
 int tb_http_open(lua_State *L);   /* http.c: libcurl downloads in the poll loop */
 int tb_watch_open(lua_State *L);  /* watch.c: inotify on the script's directory */
 int tb_proc_open(lua_State *L);   /* proc.c: child processes for tb.exec */
+int tb_store_open(lua_State *L);  /* store.c: the durable outbox (SQLite) */
 
 int luaopen_tb_core(lua_State *L);
 #endif

@@ -6,6 +6,7 @@ local loader_mod = require "tb.loader"
 local api = require "tb"
 local firmware = require "tb.firmware"
 local reload = require "tb.reload"
+local store = require "tb.store"
 
 local M = {}
 
@@ -17,6 +18,7 @@ function M.build(core, config, log)
     budget_now = config.budget_clock}
   ctx.current = api.new_generation(0)
   ctx.session = session_mod.new{core = core, sched = ctx.sched, log = log, config = config,
+    outbox = config.outbox, clock = ctx.clock,
     generation = function() return ctx.current end,
     on_fatal = function(code, msg) ctx.fatal = {code = code, message = msg} end}
   ctx.request_timeout = config.request_timeout
@@ -32,9 +34,19 @@ end
 function M.run(core, config, log)
   local ok, err = core.signals_open()
   if not ok then return 2, err end
-  local ctx = M.build(core, config, log)
   local sok, serr = core.mkdirs(config.state_dir, 448)
-  if not sok then log.warn("state directory unusable (%s): downloads will fail, data stays in memory", serr) end
+  if not sok then log.error("state directory unusable (%s): downloads will fail, data stays in memory", serr) end
+  if sok and not config.memory_outbox then
+    local box, berr = store.open{core = core, path = config.state_dir .. "/outbox.db", log = log,
+      limit = config.outbox_limit, max_bytes = config.outbox_max_bytes,
+      max_age_ms = config.outbox_max_age and config.outbox_max_age * 1000, clock = config.clock or core.wall}
+    if box then
+      config.outbox = box
+    else
+      log.error("outbox on disk unusable (%s): queued data stays in memory and is lost on a restart", berr)
+    end
+  end
+  local ctx = M.build(core, config, log)
   local gen
   gen, err = ctx.loader:load(config.script)
   if not gen then
@@ -85,6 +97,9 @@ function M.run(core, config, log)
     if not okd then log.error("internal error while handling %s: %s", kind, errd) end
   end
 
+  if session.outbox.durable then
+    sched:timer(60000, function() session.outbox:expire() end, 60000, nil, "outbox expiry")
+  end
   session:start()
   while not session.finished do
     if ctx.fatal then
@@ -94,7 +109,9 @@ function M.run(core, config, log)
     local due = sched:next_due()
     core.poll(due or 3600000, dispatch)
     sched:run_due()
+    session.outbox:commit()
   end
+  session.outbox:close()
   if ctx.fatal and exit_code == 0 then exit_code, exit_message = ctx.fatal.code, ctx.fatal.message end
   if exit_code == 0 then
     log.info("stopped: %d sent, %d acknowledged, %d dropped", session.stats.sent, session.stats.acked, session.stats.dropped)

@@ -42,6 +42,11 @@ function M:pop()
   return rec
 end
 
+-- ack(rec) / commit() / close(): nothing to do in memory (a popped record is already gone).
+function M:ack() end
+function M:commit() end
+function M:close() end
+
 -- unshift(records): puts records back at the front, keeping their order (records[1] first).
 -- Used when a connection drops with records in flight: they go out again first.
 function M:unshift(records)

@@ -39,7 +39,8 @@ function M.new(o)
     seq = 0, next_req = 0, attempts = 0, ever_connected = false,
     short_sessions = {}, flap_warned = false,
     own_requests = {}, listeners = {attributes = {}, message = {}, connect = {}, disconnect = {}, subscriptions = {}},
-    stats = {sent = 0, acked = 0, dropped = 0, reconnects = 0, refused = 0},
+    stats = {sent = 0, acked = 0, dropped = 0, reconnects = 0, refused = 0, set_aside = 0},
+    clock = o.clock,
   }, M)
   local buckets, err = limits.parse(c.rate_limits)
   if not buckets then error(err, 0) end
@@ -240,6 +241,7 @@ function M:on_disconnect(conn_id, rc, why)
   for _, rec in pairs(self.inflight) do back[#back + 1] = rec end
   table.sort(back, function(a, b) return a.seq < b.seq end)
   self.inflight, self.inflight_n = {}, 0
+  back = self:set_aside_poison(back, was_online)
   if #back > 0 then self.outbox:unshift(back) end
   for _, fn in ipairs(self.listeners.disconnect) do fn() end
   self.sched:wake_all("attr:", nil, "disconnected")
@@ -265,6 +267,32 @@ function M:on_disconnect(conn_id, rc, why)
     return
   end
   self:schedule_reconnect()
+end
+
+-- A record the server disconnects for (a rate limit aside, ThingsBoard closes the connection
+-- on a payload it cannot take) would be sent again after every reconnect and block all
+-- behind it. When the same record heads the in-flight window at three drops in a row of
+-- sessions shorter than STABLE_MS, it is set aside with a log line instead.
+function M:set_aside_poison(back, was_online)
+  local head = back[1]
+  local lasted = self.sched.now() - (self.connected_at or 0)
+  if not (was_online and head and lasted < STABLE_MS) then
+    self.suspect, self.suspect_hits = nil, 0
+    return back
+  end
+  if self.suspect == head then
+    self.suspect_hits = self.suspect_hits + 1
+  else
+    self.suspect, self.suspect_hits = head, 1
+  end
+  if self.suspect_hits < (self.config.poison_drops or 3) then return back end
+  self.log.error("set aside a %s record of %d bytes: the server closed the connection %d times while it was in flight (%s)",
+    head.kind or "queued", #head.payload, self.suspect_hits, head.payload:sub(1, 120))
+  self.outbox:ack(head)
+  self.stats.set_aside = (self.stats.set_aside or 0) + 1
+  self.suspect, self.suspect_hits = nil, 0
+  table.remove(back, 1)
+  return back
 end
 
 -- A server that keeps closing a freshly accepted session usually means a second client uses
@@ -297,6 +325,8 @@ end
 -- would_queue() -> true when a record submitted now waits in the outbox (the caller stamps
 -- telemetry with the time it was measured).
 function M:would_queue()
+  -- with the outbox on disk any record may go out after a crash: always keep its time
+  if self.outbox.durable then return true end
   return not (self.ready and self.outbox:count() == 0 and self.inflight_n < self.window)
 end
 
@@ -315,7 +345,7 @@ function M:submit(topic, payload, kind, points)
   if not ok then return nil, err end
   self.seq = self.seq + 1
   local rec = {topic = topic, payload = payload, qos = self.config.qos or 1, seq = self.seq,
-    kind = kind, points = points or 0}
+    kind = kind, points = points or 0, created = self.clock and self.clock() or nil}
   local dropped = self.outbox:push(rec)
   if dropped > 0 then
     self.stats.dropped = self.stats.dropped + dropped
@@ -336,11 +366,14 @@ function M:warn_dropped()
 end
 
 function M:flush()
-  if not self.ready or self.flush_timer then return end
+  if not self.ready or self.flush_timer or self.closing then return end
   local conn, outbox, now = self.conn, self.outbox, self.sched.now()
   while self.inflight_n < self.window do
     local rec = outbox:peek()
     if not rec then break end
+    -- on the way out only what was already queued at the signal leaves
+    if self.stop_seq and (rec.mem or not outbox.durable) and rec.seq > self.stop_seq then break end
+    if self.stop_seq and outbox.durable and not rec.mem and rec.seq > self.stop_disk_seq then break end
     local ok, wait = self.limiter:take(1, now)
     if ok and rec.kind == "telemetry" then
       ok, wait = self.tele_limiter:take(1, now)
@@ -373,6 +406,7 @@ function M:on_puback(mid)
     self.inflight[mid] = nil
     self.inflight_n = self.inflight_n - 1
     self.stats.acked = self.stats.acked + 1
+    self.outbox:ack(rec)
     self:flush()
   end
 end
@@ -575,14 +609,20 @@ function M:stop(deadline_ms)
     return
   end
   local started = self.sched.now()
+  self.stop_seq = self.seq
+  self.stop_disk_seq = self.outbox.durable and (self.outbox.last_seq or 0) or 0
   local function check()
     if self.finished then return end
-    local drained = self.inflight_n == 0 and (self.outbox:count() == 0 or not self.ready)
+    local head = self.outbox:peek()
+    local queued_before_stop = head and ((head.mem or not self.outbox.durable) and head.seq <= self.stop_seq
+      or (self.outbox.durable and not head.mem and head.seq <= self.stop_disk_seq))
+    local drained = self.inflight_n == 0 and (not queued_before_stop or not self.ready)
     if (drained and not (self.conn and self.conn:want_write())) or self.sched.now() - started >= deadline_ms then
       if not drained then
         self.log.warn("shutting down with %d records unacknowledged and %d queued",
           self.inflight_n, self.outbox:count())
       end
+      self.closing = true
       if self.conn and self.state == "online" then
         self.conn:disconnect()
         -- the disconnect event ends it; if it never comes, give up shortly

@@ -106,7 +106,7 @@ function M.load(path, opts)
   }, Session)
   local core = fake_core(s)
   local config = {script = path, host = "tb.testing", port = 1883, token = "testing",
-    session_limits = false, state_dir = opts.state_dir or (os.tmpname() .. ".tbagent"),
+    session_limits = false, memory_outbox = true, state_dir = opts.state_dir or (os.tmpname() .. ".tbagent"),
     fw_chunk_timeout = 10000, handler_budget = opts.budget_ms or 1000, budget_clock = real_ms,
     backoff_min = 1000, backoff_max = 60000, request_timeout = 10000, rpc_timeout = 60000}
   for k, v in pairs(opts.config or {}) do config[k] = v end

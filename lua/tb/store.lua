@@ -1,0 +1,156 @@
+-- tb.store: the durable outbox, with the same interface as tb.outbox (push, peek, pop, ack,
+-- unshift, count, commit) over tb.core's SQLite store in the state directory. A record
+-- stays on disk until the broker acknowledged it; after a restart what is left goes out
+-- first, in order. Records after `cursor` are waiting; those up to it are in flight.
+-- When the disk fails the records go to a memory outbox instead and the agent keeps going.
+local memory = require "tb.outbox"
+
+local M = {}
+M.__index = M
+
+local BATCH = 256
+
+-- open{core=, path=, limit=, max_bytes=, max_age_ms=, clock=fn, log=} -> store | nil, err
+function M.open(o)
+  local db, err = o.core.store_open(o.path)
+  if not db then return nil, err end
+  local self = setmetatable({db = db, log = o.log, clock = o.clock, limit = o.limit or 100000,
+    max_bytes = o.max_bytes or 64 * 1024 * 1024, max_age_ms = o.max_age_ms or 7 * 86400000,
+    cursor = 0, buffer = {}, head = 1, dropped = 0, expired = 0, durable = true,
+    fallback = memory.new{limit = o.limit or 100000}}, M)
+  local n, bytes, _, _, in_flight, newest = db:stats()
+  self.n, self.bytes, self.pending, self.last_seq = n, bytes, n, newest
+  self.possible_duplicates = in_flight
+  if n > 0 then
+    self.log.info("outbox: %d records kept from before the restart go out first%s", n,
+      in_flight > 0 and string.format(" (%d were in flight: the server may receive those twice)", in_flight) or "")
+  end
+  self:expire()
+  return self
+end
+
+function M:count()
+  return self.pending + self.fallback:count()
+end
+
+-- push(rec) -> dropped_now
+function M:push(rec)
+  if not self.broken then
+    local seq, err = self.db:push(rec.created or self.clock(), rec.topic, rec.payload, rec.qos, rec.kind, rec.points)
+    if seq then
+      rec.seq = seq
+      self.last_seq = seq
+      self.n, self.bytes, self.pending = self.n + 1, self.bytes + #rec.payload, self.pending + 1
+      return self:enforce_bounds()
+    end
+    self.broken = true
+    self.log.error("outbox on disk failed (%s): keeping new records in memory until restart", err)
+  end
+  rec.mem = true
+  local dropped = self.fallback:push(rec)
+  self.dropped = self.dropped + dropped
+  return dropped
+end
+
+-- Drops the oldest waiting records while over the record or byte bound.
+function M:enforce_bounds()
+  local over = self.n - self.limit
+  local dropped = 0
+  if over > 0 then
+    dropped = self:drop(over)
+  end
+  while self.bytes > self.max_bytes and self.pending > 0 do
+    local avg = math.max(1, self.bytes // math.max(1, self.n))
+    local n = self:drop(math.max(1, (self.bytes - self.max_bytes) // avg + 1))
+    if n == 0 then break end
+    dropped = dropped + n
+  end
+  return dropped
+end
+
+function M:drop(n)
+  local dropped = self.db:drop_oldest(self.cursor, n) or 0
+  if dropped > 0 then
+    self:recount()
+    self.dropped = self.dropped + dropped
+  end
+  return dropped
+end
+
+function M:recount()
+  self.buffer, self.head = {}, 1
+  local n, bytes = self.db:stats()
+  local in_flight = self.n - self.pending
+  self.n, self.bytes = n, bytes
+  self.pending = math.max(0, n - in_flight)
+end
+
+-- expire(): drops records older than max_age (called at open and from time to time).
+function M:expire()
+  local n = self.db:drop_before(self.clock() - self.max_age_ms) or 0
+  if n > 0 then
+    self.expired = self.expired + n
+    self:recount()
+    self.log.warn("outbox: dropped %d records older than %d s", n, self.max_age_ms // 1000)
+  end
+  return n
+end
+
+function M:peek()
+  if self.head > #self.buffer and self.pending > 0 then
+    self.buffer, self.head = self.db:next(self.cursor, BATCH) or {}, 1
+  end
+  local rec = self.buffer[self.head]
+  if rec then return rec end
+  return self.fallback:peek()
+end
+
+function M:pop()
+  self:peek()
+  local rec = self.buffer[self.head]
+  if rec then
+    self.buffer[self.head] = nil
+    self.head = self.head + 1
+    self.cursor = rec.seq
+    self.pending = self.pending - 1
+    self.db:mark_sent(rec.seq)
+    return rec
+  end
+  return self.fallback:pop()
+end
+
+-- ack(rec): the broker has it; it leaves the disk.
+function M:ack(rec)
+  if rec.mem then return end
+  self.db:ack(rec.seq)
+  self.n, self.bytes = self.n - 1, self.bytes - #rec.payload
+end
+
+-- unshift(records): in-flight records go back in front (the connection dropped).
+function M:unshift(records)
+  local mem, lowest = {}, nil
+  for _, rec in ipairs(records) do
+    if rec.mem then mem[#mem + 1] = rec
+    elseif not lowest or rec.seq < lowest then lowest = rec.seq end
+  end
+  if #mem > 0 then self.fallback:unshift(mem) end
+  if lowest and lowest <= self.cursor then
+    self.cursor = lowest - 1
+    self.buffer, self.head = {}, 1
+    self.pending = self.pending + (#records - #mem)
+  end
+end
+
+-- commit(): one transaction per loop iteration for acks and sent marks.
+function M:commit()
+  if self.broken then return end
+  local ok, err = self.db:commit()
+  if not ok then self.log.warn("outbox commit failed: %s", err) end
+end
+
+function M:close()
+  self:commit()
+  self.db:close()
+end
+
+return M

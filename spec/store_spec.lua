@@ -1,0 +1,99 @@
+-- The durable outbox (tb.store over tb.core's SQLite store): the same interface as the
+-- memory outbox, and what survives a restart.
+local store = require "tb.store"
+local core = require "tb.core"
+local logmod = require "tb.log"
+
+local function tmpdb()
+  return os.tmpname() .. ".db"
+end
+
+local function open(path, opts)
+  local logs = {}
+  local o = {core = core, path = path, clock = function() return opts and opts.now or 1000 end,
+    log = logmod.new(function(level, msg) logs[#logs + 1] = level .. " " .. msg end, "debug")}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  local box = assert(store.open(o))
+  return box, logs
+end
+
+local function rec(i, size)
+  return {topic = "t", payload = size and string.rep("x", size) or ('{"seq":' .. i .. '}'), qos = 1, kind = "telemetry", points = 1}
+end
+
+describe("durable outbox", function()
+  it("keeps order, hands out records once, and forgets only acknowledged ones", function()
+    local box = open(tmpdb())
+    for i = 1, 5 do box:push(rec(i)) end
+    assert.equal(5, box:count())
+    local a, b = box:pop(), box:pop()
+    assert.equal('{"seq":1}', a.payload)
+    assert.equal('{"seq":2}', b.payload)
+    assert.equal(3, box:count())
+    box:ack(a)
+    box:unshift({b})
+    assert.equal(4, box:count())
+    assert.equal('{"seq":2}', box:pop().payload)
+    box:commit()
+  end)
+
+  it("gives back what was not acknowledged after a restart, in order, counting possible duplicates", function()
+    local path = tmpdb()
+    local box = open(path)
+    for i = 1, 4 do box:push(rec(i)) end
+    local first = box:pop()
+    box:ack(first)
+    box:pop()            -- in flight when the agent "dies"
+    box:commit()
+    box.db:close()
+    local again, logs = open(path)
+    assert.equal(3, again:count())
+    assert.equal(1, again.possible_duplicates)
+    assert.matches("3 records kept from before the restart go out first %(1 were in flight", logs[1])
+    local got = {}
+    while again:peek() do got[#got + 1] = again:pop().payload end
+    assert.same({'{"seq":2}', '{"seq":3}', '{"seq":4}'}, got)
+  end)
+
+  it("drops the oldest waiting records beyond the record bound", function()
+    local box = open(tmpdb(), {limit = 3})
+    local dropped = 0
+    for i = 1, 5 do dropped = dropped + box:push(rec(i)) end
+    assert.equal(2, dropped)
+    assert.equal(3, box:count())
+    assert.equal('{"seq":3}', box:pop().payload)
+  end)
+
+  it("drops the oldest waiting records beyond the byte bound", function()
+    local box = open(tmpdb(), {max_bytes = 1000})
+    for i = 1, 5 do box:push(rec(i, 300)) end
+    assert.is_true(box.bytes <= 1000)
+    assert.equal(3, box:count())
+  end)
+
+  it("expires records older than the age bound", function()
+    local path = tmpdb()
+    local box = open(path, {now = 1000})
+    box:push(rec(1))
+    box:commit()
+    box.db:close()
+    local later, logs = open(path, {now = 1000 + 8 * 86400000})
+    assert.equal(0, later:count())
+    assert.matches("older than", logs[#logs])
+  end)
+
+  it("refuses a state directory it cannot write, with a clear error", function()
+    local ok, err = store.open{core = core, path = "/proc/tbagent-cannot/outbox.db", clock = function() return 0 end,
+      log = logmod.new(function() end)}
+    assert.is_nil(ok)
+    assert.matches("cannot open outbox", err)
+  end)
+
+  it("creates its file private to the user", function()
+    local path = tmpdb()
+    open(path)
+    local p = io.popen("stat -c %a " .. path)
+    assert.equal("600", p:read("l"))
+    p:close()
+  end)
+end)

@@ -1,0 +1,279 @@
+/* store.c: the durable outbox, an SQLite database in WAL mode in the state directory.
+ * A record is inserted (its own transaction: once send_telemetry returned true it is on
+ * disk, safe from a crash of the agent) and deleted only when the broker acknowledged it.
+ * Marks of "sent" and deletions of acknowledged records are cheap to lose (at worst a
+ * duplicate after a crash), so they are grouped into one transaction per loop iteration.
+ * Lua sees userdata "tb.store"; all statements are prepared once. */
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sqlite3.h>
+#include <lauxlib.h>
+#include "core.h"
+
+#define STORE_MT "tb.store"
+
+typedef struct {
+  sqlite3 *db;
+  sqlite3_stmt *insert, *next, *del, *mark, *count, *oldest, *drop_oldest, *drop_before, *resend;
+  int in_batch;
+} tb_store;
+
+static const char *SCHEMA =
+  "PRAGMA journal_mode=WAL;"
+  "PRAGMA synchronous=NORMAL;"
+  "CREATE TABLE IF NOT EXISTS outbox("
+  "  seq INTEGER PRIMARY KEY AUTOINCREMENT, created INTEGER NOT NULL, topic TEXT NOT NULL,"
+  "  payload BLOB NOT NULL, qos INTEGER NOT NULL, kind TEXT, points INTEGER, sent INTEGER DEFAULT 0);";
+
+static tb_store *check_store(lua_State *L) {
+  tb_store *s = luaL_checkudata(L, 1, STORE_MT);
+  if (!s->db) luaL_error(L, "attempt to use a closed store");
+  return s;
+}
+
+static int db_error(lua_State *L, tb_store *s, const char *what) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s: %s", what, s->db ? sqlite3_errmsg(s->db) : "no database");
+  return 2;
+}
+
+static void store_close(tb_store *s) {
+  sqlite3_stmt **stmts[] = {&s->insert, &s->next, &s->del, &s->mark, &s->count, &s->oldest,
+                            &s->drop_oldest, &s->drop_before, &s->resend};
+  for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++) {
+    sqlite3_finalize(*stmts[i]);
+    *stmts[i] = NULL;
+  }
+  if (s->db) {
+    if (s->in_batch) sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL);
+    sqlite3_close(s->db);
+    s->db = NULL;
+  }
+}
+
+/* core.store_open(path) -> store | nil, err */
+static int l_store_open(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  tb_store *s = lua_newuserdatauv(L, sizeof *s, 0);
+  memset(s, 0, sizeof *s);
+  luaL_setmetatable(L, STORE_MT);
+  /* created private to the user first: SQLite gives its -wal and -shm files the same mode */
+  int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd >= 0) close(fd);
+  if (sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+    int n = db_error(L, s, "cannot open outbox");
+    store_close(s);
+    return n;
+  }
+  sqlite3_busy_timeout(s->db, 2000);
+  if (sqlite3_exec(s->db, SCHEMA, NULL, NULL, NULL) != SQLITE_OK) {
+    int n = db_error(L, s, "cannot initialise outbox");
+    store_close(s);
+    return n;
+  }
+  struct { sqlite3_stmt **st; const char *sql; } prep[] = {
+    {&s->insert, "INSERT INTO outbox(created, topic, payload, qos, kind, points) VALUES(?,?,?,?,?,?)"},
+    {&s->next, "SELECT seq, created, topic, payload, qos, kind, points, sent FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"},
+    {&s->del, "DELETE FROM outbox WHERE seq = ?"},
+    {&s->mark, "UPDATE outbox SET sent = 1 WHERE seq = ?"},
+    {&s->count, "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(seq), 0) FROM outbox"},
+    {&s->oldest, "SELECT seq, created FROM outbox ORDER BY seq LIMIT 1"},
+    {&s->drop_oldest, "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?)"},
+    {&s->drop_before, "DELETE FROM outbox WHERE created < ?"},
+    {&s->resend, "SELECT count(*) FROM outbox WHERE sent = 1"},
+  };
+  for (size_t i = 0; i < sizeof prep / sizeof prep[0]; i++) {
+    if (sqlite3_prepare_v3(s->db, prep[i].sql, -1, SQLITE_PREPARE_PERSISTENT, prep[i].st, NULL) != SQLITE_OK) {
+      int n = db_error(L, s, "cannot prepare outbox statement");
+      store_close(s);
+      return n;
+    }
+  }
+  return 1;
+}
+
+/* store:push(created_ms, topic, payload, qos, kind, points) -> seq | nil, err (committed) */
+static int l_push(lua_State *L) {
+  tb_store *s = check_store(L);
+  lua_Integer created = luaL_checkinteger(L, 2);
+  size_t tlen, plen;
+  const char *topic = luaL_checklstring(L, 3, &tlen);
+  const char *payload = luaL_checklstring(L, 4, &plen);
+  lua_Integer qos = luaL_checkinteger(L, 5);
+  const char *kind = luaL_optstring(L, 6, "");
+  lua_Integer points = luaL_optinteger(L, 7, 0);
+  sqlite3_stmt *st = s->insert;
+  sqlite3_bind_int64(st, 1, created);
+  sqlite3_bind_text(st, 2, topic, (int)tlen, SQLITE_STATIC);
+  sqlite3_bind_blob(st, 3, payload, (int)plen, SQLITE_STATIC);
+  sqlite3_bind_int64(st, 4, qos);
+  sqlite3_bind_text(st, 5, kind, -1, SQLITE_STATIC);
+  sqlite3_bind_int64(st, 6, points);
+  int rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  if (rc != SQLITE_DONE) return db_error(L, s, "cannot store record");
+  lua_pushinteger(L, sqlite3_last_insert_rowid(s->db));
+  return 1;
+}
+
+/* store:next(after_seq, n) -> {{seq=, created=, topic=, payload=, qos=, kind=, points=, sent=}...} */
+static int l_next(lua_State *L) {
+  tb_store *s = check_store(L);
+  lua_Integer after = luaL_checkinteger(L, 2);
+  lua_Integer n = luaL_optinteger(L, 3, 64);
+  sqlite3_stmt *st = s->next;
+  sqlite3_bind_int64(st, 1, after);
+  sqlite3_bind_int64(st, 2, n);
+  lua_newtable(L);
+  int i = 0, rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    lua_createtable(L, 0, 8);
+    lua_pushinteger(L, sqlite3_column_int64(st, 0));
+    lua_setfield(L, -2, "seq");
+    lua_pushinteger(L, sqlite3_column_int64(st, 1));
+    lua_setfield(L, -2, "created");
+    lua_pushlstring(L, (const char *)sqlite3_column_text(st, 2), (size_t)sqlite3_column_bytes(st, 2));
+    lua_setfield(L, -2, "topic");
+    const void *blob = sqlite3_column_blob(st, 3);
+    lua_pushlstring(L, blob ? blob : "", (size_t)sqlite3_column_bytes(st, 3));
+    lua_setfield(L, -2, "payload");
+    lua_pushinteger(L, sqlite3_column_int64(st, 4));
+    lua_setfield(L, -2, "qos");
+    lua_pushstring(L, (const char *)sqlite3_column_text(st, 5));
+    lua_setfield(L, -2, "kind");
+    lua_pushinteger(L, sqlite3_column_int64(st, 6));
+    lua_setfield(L, -2, "points");
+    lua_pushboolean(L, sqlite3_column_int(st, 7));
+    lua_setfield(L, -2, "sent");
+    lua_rawseti(L, -2, ++i);
+  }
+  sqlite3_reset(st);
+  if (rc != SQLITE_DONE) return db_error(L, s, "cannot read outbox");
+  return 1;
+}
+
+static int batch_begin(tb_store *s) {
+  if (s->in_batch) return SQLITE_OK;
+  int rc = sqlite3_exec(s->db, "BEGIN", NULL, NULL, NULL);
+  if (rc == SQLITE_OK) s->in_batch = 1;
+  return rc;
+}
+
+static int run_seq(lua_State *L, tb_store *s, sqlite3_stmt *st, const char *what) {
+  lua_Integer seq = luaL_checkinteger(L, 2);
+  if (batch_begin(s) != SQLITE_OK) return db_error(L, s, what);
+  sqlite3_bind_int64(st, 1, seq);
+  int rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  if (rc != SQLITE_DONE) return db_error(L, s, what);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* store:ack(seq) -> true | nil, err: the broker has it (batched until store:commit()) */
+static int l_ack(lua_State *L) {
+  tb_store *s = check_store(L);
+  return run_seq(L, s, s->del, "cannot delete record");
+}
+
+/* store:mark_sent(seq) -> true | nil, err (batched) */
+static int l_mark_sent(lua_State *L) {
+  tb_store *s = check_store(L);
+  return run_seq(L, s, s->mark, "cannot mark record");
+}
+
+/* store:commit() -> true | nil, err: ends the batch of acks and marks */
+static int l_commit(lua_State *L) {
+  tb_store *s = check_store(L);
+  if (s->in_batch) {
+    s->in_batch = 0;
+    if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) return db_error(L, s, "cannot commit outbox");
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* store:stats() -> records, payload_bytes, oldest_created_ms|nil, oldest_seq|nil, sent_marked,
+ *   newest_seq */
+static int l_stats(lua_State *L) {
+  tb_store *s = check_store(L);
+  sqlite3_stmt *st = s->count;
+  lua_Integer n = 0, bytes = 0, newest = 0;
+  if (sqlite3_step(st) == SQLITE_ROW) {
+    n = sqlite3_column_int64(st, 0);
+    bytes = sqlite3_column_int64(st, 1);
+    newest = sqlite3_column_int64(st, 2);
+  }
+  sqlite3_reset(st);
+  lua_pushinteger(L, n);
+  lua_pushinteger(L, bytes);
+  st = s->oldest;
+  if (sqlite3_step(st) == SQLITE_ROW) {
+    lua_pushinteger(L, sqlite3_column_int64(st, 1));
+    lua_pushinteger(L, sqlite3_column_int64(st, 0));
+  } else {
+    lua_pushnil(L);
+    lua_pushnil(L);
+  }
+  sqlite3_reset(st);
+  st = s->resend;
+  lua_Integer sent = 0;
+  if (sqlite3_step(st) == SQLITE_ROW) sent = sqlite3_column_int64(st, 0);
+  sqlite3_reset(st);
+  lua_pushinteger(L, sent);
+  lua_pushinteger(L, newest);
+  return 6;
+}
+
+/* store:drop_oldest(after_seq, n) -> dropped | nil, err: the n oldest records after after_seq */
+static int l_drop_oldest(lua_State *L) {
+  tb_store *s = check_store(L);
+  lua_Integer after = luaL_checkinteger(L, 2);
+  lua_Integer n = luaL_checkinteger(L, 3);
+  sqlite3_bind_int64(s->drop_oldest, 1, after);
+  sqlite3_bind_int64(s->drop_oldest, 2, n);
+  int rc = sqlite3_step(s->drop_oldest);
+  sqlite3_reset(s->drop_oldest);
+  if (rc != SQLITE_DONE) return db_error(L, s, "cannot trim outbox");
+  lua_pushinteger(L, sqlite3_changes(s->db));
+  return 1;
+}
+
+/* store:drop_before(created_ms) -> dropped | nil, err */
+static int l_drop_before(lua_State *L) {
+  tb_store *s = check_store(L);
+  lua_Integer t = luaL_checkinteger(L, 2);
+  sqlite3_bind_int64(s->drop_before, 1, t);
+  int rc = sqlite3_step(s->drop_before);
+  sqlite3_reset(s->drop_before);
+  if (rc != SQLITE_DONE) return db_error(L, s, "cannot expire outbox records");
+  lua_pushinteger(L, sqlite3_changes(s->db));
+  return 1;
+}
+
+static int l_close(lua_State *L) {
+  store_close(luaL_checkudata(L, 1, STORE_MT));
+  return 0;
+}
+
+int tb_store_open(lua_State *L) {
+  static const luaL_Reg methods[] = {{"push", l_push}, {"next", l_next}, {"ack", l_ack},
+    {"mark_sent", l_mark_sent}, {"commit", l_commit}, {"stats", l_stats},
+    {"drop_oldest", l_drop_oldest}, {"drop_before", l_drop_before}, {"close", l_close},
+    {NULL, NULL}};
+  if (luaL_newmetatable(L, STORE_MT)) {
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, l_close);
+    lua_setfield(L, -2, "__close");
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, l_store_open);
+  lua_setfield(L, -2, "store_open");
+  return 0;
+}
