@@ -99,7 +99,11 @@ function M.bind(ctx, gen)
       body = e
     end
     local payload, err = encode(body)
-    if not payload then return nil, err end
+    if not payload then
+      -- name the place in the caller's table, not in the {ts=, values=} we wrapped it in
+      if stamp or ts then err = err:gsub("%.values([%.%[])", "%1"):gsub(" at %.values$", "") end
+      return nil, err
+    end
     local ok
     ok, err = deliver("telemetry", session.topics.telemetry, payload, points)
     if ok and ctx.on_send then ctx.on_send("telemetry", entries) end
