@@ -432,4 +432,55 @@ function Session:state()
   return self.ctx.state
 end
 
+-- Assertions for specs, registered with luassert when it is there (under Busted):
+--   assert.sent_telemetry(s, {temperature = 21.5})  -- some entry has these values
+--   assert.rpc_error(s, "method", params, "pattern")  -- the RPC answered {"error": ...}
+--   assert.fw_state("UPDATED", result)               -- offer_firmware's final state
+local function register_assertions()
+  local ok, luassert = pcall(require, "luassert")
+  local ok2, say = pcall(require, "say")
+  if not (ok and ok2) then return end
+  local function subset(want, got)
+    if type(want) ~= "table" then return want == got end
+    if type(got) ~= "table" then return false end
+    for k, v in pairs(want) do if not subset(v, got[k]) then return false end end
+    return true
+  end
+  local function sent_telemetry(_, args)
+    local s, want = args[1], args[2]
+    for _, e in ipairs(s.telemetry) do
+      if subset(want, e.values) then return true end
+    end
+    return false
+  end
+  say:set("assertion.sent_telemetry.positive", "Expected telemetry containing:\n%s")
+  say:set("assertion.sent_telemetry.negative", "Expected no telemetry containing:\n%s")
+  luassert:register("assertion", "sent_telemetry", function(state, args)
+    args.nofmtargs = nil
+    local r = sent_telemetry(state, args)
+    table.remove(args, 1)
+    args.n = 1
+    return r
+  end, "assertion.sent_telemetry.positive", "assertion.sent_telemetry.negative")
+
+  say:set("assertion.rpc_error.positive", "Expected RPC %s to answer an error matching %s")
+  say:set("assertion.rpc_error.negative", "Expected RPC %s not to answer an error matching %s")
+  luassert:register("assertion", "rpc_error", function(_, args)
+    local s, method, params, pattern = args[1], args[2], args[3], args[4]
+    local res = s:rpc(method, params)
+    args[1], args[2], args.n = method, pattern or ".*", 2
+    return type(res) == "table" and type(res.error) == "string" and res.error:find(pattern or "") ~= nil
+  end, "assertion.rpc_error.positive", "assertion.rpc_error.negative")
+
+  say:set("assertion.fw_state.positive", "Expected the update to end in %s, got %s")
+  say:set("assertion.fw_state.negative", "Expected the update not to end in %s")
+  luassert:register("assertion", "fw_state", function(_, args)
+    local want, r = args[1], args[2]
+    local got = type(r) == "table" and r.state
+    args[2] = tostring(got) .. (type(r) == "table" and r.error and (" (" .. r.error .. ")") or "")
+    return got == want
+  end, "assertion.fw_state.positive", "assertion.fw_state.negative")
+end
+register_assertions()
+
 return M
