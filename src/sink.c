@@ -207,6 +207,35 @@ static int l_mkdirs(lua_State *L) {
   return 1;
 }
 
+/* core.write_private(path, data) -> true | nil, err: writes a 0600 file atomically
+ * (temporary file, fsync, rename), so state survives a crash whole or not at all */
+static int l_write_private(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  size_t len;
+  const char *data = luaL_checklstring(L, 2, &len);
+  lua_pushfstring(L, "%s.tmp", path);
+  const char *tmp = lua_tostring(L, -1);
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) goto fail;
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = write(fd, data + done, len - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      close(fd);
+      goto fail;
+    }
+    done += (size_t)n;
+  }
+  if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, path) != 0) goto fail;
+  lua_pushboolean(L, 1);
+  return 1;
+fail:
+  lua_pushnil(L);
+  lua_pushfstring(L, "cannot write %s: %s", path, strerror(errno));
+  return 2;
+}
+
 /* core.file_size(path) -> bytes | nil */
 static int l_file_size(lua_State *L) {
   struct stat st;
@@ -228,7 +257,7 @@ int tb_sink_open_lua(lua_State *L) {
   }
   lua_pop(L, 1);
   static const luaL_Reg fns[] = {{"sink_open", l_sink_open}, {"mkdirs", l_mkdirs},
-    {"file_size", l_file_size}, {NULL, NULL}};
+    {"file_size", l_file_size}, {"write_private", l_write_private}, {NULL, NULL}};
   luaL_setfuncs(L, fns, 0);
   return 0;
 }

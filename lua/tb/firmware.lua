@@ -51,14 +51,7 @@ end
 function M:write_json(name, value)
   local ok, err = self.core.mkdirs(self.dir, 448)
   if not ok then return nil, err end
-  local path = self.dir .. "/" .. name
-  local tmp = path .. ".tmp"
-  local f
-  f, err = io.open(tmp, "wb")
-  if not f then return nil, err end
-  f:write(assert(self.core.json_encode(value)))
-  f:close()
-  return os.rename(tmp, path)
+  return self.core.write_private(self.dir .. "/" .. name, assert(self.core.json_encode(value)))
 end
 
 -- current() -> {title=, version=}: what is installed (state dir first, then the script).
