@@ -3,7 +3,7 @@
 // claiming.
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { world, canon, evalLua, EVAL_SCRIPT, lua, ms, delay } from './lib.mjs';
+import { world, canon, tele, evalLua, EVAL_SCRIPT, lua, ms, delay } from './lib.mjs';
 
 const T = 'v1/devices/me/telemetry';
 
@@ -25,15 +25,15 @@ describe('telemetry, attributes, requests, claim (one agent)', () => {
   }
 
   test('object form: exact text, 42.0 stays a double, 2^53+1 exact', async () => {
-    assert.equal((await send('return tb.send_telemetry({temperature = 42.0})')).text, '{"temperature":42.0}');
-    assert.equal((await send('return tb.send_telemetry({big = 9007199254740993})')).text, '{"big":9007199254740993}');
+    assert.equal(tele(await send('return tb.send_telemetry({temperature = 42.0})')), '{"temperature":42.0}');
+    assert.equal(tele(await send('return tb.send_telemetry({big = 9007199254740993})')), '{"big":9007199254740993}');
     const m = await send('return tb.send_telemetry({i = 7, f = 1.5, s = "x", b = false, n = {1, 2}, o = {k = "v"}})');
-    assert.equal(canon(m.text), canon('{"b":false,"f":1.5,"i":7,"n":[1,2],"o":{"k":"v"},"s":"x"}'));
+    assert.equal(tele(m), canon('{"b":false,"f":1.5,"i":7,"n":[1,2],"o":{"k":"v"},"s":"x"}'));
   });
 
   test('array form', async () => {
     const m = await send('return tb.send_telemetry({{a = 1}, {b = 2.0}})');
-    assert.equal(canon(m.text), canon('[{"a":1},{"b":2.0}]'));
+    assert.equal(tele(m), canon('[{"a":1},{"b":2.0}]'));
   });
 
   test('{ts, values} form, and mixed in an array', async () => {

@@ -1,7 +1,7 @@
 // Item 1: the command line, environment variables and exit codes of the contract.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { runAgent, tmpdir, writeScript, world, freePort } from './lib.mjs';
+import { runAgent, tmpdir, writeScript, world, freePort, tele } from './lib.mjs';
 
 const GOOD = `
 local tb = require "tb"
@@ -125,7 +125,7 @@ test('environment variables configure the agent (TB_PORT, TB_TOKEN, TB_LOG_LEVEL
     auth: false,
     env: { TB_PORT: String(broker.port), TB_TOKEN: 'env-token', TB_LOG_LEVEL: 'debug', TB_HOST: '127.0.0.1' },
   });
-  await server.waitFor('v1/devices/me/telemetry', (m) => m.text === '{"booted":true}', 8000);
+  await server.waitFor('v1/devices/me/telemetry', (m) => tele(m) === '{"booted":true}', 8000);
   await agent.waitForLog(/ DEBUG /, 3000);
 });
 
@@ -137,6 +137,6 @@ test('the command line wins over environment variables', async (t) => {
     broker, token: 'env-token', args: ['--log-level', 'warn'],
     env: { TB_PORT: String(await freePort()), TB_TOKEN: 'wrong-token', TB_LOG_LEVEL: 'debug' },
   });
-  await server.waitFor('v1/devices/me/telemetry', (m) => m.text === '{"booted":true}', 8000);
+  await server.waitFor('v1/devices/me/telemetry', (m) => tele(m) === '{"booted":true}', 8000);
   assert.equal(agent.log.count(/ (DEBUG|INFO) /), 0, `--log-level warn should win over TB_LOG_LEVEL=debug:\n${agent.log.text()}`);
 });

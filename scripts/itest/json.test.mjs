@@ -1,7 +1,7 @@
 // Item 6: JSON end to end, both directions, exactly as the contract says.
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { world, canon, evalLua, EVAL_SCRIPT } from './lib.mjs';
+import { world, canon, tele, evalLua, EVAL_SCRIPT } from './lib.mjs';
 
 const T = 'v1/devices/me/telemetry';
 
@@ -19,7 +19,7 @@ describe('JSON on the wire', () => {
     const r = await evalLua(server, `return tb.send_telemetry({v = ${luaValue}})`);
     assert.equal(r.text, 'true', r.text);
     const m = await server.waitFor(T, () => true, 3000, from);
-    return m.text;
+    return tele(m);
   }
 
   test('integers keep all 64 bits, floats stay doubles', async () => {

@@ -670,3 +670,37 @@ export async function fakeServer(connackRc) {
     },
   };
 }
+
+// tele(m | text) -> canonical text of the telemetry values, whether the agent sent the object
+// form or wrapped it as {"ts":..., "values": ...} (it does so for data that waited in its
+// outbox); arrays are unwrapped element by element. Number tokens are kept exactly.
+export function tele(m) {
+  const text = typeof m === 'string' ? m : m.text;
+  const c = canon(text);
+  const unwrapOne = (s) => {
+    const r = /^\{"ts":-?\d+,"values":(.*)\}$/.exec(s);
+    return r ? r[1] : s;
+  };
+  if (c.startsWith('[')) {
+    const parsed = JSON.parse(c);   // only to split the elements; re-canonicalise each from text
+    void parsed;
+    return '[' + splitTop(c.slice(1, -1)).map(unwrapOne).join(',') + ']';
+  }
+  return unwrapOne(c);
+}
+
+// splits "a,b,c" at top-level commas of canonical JSON
+function splitTop(s) {
+  const out = [];
+  let depth = 0, inStr = false, start = 0;
+  for (let i = 0; i < s.length; i++) {
+    const ch = s[i];
+    if (inStr) { if (ch === '\\') i++; else if (ch === '"') inStr = false; continue; }
+    if (ch === '"') inStr = true;
+    else if (ch === '{' || ch === '[') depth++;
+    else if (ch === '}' || ch === ']') depth--;
+    else if (ch === ',' && depth === 0) { out.push(s.slice(start, i)); start = i + 1; }
+  }
+  if (s.length) out.push(s.slice(start));
+  return out;
+}

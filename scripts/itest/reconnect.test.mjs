@@ -3,7 +3,7 @@
 // server's session limits.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { world, delay, ms } from './lib.mjs';
+import { world, delay, ms, tele } from './lib.mjs';
 
 const T = 'v1/devices/me/telemetry';
 
@@ -18,7 +18,7 @@ tb.on_connect(function() tb.state.n = tb.state.n + 1; tb.send_telemetry({connect
 tb.on_attributes(function(c) tb.log.info("ATTR %s", tb.json.encode(c)) end)
 tb.on_rpc("ping", function() return "pong" end)
 `, { broker, args: ['--log-level', 'debug', '--backoff-min', '100', '--backoff-max', '1600'] });
-  await server.waitFor(T, (m) => m.text === '{"connects":1}', 5000);
+  await server.waitFor(T, (m) => tele(m) === '{"connects":1}', 5000);
   await agent.waitForLog(/ATTR \{"target":20\}/, 3000);
   const from = server.mark();
   const amark = agent.mark();
@@ -56,7 +56,7 @@ tb.on_rpc("ping", function() return "pong" end)
   assert.ok(reqs.some((m) => m.text === '{}'), `no attribute request after reconnect: ${reqs.map((m) => m.text)}`);
   await agent.waitForLog(/ATTR \{"target":22\}/, 3000, amark);
   // on_connect again, RPC works
-  await server.waitFor(T, (m) => m.text === '{"connects":2}', 5000, from);
+  await server.waitFor(T, (m) => tele(m) === '{"connects":2}', 5000, from);
   assert.equal((await server.rpc('ping')).text, '"pong"');
 });
 
@@ -100,7 +100,7 @@ async function offlineRun(t, n, extraArgs = []) {
   const broker = await w.broker({ persistence: true });
   let server = await w.server(broker, { persistent: true });
   const agent = await w.agent(OFFLINE(n), { broker, args: ['--backoff-min', '300', '--backoff-max', '600', ...extraArgs] });
-  await server.waitFor(T, (m) => m.text === '{"online":true}', 5000);
+  await server.waitFor(T, (m) => tele(m) === '{"online":true}', 5000);
   const from = server.mark();
   await broker.stop();
   const queued = await agent.waitForLog(/QUEUED /, 5000);
@@ -131,7 +131,7 @@ test('offline with --outbox-limit 5: the oldest are dropped and a warning counts
   // 12 telemetry + 1 attributes through a 5-record outbox: the 8 oldest are dropped
   const msgs = await server.waitCount(/^v1\/devices\/me\/(telemetry|attributes)$/, 5, 10000, from);
   await delay(ms(500));
-  const got = server.all(/^v1\/devices\/me\/(telemetry|attributes)$/, from).filter((m) => m.text !== '{"online":true}');
+  const got = server.all(/^v1\/devices\/me\/(telemetry|attributes)$/, from).filter((m) => m.topic !== T || tele(m) !== '{"online":true}');
   assert.deepEqual(got.map((m) => (m.json.values ?? m.json).seq ?? 'attr'), [9, 10, 11, 12, 'attr']);
   void msgs;
   // a warning must say how many were dropped in all (8), not only that dropping began

@@ -2,7 +2,7 @@
 // input, failing handlers and runaway handlers never stop the agent.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { world, runAgent, tmpdir, writeScript, delay, ms } from './lib.mjs';
+import { world, runAgent, tmpdir, writeScript, delay, ms, tele } from './lib.mjs';
 
 const T = 'v1/devices/me/telemetry';
 const SEND = `
@@ -26,7 +26,7 @@ test('payloads over the default 64 KiB limit are refused at the call and never p
   r = await server.rpc('send', 60000);
   assert.equal(r.json.ok, true, r.text);
   const m = await server.waitFor(T, () => true, 3000, from);
-  assert.equal(m.payload.length, 60000 + 8);
+  assert.equal(tele(m).length, 60000 + 8);
   await delay(ms(300));
   assert.equal(server.all(/^v1\/devices\/me\/(telemetry|attributes)$/, from).length, 1);
   assert.ok(agent.running());
@@ -135,7 +135,7 @@ end)
   assert.match(rest, /device\.lua:5/, 'the traceback should show the caller');
   // timers keep running after an error in one of their runs
   await agent.waitForLog(/ERROR .*device\.lua:10: timer broke/, 3000);
-  await server.waitFor(T, (m) => m.text === '{"timer_alive":3}', 3000);
+  await server.waitFor(T, (m) => tele(m) === '{"timer_alive":3}', 3000);
   assert.equal((await server.rpc('ping')).text, '"pong"');
 });
 

@@ -2,7 +2,7 @@
 // timers, on_connect/on_disconnect, tb.log, tb.state; and an idle agent that uses no CPU.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { world, cpuTicks, delay, ms } from './lib.mjs';
+import { world, cpuTicks, delay, ms, tele } from './lib.mjs';
 
 const T = 'v1/devices/me/telemetry';
 
@@ -79,7 +79,7 @@ end)
 `, { broker });
   const ticks = await server.waitCount(T, 6, 5000);
   await delay(ms(600));
-  const all = server.all(T).map((m) => m.json);
+  const all = server.all(T).map((m) => m.json.values ?? m.json);
   const tickVals = all.filter((j) => j.tick !== undefined).map((j) => j.tick);
   assert.deepEqual(tickVals, [1, 2, 3, 4, 5], JSON.stringify(all));
   assert.deepEqual(all.filter((j) => j.after !== undefined), [{ after: 'fired' }]);
@@ -103,7 +103,7 @@ end)
 tb.on_disconnect(function(why) tb.log.warn("ON_DISCONNECT %s", tostring(why)) end)
 tb.on_rpc("state", function() return tb.state.connects end)
 `, { broker });
-  await server.waitFor(T, (m) => m.text === '{"connects":1}', 5000);
+  await server.waitFor(T, (m) => tele(m) === '{"connects":1}', 5000);
   const mark = agent.mark();
   await broker.stop();
   await agent.waitForLog(/ON_DISCONNECT/, 5000, mark);
