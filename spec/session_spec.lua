@@ -89,11 +89,22 @@ describe("session", function()
     for _, m in ipairs(s.published) do
       if m.topic == "v1/devices/me/telemetry" then raw[#raw + 1] = m.payload end
     end
-    assert.equal('{"a":1}', raw[1])
-    assert.matches('^%[{"a":2},{', raw[2])
-    assert.same({{a = 2}, {ts = 5, values = {a = 3}}}, s:sent("v1/devices/me/telemetry")[2])
+    -- the outbox is durable: every plain table goes out stamped with the time of the call
+    assert.same({ts = 1700000000000, values = {a = 1}}, s:sent("v1/devices/me/telemetry")[1])
+    assert.same({{ts = 1700000000000, values = {a = 2}}, {ts = 5, values = {a = 3}}}, s:sent("v1/devices/me/telemetry")[2])
     assert.matches('"ts":1234', raw[3])
     assert.same({1700000000000, 1700000000000, 5, 1234}, {s.telemetry[1].ts, s.telemetry[2].ts, s.telemetry[3].ts, s.telemetry[4].ts})
+  end)
+
+  it("sends plain tables as they are with an in-memory outbox while nothing is queued", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_connect(function() tb.send_telemetry{a = 1} end)
+    ]]), {memory_outbox = true})
+    s:connect()
+    for _, m in ipairs(s.published) do
+      if m.topic == "v1/devices/me/telemetry" then assert.equal('{"a":1}', m.payload) end
+    end
   end)
 
   it("runs RPC handlers with the contract's response rules", function()

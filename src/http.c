@@ -2,7 +2,10 @@
  * poll loop (curl's sockets become loop sources, its timer a loop deadline): no threads, no
  * blocking. Bytes stream straight into a sink (file + hash) from the write callback, which
  * is plain C; Lua hears only "http_done" once the transfer ends. TLS is verified by
- * default. A download never grows past max_size, and resumes with a Range request. */
+ * default. A download never grows past max_size, and resumes with a Range request.
+ * libcurl is loaded with dlopen at the first download: it drags in a dozen libraries
+ * (gnutls, krb5, ldap, ssh2...) that would otherwise cost every idle agent ~3 MiB of RSS. */
+#include <dlfcn.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +36,45 @@ typedef struct {
   int what;               /* CURL_POLL_IN / OUT / INOUT; 0 = free slot */
 } curl_sock;
 
+/* the libcurl functions used here, resolved by load_curl() */
+static struct {
+  void *lib;
+  CURLcode (*global_init)(long);
+  CURLM *(*multi_init)(void);
+  CURLMcode (*multi_setopt)(CURLM *, CURLMoption, ...);
+  CURLMcode (*multi_socket_action)(CURLM *, curl_socket_t, int, int *);
+  CURLMsg *(*multi_info_read)(CURLM *, int *);
+  CURLMcode (*multi_add_handle)(CURLM *, CURL *);
+  CURLMcode (*multi_remove_handle)(CURLM *, CURL *);
+  CURL *(*easy_init)(void);
+  CURLcode (*easy_setopt)(CURL *, CURLoption, ...);
+  CURLcode (*easy_getinfo)(CURL *, CURLINFO, ...);
+  void (*easy_cleanup)(CURL *);
+  const char *(*easy_strerror)(CURLcode);
+} cu;
+
+static const char *load_curl(void) {
+  if (cu.lib) return NULL;
+  void *lib = dlopen("libcurl.so.4", RTLD_NOW | RTLD_LOCAL);
+  if (!lib) return dlerror();
+#define RESOLVE(field, name) if (!(*(void **)&cu.field = dlsym(lib, name))) return dlerror()
+  RESOLVE(global_init, "curl_global_init");
+  RESOLVE(multi_init, "curl_multi_init");
+  RESOLVE(multi_setopt, "curl_multi_setopt");
+  RESOLVE(multi_socket_action, "curl_multi_socket_action");
+  RESOLVE(multi_info_read, "curl_multi_info_read");
+  RESOLVE(multi_add_handle, "curl_multi_add_handle");
+  RESOLVE(multi_remove_handle, "curl_multi_remove_handle");
+  RESOLVE(easy_init, "curl_easy_init");
+  RESOLVE(easy_setopt, "curl_easy_setopt");
+  RESOLVE(easy_getinfo, "curl_easy_getinfo");
+  RESOLVE(easy_cleanup, "curl_easy_cleanup");
+  RESOLVE(easy_strerror, "curl_easy_strerror");
+#undef RESOLVE
+  cu.lib = lib;
+  return NULL;
+}
+
 static CURLM *multi = NULL;
 static curl_sock socks[MAX_SOCKETS];
 static int64_t curl_deadline = -1;
@@ -62,7 +104,7 @@ static void sock_ready(void *ctx, short revents) {
   if (revents & POLLIN) flags |= CURL_CSELECT_IN;
   if (revents & POLLOUT) flags |= CURL_CSELECT_OUT;
   if (revents & (POLLERR | POLLHUP)) flags |= CURL_CSELECT_ERR;
-  curl_multi_socket_action(multi, s->fd, flags, &running_handles);
+  cu.multi_socket_action(multi, s->fd, flags, &running_handles);
   check_done();
 }
 
@@ -85,7 +127,7 @@ static void timer_ready(void *ctx, short revents) {
   (void)ctx; (void)revents;
   if (curl_deadline >= 0 && tb_loop_now() >= curl_deadline) {
     curl_deadline = -1;
-    curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running_handles);
+    cu.multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &running_handles);
     check_done();
   }
 }
@@ -129,7 +171,7 @@ static size_t on_write(char *data, size_t size, size_t n, void *userp) {
   size_t len = size * n;
   if (!h->checked_status) {
     long code = 0;
-    curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &code);
+    cu.easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &code);
     h->checked_status = 1;
     if (code < 200 || code >= 300) {
       h->discard = 1;
@@ -150,8 +192,8 @@ static size_t on_write(char *data, size_t size, size_t n, void *userp) {
 
 static void http_release(lua_State *L, tb_http *h) {
   if (h->easy) {
-    curl_multi_remove_handle(multi, h->easy);
-    curl_easy_cleanup(h->easy);
+    cu.multi_remove_handle(multi, h->easy);
+    cu.easy_cleanup(h->easy);
     h->easy = NULL;
   }
   tb_sink_close(&h->sink);
@@ -165,13 +207,13 @@ static void http_release(lua_State *L, tb_http *h) {
 static void check_done(void) {
   CURLMsg *msg;
   int left;
-  while ((msg = curl_multi_info_read(multi, &left)) != NULL) {
+  while ((msg = cu.multi_info_read(multi, &left)) != NULL) {
     if (msg->msg != CURLMSG_DONE) continue;
     tb_http *h = NULL;
-    curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&h);
+    cu.easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&h);
     if (!h) continue;
     long code = 0;
-    curl_easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &code);
+    cu.easy_getinfo(h->easy, CURLINFO_RESPONSE_CODE, &code);
     tb_event *e = tb_event_new("http_done");
     if (!e) continue;
     e->a = h->id;
@@ -181,7 +223,7 @@ static void check_done(void) {
     const char *why = NULL;
     if (h->too_large) why = "download is larger than the announced size";
     else if (h->sink.error[0] && msg->data.result == CURLE_WRITE_ERROR) why = h->sink.error;
-    else if (msg->data.result != CURLE_OK) why = h->errbuf[0] ? h->errbuf : curl_easy_strerror(msg->data.result);
+    else if (msg->data.result != CURLE_OK) why = h->errbuf[0] ? h->errbuf : cu.easy_strerror(msg->data.result);
     else if (code < 200 || code >= 300) why = "HTTP error status";
     if (!why) {
       e->c = 0;
@@ -195,20 +237,23 @@ static void check_done(void) {
     if (why) tb_event_set_s1(e, why, strlen(why));
     tb_event_set_s2(e, hex, strlen(hex));
     tb_loop_push(e);
-    curl_multi_remove_handle(multi, h->easy);
-    curl_easy_cleanup(h->easy);
+    cu.multi_remove_handle(multi, h->easy);
+    cu.easy_cleanup(h->easy);
     h->easy = NULL;
     tb_sink_close(&h->sink);
   }
 }
 
-static int ensure_multi(void) {
+static int ensure_multi(const char **why) {
   if (multi) return 0;
-  if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return -1;
-  multi = curl_multi_init();
+  *why = load_curl();
+  if (*why) return -1;
+  *why = "cannot initialise libcurl";
+  if (cu.global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return -1;
+  multi = cu.multi_init();
   if (!multi) return -1;
-  curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_socket);
-  curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, on_timer);
+  cu.multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+  cu.multi_setopt(multi, CURLMOPT_TIMERFUNCTION, on_timer);
   if (!timer_registered) {
     tb_source src = {timer_fd, timer_events, timer_ready, timer_deadline, &curl_deadline};
     tb_loop_add_source(&src);
@@ -249,9 +294,10 @@ static int l_http_download(lua_State *L) {
   lua_Integer connect_ms = opt_integer(L, "connect_timeout_ms", 15000);
   lua_Integer stall = opt_integer(L, "stall_seconds", 30);
   luaL_argcheck(L, url && path, 1, "url and path are required");
-  if (ensure_multi() != 0) {
+  const char *why = NULL;
+  if (ensure_multi(&why) != 0) {
     lua_pushnil(L);
-    lua_pushliteral(L, "cannot initialise libcurl");
+    lua_pushfstring(L, "HTTP downloads need libcurl (Debian package libcurl4): %s", why ? why : "unknown error");
     return 2;
   }
   tb_http *h = lua_newuserdatauv(L, sizeof *h, 0);
@@ -271,35 +317,35 @@ static int l_http_download(lua_State *L) {
     tb_sink_reset(&h->sink);
     h->start_offset = 0;
   }
-  h->easy = curl_easy_init();
+  h->easy = cu.easy_init();
   if (!h->easy) {
     tb_sink_close(&h->sink);
     lua_pushnil(L);
     lua_pushliteral(L, "cannot create a curl handle");
     return 2;
   }
-  curl_easy_setopt(h->easy, CURLOPT_URL, url);
-  curl_easy_setopt(h->easy, CURLOPT_PRIVATE, (char *)h);
-  curl_easy_setopt(h->easy, CURLOPT_WRITEFUNCTION, on_write);
-  curl_easy_setopt(h->easy, CURLOPT_WRITEDATA, h);
-  curl_easy_setopt(h->easy, CURLOPT_ERRORBUFFER, h->errbuf);
-  curl_easy_setopt(h->easy, CURLOPT_FOLLOWLOCATION, 1L);
-  curl_easy_setopt(h->easy, CURLOPT_MAXREDIRS, 5L);
-  curl_easy_setopt(h->easy, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(h->easy, CURLOPT_PROTOCOLS_STR, "http,https");
-  curl_easy_setopt(h->easy, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-  curl_easy_setopt(h->easy, CURLOPT_CONNECTTIMEOUT_MS, (long)connect_ms);
+  cu.easy_setopt(h->easy, CURLOPT_URL, url);
+  cu.easy_setopt(h->easy, CURLOPT_PRIVATE, (char *)h);
+  cu.easy_setopt(h->easy, CURLOPT_WRITEFUNCTION, on_write);
+  cu.easy_setopt(h->easy, CURLOPT_WRITEDATA, h);
+  cu.easy_setopt(h->easy, CURLOPT_ERRORBUFFER, h->errbuf);
+  cu.easy_setopt(h->easy, CURLOPT_FOLLOWLOCATION, 1L);
+  cu.easy_setopt(h->easy, CURLOPT_MAXREDIRS, 5L);
+  cu.easy_setopt(h->easy, CURLOPT_NOSIGNAL, 1L);
+  cu.easy_setopt(h->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+  cu.easy_setopt(h->easy, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+  cu.easy_setopt(h->easy, CURLOPT_CONNECTTIMEOUT_MS, (long)connect_ms);
   /* a stalled transfer (under 1 byte/s for `stall` seconds) fails and can be resumed */
-  curl_easy_setopt(h->easy, CURLOPT_LOW_SPEED_LIMIT, 1L);
-  curl_easy_setopt(h->easy, CURLOPT_LOW_SPEED_TIME, (long)stall);
-  curl_easy_setopt(h->easy, CURLOPT_USERAGENT, "tbagent/" TB_VERSION);
-  if (cafile) curl_easy_setopt(h->easy, CURLOPT_CAINFO, cafile);
+  cu.easy_setopt(h->easy, CURLOPT_LOW_SPEED_LIMIT, 1L);
+  cu.easy_setopt(h->easy, CURLOPT_LOW_SPEED_TIME, (long)stall);
+  cu.easy_setopt(h->easy, CURLOPT_USERAGENT, "tbagent/" TB_VERSION);
+  if (cafile) cu.easy_setopt(h->easy, CURLOPT_CAINFO, cafile);
   if (insecure) {
-    curl_easy_setopt(h->easy, CURLOPT_SSL_VERIFYPEER, 0L);
-    curl_easy_setopt(h->easy, CURLOPT_SSL_VERIFYHOST, 0L);
+    cu.easy_setopt(h->easy, CURLOPT_SSL_VERIFYPEER, 0L);
+    cu.easy_setopt(h->easy, CURLOPT_SSL_VERIFYHOST, 0L);
   }
-  if (h->start_offset > 0) curl_easy_setopt(h->easy, CURLOPT_RESUME_FROM_LARGE, (curl_off_t)h->start_offset);
-  if (curl_multi_add_handle(multi, h->easy) != CURLM_OK) {
+  if (h->start_offset > 0) cu.easy_setopt(h->easy, CURLOPT_RESUME_FROM_LARGE, (curl_off_t)h->start_offset);
+  if (cu.multi_add_handle(multi, h->easy) != CURLM_OK) {
     http_release(L, h);
     lua_pushnil(L);
     lua_pushliteral(L, "cannot start the download");

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <mosquitto.h>
+#include <openssl/err.h>
 #include <lauxlib.h>
 #include "core.h"
 #include "loop.h"
@@ -21,6 +22,7 @@ typedef struct {
   int64_t next_misc;
   int registered;     /* in loop.c's source list */
   int connected;
+  int reported;       /* a "disconnect" event went out for this connection */
 } tb_mqtt;
 
 static lua_Integer next_conn_id = 1;
@@ -50,6 +52,7 @@ static void on_disconnect(struct mosquitto *m, void *ud, int rc, const mosquitto
   (void)m; (void)p;
   tb_mqtt *c = ud;
   c->connected = 0;
+  c->reported = 1;
   tb_event *e = tb_event_new("disconnect");
   if (!e) return;
   e->a = c->id;
@@ -108,14 +111,41 @@ static int64_t src_deadline(void *ctx) {
   return mosquitto_socket(c->mosq) >= 0 ? c->next_misc : -1;
 }
 
+/* Some failures (a TLS handshake refused, in libmosquitto 2.0.11) close the socket without
+ * calling on_disconnect; nothing would ever wake the session again, so report them here. */
+static void report_silent_close(tb_mqtt *c, int rc) {
+  if (c->reported || mosquitto_socket(c->mosq) >= 0) return;
+  c->reported = 1;
+  c->connected = 0;
+  char why[256];
+  unsigned long ssl = ERR_get_error();
+  if (ssl) {
+    char buf[200];
+    ERR_error_string_n(ssl, buf, sizeof buf);
+    snprintf(why, sizeof why, "TLS error: %s", buf);
+  } else {
+    snprintf(why, sizeof why, "%s", rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc ? rc : MOSQ_ERR_CONN_LOST));
+  }
+  ERR_clear_error();
+  tb_event *e = tb_event_new("disconnect");
+  if (!e) return;
+  e->a = c->id;
+  e->b = rc ? rc : MOSQ_ERR_CONN_LOST;
+  tb_event_set_s1(e, why, strlen(why));
+  tb_loop_push(e);
+}
+
 static void src_ready(void *ctx, short revents) {
   tb_mqtt *c = ctx;
   if (!c->mosq || mosquitto_socket(c->mosq) < 0) return;
-  if (revents & (POLLIN | POLLHUP | POLLERR)) mosquitto_loop_read(c->mosq, 1);
-  if (mosquitto_socket(c->mosq) >= 0 && (revents & POLLOUT)) mosquitto_loop_write(c->mosq, 1);
+  int rc = 0;
+  if (revents & (POLLIN | POLLHUP | POLLERR)) rc = mosquitto_loop_read(c->mosq, 1);
+  if (mosquitto_socket(c->mosq) >= 0 && (revents & POLLOUT)) rc = mosquitto_loop_write(c->mosq, 1);
+  report_silent_close(c, rc);
+  if (mosquitto_socket(c->mosq) < 0) return;
   int64_t now = tb_loop_now();
   if (mosquitto_socket(c->mosq) >= 0 && now >= c->next_misc) {
-    mosquitto_loop_misc(c->mosq);
+    report_silent_close(c, mosquitto_loop_misc(c->mosq));
     /* keepalive checks need only a few wake-ups per keepalive period */
     c->next_misc = now + (c->keepalive > 4 ? c->keepalive * 1000 / 4 : 1000);
   }
@@ -184,6 +214,9 @@ static int l_mqtt_connect(lua_State *L) {
   c->mosq = mosquitto_new(client_id && *client_id ? client_id : NULL, true, c);
   if (!c->mosq) return fail(L, "cannot create MQTT client", MOSQ_ERR_ERRNO);
   mosquitto_int_option(c->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
+  /* an RPC answer is a PUBACK then a small PUBLISH: without this, Nagle holds the second
+   * until the server's delayed ACK (~40 ms per round trip) */
+  mosquitto_int_option(c->mosq, MOSQ_OPT_TCP_NODELAY, 1);
   mosquitto_max_inflight_messages_set(c->mosq, (unsigned)max_inflight);
   mosquitto_connect_v5_callback_set(c->mosq, on_connect);
   mosquitto_disconnect_v5_callback_set(c->mosq, on_disconnect);

@@ -60,8 +60,10 @@ static int l_store_open(lua_State *L) {
   memset(s, 0, sizeof *s);
   luaL_setmetatable(L, STORE_MT);
   /* created private to the user first: SQLite gives its -wal and -shm files the same mode */
-  int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (fd >= 0) close(fd);
+  if (strcmp(path, ":memory:") != 0) {
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd >= 0) close(fd);
+  }
   if (sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
     int n = db_error(L, s, "cannot open outbox");
     store_close(s);

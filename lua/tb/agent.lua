@@ -30,6 +30,17 @@ function M.build(core, config, log)
   return ctx
 end
 
+-- open_outbox(core, config, log, path) -> the durable outbox, or nil (logged) to stay in memory
+function M.open_outbox(core, config, log, path)
+  local box, err = store.open{core = core, path = path, log = log, limit = config.outbox_limit,
+    max_bytes = config.outbox_max_bytes, max_age_ms = config.outbox_max_age and config.outbox_max_age * 1000,
+    clock = config.clock or core.wall}
+  if not box then
+    log.error("outbox on disk unusable (%s): queued data stays in memory and is lost on a restart", err)
+  end
+  return box
+end
+
 -- run(core, config, log) -> exit_code, message
 function M.run(core, config, log)
   local ok, err = core.signals_open()
@@ -37,14 +48,7 @@ function M.run(core, config, log)
   local sok, serr = core.mkdirs(config.state_dir, 448)
   if not sok then log.error("state directory unusable (%s): downloads will fail, data stays in memory", serr) end
   if sok and not config.memory_outbox then
-    local box, berr = store.open{core = core, path = config.state_dir .. "/outbox.db", log = log,
-      limit = config.outbox_limit, max_bytes = config.outbox_max_bytes,
-      max_age_ms = config.outbox_max_age and config.outbox_max_age * 1000, clock = config.clock or core.wall}
-    if box then
-      config.outbox = box
-    else
-      log.error("outbox on disk unusable (%s): queued data stays in memory and is lost on a restart", berr)
-    end
+    config.outbox = M.open_outbox(core, config, log, config.state_dir .. "/outbox.db")
   end
   local ctx = M.build(core, config, log)
   local gen

@@ -170,8 +170,9 @@ function M.config(o, script)
   if c.token and (c.username or c.password or c.client_id) then
     return nil, "give either --token or MQTT basic credentials (--client-id/--username/--password), not both"
   end
-  if not c.token and not c.username and not c.client_id then
-    return nil, "no credentials: give --token TOKEN (or TB_TOKEN), or --client-id/--username/--password"
+  -- ThingsBoard ignores user name and password when the device presents a certificate
+  if not c.token and not c.username and not c.client_id and not c.cert then
+    return nil, "no credentials: give --token TOKEN (or TB_TOKEN), --client-id/--username/--password, or --cert/--key"
   end
   if (c.cert == nil) ~= (c.key == nil) then
     return nil, "--cert and --key go together (the device certificate and its private key)"

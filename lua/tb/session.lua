@@ -145,6 +145,10 @@ function M:on_connack(rc)
   end
   self.state = "online"
   self.ever_connected = true
+  if self.stats.dropped > (self.warned_total or 0) then
+    self.log.warn("outbox: %d records were dropped in all while offline", self.stats.dropped)
+    self.warned_total = self.stats.dropped
+  end
   self.connected_at = self.sched.now()
   self.log.info("connected to %s:%d", self.config.host, self.config.port)
   self.ready = false
@@ -219,7 +223,7 @@ function M:fetch_session_limits()
   self.tele_limiter = limits.new(tele, self.sched.now())
   self.dp_limiter = limits.new(adopt(rl.telemetryDataPoints), self.sched.now())
   self.log.info("server session limits: payload %d bytes, %d in flight, messages %s",
-    self.payload_limit, self.window, tostring(rl.messages or "unlimited"))
+    self.payload_limit, self.window, type(rl.messages) == "string" and rl.messages or "unlimited")
 end
 
 -- Closes the connection from our side, as if it had dropped.
@@ -280,10 +284,10 @@ function M:set_aside_poison(back, was_online)
     self.suspect, self.suspect_hits = nil, 0
     return back
   end
-  if self.suspect == head then
+  if self.suspect == head.seq then   -- by seq: a durable outbox reads records back as new tables
     self.suspect_hits = self.suspect_hits + 1
   else
-    self.suspect, self.suspect_hits = head, 1
+    self.suspect, self.suspect_hits = head.seq, 1
   end
   if self.suspect_hits < (self.config.poison_drops or 3) then return back end
   self.log.error("set aside a %s record of %d bytes: the server closed the connection %d times while it was in flight (%s)",
@@ -355,14 +359,20 @@ function M:submit(topic, payload, kind, points)
   return true
 end
 
+-- One warning at the first drop, then at most one summary per 10 s with the running total,
+-- so a burst is reported whole without flooding the log.
 function M:warn_dropped()
-  local now = self.sched.now()
-  -- one warning per 10 s at most, with the running total
-  if not self.dropped_warned_at or now - self.dropped_warned_at >= 10000 then
-    self.dropped_warned_at = now
-    self.log.warn("outbox full (%d records): dropped the oldest; %d dropped so far",
+  if self.drop_summary then return end
+  local function say()
+    self.log.warn("outbox full (limit %d records): dropped the oldest; %d dropped so far",
       self.outbox.limit, self.stats.dropped)
+    self.warned_total = self.stats.dropped
   end
+  say()
+  self.drop_summary = self.sched:timer(10000, function()
+    self.drop_summary = nil
+    if self.stats.dropped > self.warned_total then say() end
+  end, nil, nil, "outbox warning")
 end
 
 function M:flush()
@@ -396,6 +406,8 @@ function M:flush()
     if rec.qos > 0 then
       self.inflight[mid] = rec
       self.inflight_n = self.inflight_n + 1
+    else
+      outbox:ack(rec)   -- QoS 0 gets no PUBACK: handed to the socket is as done as it gets
     end
   end
 end

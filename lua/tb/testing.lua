@@ -106,13 +106,18 @@ function M.load(path, opts)
   }, Session)
   local core = fake_core(s)
   local config = {script = path, host = "tb.testing", port = 1883, token = "testing",
-    session_limits = false, memory_outbox = true, state_dir = opts.state_dir or (os.tmpname() .. ".tbagent"),
+    session_limits = false, state_dir = opts.state_dir or (os.tmpname() .. ".tbagent"),
     fw_chunk_timeout = 10000, handler_budget = opts.budget_ms or 1000, budget_clock = real_ms,
     backoff_min = 1000, backoff_max = 60000, request_timeout = 10000, rpc_timeout = 60000}
   for k, v in pairs(opts.config or {}) do config[k] = v end
   s.config = config
   s.core = core
   s.log = logmod.new(core.log_write, opts.log_level or "debug")
+  -- the agent's outbox is on disk; here it is the same store in SQLite's memory
+  if not config.outbox and not opts.memory_outbox then
+    config.clock = config.clock or core.wall
+    config.outbox = agent.open_outbox(core, config, s.log, ":memory:")
+  end
   local ctx = agent.build(core, config, s.log)
   ctx.on_send = function(kind, data)
     if kind == "telemetry" then
