@@ -247,6 +247,10 @@ function M.bind(ctx, gen)
   tb.firmware = ota_policy("firmware")
   tb.software = ota_policy("software")
 
+  -- backlog() -> queued, in_flight: records waiting in the outbox and awaiting PUBACK, so a
+  -- producer can slow down instead of letting the outbox drop the oldest
+  function tb.backlog() return session.outbox:count(), session.inflight_n end
+
   -- connected() -> true while a session with the server is up
   function tb.connected() return session:online() end
   -- now() -> wall-clock milliseconds (the fake clock under tb.testing)
