@@ -1,0 +1,521 @@
+// Issue 4, "Tests": firmware and software updates of the real tbagent binary, against tbemu and
+// against a server-role client on plain mosquitto (ota-server.mjs). Every algorithm (and
+// checksums with leading zero bytes), sizes that are and are not a multiple of the chunk size,
+// an empty image, a corrupted image, a wrong size, NOT_FOUND and PAYLOAD_TOO_LARGE on
+// v2/fw/error, empty chunks mid-download (cache expiry), a broker restart, an agent kill -9,
+// an interrupted HTTP download resumed with Range, software beside firmware.
+//
+// TBAGENT=build-asan/tbagent (or TB_ITEST_SLOW=1) scales every wait; ITEST_VERBOSE=1 echoes logs.
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import fs from 'node:fs'
+import http from 'node:http'
+import path from 'node:path'
+import { startEmu } from '../tbemu/test/helpers.mjs'
+import {
+  ALGORITHMS, OtaServer, TBAGENT, checksumHex, ms, randomImage, selfCheck, sleep, startAgent,
+  startMosquitto, tmpdir, waitUntil, zeroChecksumImage
+} from './ota-server.mjs'
+
+const FULL = ['DOWNLOADING', 'DOWNLOADED', 'VERIFIED', 'UPDATING', 'UPDATED']
+const SERVER_STATES = new Set(['QUEUED', 'INITIATED'])
+
+test('preconditions: the agent binary exists and the Node checksums match published vectors', () => {
+  assert.ok(fs.existsSync(TBAGENT), `${TBAGENT} missing: run scripts/build`)
+  assert.deepEqual(selfCheck(), [])
+})
+
+// stopChecked(agent): SIGTERM, then no sanitizer report may appear in its output
+async function stopChecked (agent) {
+  await agent.stop()
+  const report = agent.sanitizerReport()
+  assert.equal(report, null, `sanitizer report from tbagent ${agent.pid}:\n${agent.log.tail(40)}`)
+}
+
+// ------------------------------------------------------------------------------------------
+// tbemu side
+
+async function emuWorld (t, devices = ['dev1']) {
+  const args = ['--quiet']
+  for (const d of devices) args.push('--device', `${d}:${d}-token`)
+  const emu = await startEmu(args, { timeoutMs: ms(10000) })
+  t.after(() => emu.stop())
+  emu.ids = {}
+  for (const d of devices) emu.ids[d] = await emu.deviceId(d)
+  return emu
+}
+
+function emuAgent (t, emu, dev, opts = {}) {
+  const a = startAgent({ ...opts, port: emu.mqttPort, args: ['--token', `${dev}-token`, ...(opts.args || [])] })
+  t.after(() => stopChecked(a))
+  return a
+}
+
+async function upload (emu, image, q) {
+  const qs = new URLSearchParams({ type: 'fw', ...q }).toString()
+  return emu.post('/emu/packages?' + qs, image)
+}
+
+async function series (emu, id, keys, since) {
+  return emu.get(`/api/plugins/telemetry/DEVICE/${id}/values/timeseries?keys=${keys}&startTs=${since}&endTs=${Date.now() + 1000}&limit=100&orderBy=ASC`)
+}
+
+// deviceStates(emu, id, kind, since) -> {states (device-reported, in order), error (last)}
+async function deviceStates (emu, id, kind, since) {
+  const r = await series(emu, id, `${kind}_state,${kind}_error`, since)
+  const states = (r[`${kind}_state`] || []).map((x) => x.value).filter((v) => !SERVER_STATES.has(v))
+  const errs = r[`${kind}_error`] || []
+  return { states, error: errs.length ? errs[errs.length - 1].value : undefined }
+}
+
+async function waitFinal (emu, id, kind, since, n = 15000) {
+  let last
+  try {
+    return await waitUntil(async () => {
+      last = await deviceStates(emu, id, kind, since)
+      const s = last.states
+      return s.length && (s[s.length - 1] === 'UPDATED' || s[s.length - 1] === 'FAILED') ? last : null
+    }, n, `${kind}_state UPDATED or FAILED`)
+  } catch (e) {
+    throw new Error(`${e.message}; states so far: ${JSON.stringify(last)}`)
+  }
+}
+
+async function latest (emu, id, key) {
+  const r = await series(emu, id, key, 0)
+  const v = r[key] || []
+  return v.length ? v[v.length - 1].value : undefined
+}
+
+// update(emu, agent, dev, image, q) -> {states, error}: upload, assign, wait for the end
+async function update (emu, dev, image, q) {
+  const pkg = await upload(emu, image, q)
+  const since = Date.now()
+  await emu.post(`/emu/devices/${dev}/assign`, { packageId: pkg.id })
+  const res = await waitFinal(emu, emu.ids[dev], q.type === 'sw' ? 'sw' : 'fw', since)
+  return { ...res, pkg, since }
+}
+
+async function expectUpdated (emu, agent, dev, image, q, what) {
+  const r = await update(emu, dev, image, q)
+  const kind = q.type === 'sw' ? 'sw' : 'fw'
+  assert.deepEqual(r.states, FULL, `${what}: ${kind}_error ${r.error}\n${agent.log.tail(30)}`)
+  assert.equal(await latest(emu, emu.ids[dev], `current_${kind}_version`), q.version, what)
+  assert.equal(await latest(emu, emu.ids[dev], `current_${kind}_title`), q.title, what)
+  const got = agent.installed(kind, q.version)
+  assert.ok(got, `${what}: install() did not run`)
+  assert.ok(got.equals(image), `${what}: installed image differs (${got.length} bytes, expected ${image.length})`)
+  return r
+}
+
+test('tbemu: every checksum algorithm, DOWNLOADING..UPDATED and current_fw_version reported', async (t) => {
+  const emu = await emuWorld(t)
+  const agent = emuAgent(t, emu, 'dev1')
+  await agent.waitFor(/session ready/, 8000)
+  for (const [i, alg] of ALGORITHMS.entries()) {
+    await t.test(alg, async () => {
+      const image = randomImage(64 * 1024 + 1000 + i, 100 + i)
+      await expectUpdated(emu, agent, 'dev1', image, { title: 'dev', version: `2.${i}-${alg}`, checksumAlgorithm: alg }, alg)
+    })
+  }
+})
+
+test('tbemu: checksums with leading zero bytes (and 32-bit ones typed as 0x, upper case, big-endian, zeros dropped)', async (t) => {
+  const emu = await emuWorld(t)
+  const agent = emuAgent(t, emu, 'dev1')
+  await agent.waitFor(/session ready/, 8000)
+  const zero = {}
+  for (const [i, alg] of ALGORITHMS.entries()) {
+    await t.test(alg, async () => {
+      const z = zero[alg] = zeroChecksumImage(alg, 5000 + i, alg.endsWith('_32') || alg === 'CRC32')
+      assert.match(z.checksum, /^00/)
+      const r = await expectUpdated(emu, agent, 'dev1', z.image, { title: 'dev', version: `3.${i}-${alg}`, checksumAlgorithm: alg }, alg)
+      assert.equal(r.pkg.checksum, z.checksum, 'tbemu computed the same checksum text')
+    })
+  }
+  for (const alg of ['CRC32', 'MURMUR3_32']) {
+    await t.test(`${alg} typed by a person`, async () => {
+      const z = zero[alg] || zeroChecksumImage(alg, 5000, true)
+      // the int's big-endian hex, leading zero byte dropped, 0x prefix, upper case
+      const be = Buffer.from(z.checksum, 'hex').reverse().toString('hex').replace(/^0+/, '')
+      const typed = '0X' + be.toUpperCase()
+      await expectUpdated(emu, agent, 'dev1', z.image, { title: 'dev', version: `4-${alg}`, checksumAlgorithm: alg, checksum: typed }, `${alg} ${typed}`)
+    })
+  }
+})
+
+test('tbemu: image sizes that are and are not a multiple of the chunk size', async (t) => {
+  const emu = await emuWorld(t)
+  const agent = emuAgent(t, emu, 'dev1', { chunk: 4096 })
+  await agent.waitFor(/session ready/, 8000)
+  for (const size of [65536, 65537, 4096, 4095, 1, 3 * 4096 + 7]) {
+    await t.test(`${size} bytes, chunk 4096`, async () => {
+      const image = randomImage(size, size)
+      const since = Date.now()
+      await expectUpdated(emu, agent, 'dev1', image, { title: 'dev', version: `5-${size}`, checksumAlgorithm: 'SHA256' }, `${size} bytes`)
+      const reqs = (await emu.messages('dev1', '?dir=up&topic=v2/fw/request/')).filter((m) => m.ts >= since - 5)
+      assert.ok(reqs.length >= Math.ceil(size / 4096), `${reqs.length} chunk requests`)
+      for (const m of reqs) assert.equal(m.payload, '4096', `chunk request ${m.topic} asks for the chunk size`)
+    })
+  }
+})
+
+test('tbemu: a corrupted image (wrong checksum) ends FAILED naming both checksums; install never runs', async (t) => {
+  const emu = await emuWorld(t)
+  const agent = emuAgent(t, emu, 'dev1')
+  await agent.waitFor(/session ready/, 8000)
+  const image = randomImage(70000, 7)
+  const good = checksumHex('SHA256', image)
+  const wrong = checksumHex('SHA256', Buffer.concat([image, Buffer.from('x')]))
+  const r = await update(emu, 'dev1', image, { title: 'dev', version: '6.0', checksumAlgorithm: 'SHA256', checksum: wrong })
+  assert.deepEqual(r.states, ['DOWNLOADING', 'DOWNLOADED', 'FAILED'], `fw_error ${r.error}`)
+  assert.ok(r.error && r.error.includes(wrong) && r.error.includes(good), `fw_error names both checksums: ${r.error}`)
+  assert.equal(agent.installed('fw', '6.0'), null, 'install() must not run')
+  assert.equal(agent.log.find(/INSTALLED/), null)
+  assert.equal(await latest(emu, emu.ids.dev1, 'current_fw_version'), '1.0')
+  // nothing is retried, nothing is left in the state directory
+  await sleep(ms(1000))
+  assert.deepEqual((await deviceStates(emu, emu.ids.dev1, 'fw', r.since)).states, ['DOWNLOADING', 'DOWNLOADED', 'FAILED'])
+  const left = fs.readdirSync(path.join(agent.stateDir, 'firmware')).filter((f) => /\.(part|bin)$/.test(f))
+  assert.deepEqual(left, [], 'no partial or unverified image kept')
+})
+
+test('tbemu: fw_size that does not match the image ends FAILED with a size error', async (t) => {
+  const emu = await emuWorld(t, ['big', 'small'])
+  const image = randomImage(64 * 1024 + 100, 8)
+  const pkg = await upload(emu, image, { title: 'dev', version: '7.0', checksumAlgorithm: 'SHA256' })
+  // assigned while the devices are offline, then fw_size overridden: the agents see the wrong
+  // size in their first attribute answer
+  const since = Date.now()
+  for (const [dev, size] of [['big', image.length + 5000], ['small', image.length - 1000]]) {
+    await emu.post(`/emu/devices/${dev}/assign`, { packageId: pkg.id })
+    await emu.post(`/api/plugins/telemetry/DEVICE/${emu.ids[dev]}/attributes/SHARED_SCOPE`, { fw_size: size })
+  }
+  const agents = { big: emuAgent(t, emu, 'big'), small: emuAgent(t, emu, 'small') }
+  for (const dev of ['small', 'big']) {
+    await t.test(dev === 'big' ? 'fw_size larger than the image' : 'fw_size smaller than the image', async () => {
+      const r = await waitFinal(emu, emu.ids[dev], 'fw', since, 20000)
+      assert.equal(r.states[r.states.length - 1], 'FAILED', `states ${r.states}`)
+      assert.match(r.error || '', /size/i, `fw_error says the size is wrong: ${r.error}`)
+      assert.equal(agents[dev].installed('fw', '7.0'), null, 'install() must not run')
+    })
+  }
+})
+
+test('tbemu: NOT_FOUND on v2/fw/error (fw_* offered but no package assigned) ends FAILED', async (t) => {
+  const emu = await emuWorld(t)
+  const image = randomImage(10000, 9)
+  await emu.post(`/api/plugins/telemetry/DEVICE/${emu.ids.dev1}/attributes/SHARED_SCOPE`, {
+    fw_title: 'dev', fw_version: '8.0', fw_size: image.length, fw_checksum_algorithm: 'SHA256', fw_checksum: checksumHex('SHA256', image)
+  })
+  const since = Date.now()
+  const agent = emuAgent(t, emu, 'dev1')
+  const r = await waitFinal(emu, emu.ids.dev1, 'fw', since)
+  assert.deepEqual(r.states, ['DOWNLOADING', 'FAILED'])
+  assert.match(r.error, /NOT_FOUND/)
+  // the server closed the connection; the agent reconnects and does not retry the failed package
+  await agent.waitFor(/session ready/, 8000, agent.log.find(/FAILED/) ? agent.log.lines.indexOf(agent.log.find(/FAILED/)) : 0)
+  await sleep(ms(500))
+  assert.deepEqual((await deviceStates(emu, emu.ids.dev1, 'fw', since)).states, ['DOWNLOADING', 'FAILED'])
+})
+
+// pauseAt(emu, agent, pct): pauses tbemu's device sockets as soon as the agent logs pct % progress
+async function pauseAt (emu, agent, pct, from = 0) {
+  await agent.waitFor(new RegExp(`firmware download ${pct}%`), 15000, from)
+  await emu.post('/emu/pause')
+}
+
+test('tbemu: cache expiry mid-download (empty chunks) restarts under a new request id and still ends UPDATED', async (t) => {
+  const emu = await emuWorld(t)
+  const agent = emuAgent(t, emu, 'dev1', { chunk: 2048, args: ['--fw-window', '1'] })
+  await agent.waitFor(/session ready/, 8000)
+  const image = randomImage(128 * 1024, 10)
+  const pkg = await upload(emu, image, { title: 'dev', version: '9.0', checksumAlgorithm: 'SHA256' })
+  const since = Date.now()
+  await emu.post('/emu/devices/dev1/assign', { packageId: pkg.id })
+  await pauseAt(emu, agent, 10)
+  await emu.post('/emu/devices/dev1/ota-cache-expire')
+  await emu.post('/emu/resume')
+  const r = await waitFinal(emu, emu.ids.dev1, 'fw', since, 30000)
+  assert.deepEqual(r.states, FULL, `fw_error ${r.error}`)
+  const restart = agent.log.find(/chunk \d+ has 0 bytes, expected 2048; restarting at byte \d+ under a new request id/)
+  assert.ok(restart, 'the log shows the restart:\n' + agent.log.tail(30))
+  const at = Number(/restarting at byte (\d+)/.exec(restart)[1])
+  assert.ok(at > 0 && at < image.length, `restart at byte ${at}`)
+  const reqs = (await emu.messages('dev1', '?dir=up&topic=v2/fw/request/')).map((m) => /request\/(\d+)\/chunk\/(\d+)/.exec(m.topic))
+  const ids = [...new Set(reqs.map((m) => m[1]))]
+  assert.ok(ids.length >= 2, `request ids used: ${ids}`)
+  const first = reqs.find((m) => m[1] === ids[ids.length - 1])
+  assert.equal(Number(first[2]) * 2048, at, 'the new request id starts where the old one stopped')
+  assert.ok(agent.installed('fw', '9.0').equals(image))
+})
+
+test('tbemu: agent kill -9 mid-download, restarted with the same --state-dir, resumes and ends UPDATED', async (t) => {
+  const emu = await emuWorld(t)
+  const dir = tmpdir('tbota-kill-')
+  const a1 = emuAgent(t, emu, 'dev1', { dir, chunk: 2048, args: ['--fw-window', '1'] })
+  await a1.waitFor(/session ready/, 8000)
+  const image = randomImage(128 * 1024, 11)
+  const pkg = await upload(emu, image, { title: 'dev', version: '10.0', checksumAlgorithm: 'MURMUR3_128' })
+  const since = Date.now()
+  await emu.post('/emu/devices/dev1/assign', { packageId: pkg.id })
+  await pauseAt(emu, a1, 30)
+  const { signal } = await a1.kill('SIGKILL')
+  assert.equal(signal, 'SIGKILL')
+  await emu.post('/emu/resume')
+  const a2 = emuAgent(t, emu, 'dev1', { dir, chunk: 2048, args: ['--fw-window', '1'] })
+  const line = await a2.waitFor(/firmware resuming download at byte \d+/, 10000)
+  const at = Number(/byte (\d+)/.exec(line)[1])
+  assert.ok(at >= image.length * 0.3 - 2048 && at < image.length, `resumed at byte ${at}`)
+  const r = await waitFinal(emu, emu.ids.dev1, 'fw', since, 30000)
+  assert.equal(r.states[r.states.length - 1], 'UPDATED', `states ${r.states}, fw_error ${r.error}`)
+  assert.ok(a2.installed('fw', '10.0').equals(image), 'the resumed image is the whole image')
+  assert.equal(await latest(emu, emu.ids.dev1, 'current_fw_version'), '10.0')
+  // fewer chunk requests after the restart than a download from byte 0 would need
+  const reqs = (await emu.messages('dev1', '?dir=up&topic=v2/fw/request/')).map((m) => Number(/chunk\/(\d+)/.exec(m.topic)[1]))
+  assert.ok(reqs.length < image.length / 2048 + 20, `${reqs.length} chunk requests in all`)
+})
+
+test('tbemu: HTTP URL package cut part-way resumes (Range) and ends UPDATED', async (t) => {
+  const emu = await emuWorld(t)
+  const agent = emuAgent(t, emu, 'dev1')
+  await agent.waitFor(/session ready/, 8000)
+
+  await t.test('url=self with the urlCut fault', async () => {
+    const image = randomImage(256 * 1024, 12)
+    await emu.post('/emu/faults', { urlCut: { afterBytes: 100000, times: 1 } })
+    const mark = agent.log.mark()
+    const r = await update(emu, 'dev1', image, { title: 'dev', version: '11.0', checksumAlgorithm: 'SHA512', url: 'self' })
+    assert.deepEqual(r.states, FULL, `fw_error ${r.error}\n${agent.log.tail(20)}`)
+    assert.ok(agent.log.find(/firmware download interrupted: .*; resuming/, mark), 'the log shows the interruption and the resume:\n' + agent.log.tail(20))
+    assert.ok(agent.installed('fw', '11.0').equals(image))
+    assert.equal(await latest(emu, emu.ids.dev1, 'current_fw_version'), '11.0')
+  })
+
+  await t.test('a URL on our own HTTP server: the second request asks for the rest with Range', async () => {
+    const image = randomImage(200 * 1024, 13)
+    const seen = []
+    const srv = http.createServer((req, res) => {
+      seen.push(req.headers.range || null)
+      if (seen.length === 1) {
+        res.writeHead(200, { 'content-length': image.length, 'accept-ranges': 'bytes' })
+        res.write(image.subarray(0, 70000), () => setTimeout(() => res.socket.destroy(), 50))
+        return
+      }
+      const m = /^bytes=(\d+)-$/.exec(req.headers.range || '')
+      if (!m) { res.writeHead(200, { 'content-length': image.length }); res.end(image); return }
+      const from = Number(m[1])
+      res.writeHead(206, { 'content-length': image.length - from, 'content-range': `bytes ${from}-${image.length - 1}/${image.length}` })
+      res.end(image.subarray(from))
+    })
+    await new Promise((resolve) => srv.listen(0, '127.0.0.1', resolve))
+    t.after(() => new Promise((resolve) => { srv.closeAllConnections(); srv.close(resolve) }))
+    const url = `http://127.0.0.1:${srv.address().port}/fw.bin`
+    const r = await update(emu, 'dev1', image, { title: 'dev', version: '12.0', checksumAlgorithm: 'CRC32', url })
+    assert.deepEqual(r.states, FULL, `fw_error ${r.error}\n${agent.log.tail(20)}`)
+    assert.equal(seen[0], null, 'the first request is a plain GET')
+    assert.ok(seen.length >= 2, `requests: ${JSON.stringify(seen)}`)
+    const m = /^bytes=(\d+)-$/.exec(seen[1] || '')
+    assert.ok(m && Number(m[1]) > 0 && Number(m[1]) <= 70000, `the second request resumes: ${seen[1]}`)
+    assert.ok(agent.installed('fw', '12.0').equals(image))
+  })
+})
+
+test('tbemu: software beside firmware: sw_* updates sw_state and current_sw_*, firmware untouched', async (t) => {
+  const emu = await emuWorld(t)
+  const agent = emuAgent(t, emu, 'dev1')
+  await agent.waitFor(/session ready/, 8000)
+  await waitUntil(async () => (await latest(emu, emu.ids.dev1, 'current_fw_version')) === '1.0', 5000, 'current_fw_version 1.0')
+  assert.equal(await latest(emu, emu.ids.dev1, 'current_sw_version'), '1')
+
+  await t.test('software alone', async () => {
+    const image = randomImage(100000, 14)
+    const since = Date.now()
+    await expectUpdated(emu, agent, 'dev1', image, { type: 'sw', title: 'app', version: '2', checksumAlgorithm: 'SHA384' }, 'software')
+    assert.ok(agent.log.find(/SW INSTALLED 2 100000 bytes/))
+    assert.deepEqual((await deviceStates(emu, emu.ids.dev1, 'fw', since)).states, [], 'no fw_state reported for a software update')
+    assert.equal(await latest(emu, emu.ids.dev1, 'current_fw_version'), '1.0')
+    assert.equal(agent.installed('fw', '2'), null)
+  })
+
+  await t.test('firmware and software assigned together', async () => {
+    const fw = randomImage(150000, 15)
+    const sw = randomImage(90000, 16)
+    const pf = await upload(emu, fw, { title: 'dev', version: '13.0', checksumAlgorithm: 'MD5' })
+    const ps = await upload(emu, sw, { type: 'sw', title: 'app', version: '3', checksumAlgorithm: 'MURMUR3_32' })
+    const since = Date.now()
+    await emu.post('/emu/devices/dev1/assign', { packageId: pf.id })
+    await emu.post('/emu/devices/dev1/assign', { packageId: ps.id })
+    const rf = await waitFinal(emu, emu.ids.dev1, 'fw', since, 20000)
+    const rs = await waitFinal(emu, emu.ids.dev1, 'sw', since, 20000)
+    assert.deepEqual(rf.states, FULL, `fw_error ${rf.error}`)
+    assert.deepEqual(rs.states, FULL, `sw_error ${rs.error}`)
+    assert.ok(agent.installed('fw', '13.0').equals(fw))
+    assert.ok(agent.installed('sw', '3').equals(sw))
+    assert.equal(await latest(emu, emu.ids.dev1, 'current_fw_version'), '13.0')
+    assert.equal(await latest(emu, emu.ids.dev1, 'current_sw_version'), '3')
+  })
+})
+
+// ------------------------------------------------------------------------------------------
+// mosquitto + server-role client
+
+async function mqWorld (t, opts = {}) {
+  const broker = await startMosquitto()
+  t.after(() => broker.stop('SIGKILL'))
+  const clientId = `tbota-dev-${process.pid}-${Math.random().toString(16).slice(2, 8)}`
+  const server = await new OtaServer({ port: broker.port, agentClientId: clientId }).connect()
+  t.after(() => server.close())
+  const agent = startAgent({ port: broker.port, chunk: opts.chunk, args: ['--client-id', clientId, '--no-session-limits', ...(opts.args || [])] })
+  t.after(() => stopChecked(agent))
+  await agent.waitFor(/session ready/, 8000)
+  await waitUntil(() => server.latest('current_fw_version'), 5000, 'current_fw_version reported on connect')
+  return { broker, server, agent }
+}
+
+// finalOn(server, kind, since) -> the states once the last is UPDATED or FAILED
+async function finalOn (server, kind, n = 15000, since = 0) {
+  await server.waitState(kind, ['UPDATED', 'FAILED'], n, since)
+  return server.states(kind, since)
+}
+
+test('mosquitto: an empty image (fw_size 0) is installed as 0 bytes, with every algorithm of an empty input', async (t) => {
+  const { server, agent } = await mqWorld(t)
+  for (const alg of ['SHA256', 'CRC32', 'MURMUR3_32', 'MD5']) {
+    await t.test(alg, async () => {
+      const since = Date.now()
+      const version = `e-${alg}`
+      await server.assign('fw', { title: 'dev', version, image: Buffer.alloc(0), algorithm: alg })
+      const states = await finalOn(server, 'fw', 10000, since)
+      assert.deepEqual(states, FULL, `fw_error ${server.latest('fw_error')}\n${agent.log.tail(20)}`)
+      const got = agent.installed('fw', version)
+      assert.ok(got && got.length === 0, 'install() got an empty file')
+      await waitUntil(() => server.latest('current_fw_version') === version, 3000, 'current_fw_version')
+    })
+  }
+})
+
+test('mosquitto: PAYLOAD_TOO_LARGE on v2/fw/error ends FAILED with a clear fw_error, no retry loop', async (t) => {
+  const { server, agent } = await mqWorld(t, { chunk: 4096 })
+  server.faults.maxPayload = 1024 // the policy cannot exceed 65536, so the server's limit comes down
+  const image = randomImage(20000, 20)
+  await server.assign('fw', { title: 'dev', version: 'p1', image })
+  const states = await finalOn(server, 'fw')
+  assert.deepEqual(states, ['DOWNLOADING', 'FAILED'])
+  assert.match(server.latest('fw_error'), /PAYLOAD_TOO_LARGE/)
+  assert.match(server.latest('fw_error'), /4096/, 'fw_error names the refused chunk size')
+  const n = server.requests.length
+  await agent.waitFor(/session ready/, 8000, agent.log.lines.findIndex((l) => /FAILED/.test(l)))
+  await sleep(ms(1000))
+  assert.equal(server.requests.length, n, 'no more chunk requests after FAILED')
+  assert.equal(agent.installed('fw', 'p1'), null)
+})
+
+test('mosquitto: NOT_FOUND on v2/fw/error during a firmware download ends FAILED', async (t) => {
+  const { server, agent } = await mqWorld(t)
+  server.faults.error = 'NOT_FOUND'
+  await server.assign('fw', { title: 'dev', version: 'nf1', image: randomImage(20000, 21) })
+  const states = await finalOn(server, 'fw')
+  assert.deepEqual(states, ['DOWNLOADING', 'FAILED'])
+  assert.match(server.latest('fw_error'), /NOT_FOUND/)
+  assert.equal(agent.installed('fw', 'nf1'), null)
+})
+
+test('mosquitto: NOT_FOUND on v2/fw/error during a software download ends sw_state FAILED', async (t) => {
+  // ThingsBoard reports errors of software downloads on v2/fw/error too (protocol.md §7)
+  const { server, agent } = await mqWorld(t)
+  server.faults.error = 'NOT_FOUND'
+  await server.assign('sw', { title: 'app', version: 'nf2', image: randomImage(20000, 22) })
+  let states
+  try {
+    states = await finalOn(server, 'sw', 6000)
+  } catch (e) {
+    throw new Error(`software download never ends on NOT_FOUND: sw_state ${JSON.stringify(server.states('sw'))}, ` +
+      `${server.errorsSent.length} errors sent, agent log:\n${agent.log.all(/firmware|software|v2\/fw/).slice(-12).join('\n')}`)
+  }
+  assert.deepEqual(states, ['DOWNLOADING', 'FAILED'])
+  assert.match(server.latest('sw_error'), /NOT_FOUND/)
+})
+
+test('mosquitto: firmware and software run one at a time; an error of the software download does not fail the firmware', async (t) => {
+  // README: "Firmware and software downloads over MQTT run one at a time (the server reports
+  // errors of both on v2/fw/error)". An error on v2/fw/error belongs to the one download running.
+  const { server, agent } = await mqWorld(t, { args: ['--fw-window', '1'] })
+  server.faults.delayMs = 2
+  server.faults.error = 'NOT_FOUND'
+  server.faults.errorKind = 'sw'
+  await server.assign('fw', { title: 'dev', version: 'c1', image: randomImage(64 * 1024, 23) })
+  await server.assign('sw', { title: 'app', version: 'c2', image: randomImage(32 * 1024, 24) })
+  await finalOn(server, 'fw', 20000)
+  const kinds = server.requests.map((r) => r.kind)
+  const pattern = kinds.join('').replace(/(fw)+/g, 'F').replace(/(sw)+/g, 'S')
+  assert.deepEqual(server.states('fw'), FULL, `firmware: fw_error ${server.latest('fw_error')}; chunk requests in order (F fw, S sw): ${pattern}`)
+  assert.ok(agent.installed('fw', 'c1'))
+  assert.ok(pattern.length <= 2, `fw and sw chunk requests interleaved: ${pattern}`)
+})
+
+test('mosquitto: an empty chunk once mid-download restarts under a new request id at that offset, UPDATED', async (t) => {
+  const { server, agent } = await mqWorld(t, { chunk: 2048 })
+  const image = randomImage(100 * 1024 + 5, 25)
+  server.faults.emptyAt = { idx: 7, times: 1 }
+  await server.assign('fw', { title: 'dev', version: 'ec1', image, algorithm: 'CRC32' })
+  const states = await finalOn(server, 'fw')
+  assert.deepEqual(states, FULL, `fw_error ${server.latest('fw_error')}`)
+  assert.ok(agent.log.find(/chunk 7 has 0 bytes, expected 2048; restarting at byte 14336 under a new request id/), agent.log.tail(20))
+  const ids = [...new Set(server.requests.map((r) => r.req))]
+  assert.equal(ids.length, 2, `request ids: ${ids}`)
+  assert.equal(server.requests.find((r) => r.req === ids[1]).idx, 7, 'the new request id starts at chunk 7')
+  for (const r of server.requests) assert.equal(r.payload, '2048')
+  assert.ok(agent.installed('fw', 'ec1').equals(image))
+})
+
+test('mosquitto: the server stops answering for a while: chunk timeouts, asked again, UPDATED', async (t) => {
+  const { server, agent } = await mqWorld(t, { chunk: 2048, args: ['--fw-window', '2'] })
+  const image = randomImage(96 * 1024, 26)
+  server.faults.delayMs = 5
+  await server.assign('fw', { title: 'dev', version: 's1', image })
+  await agent.waitFor(/firmware download 20%/, 10000)
+  server.faults.silent = true
+  const mark = agent.log.mark()
+  await agent.waitFor(/firmware chunk \d+ timed out/, 8000, mark)
+  server.faults.silent = false
+  const states = await finalOn(server, 'fw', 20000)
+  assert.deepEqual(states, FULL, `fw_error ${server.latest('fw_error')}`)
+  assert.ok(agent.installed('fw', 's1').equals(image))
+})
+
+test('mosquitto: broker restart mid-download: the agent reconnects, resumes where it stopped, image verified', async (t) => {
+  // the agent's first reconnect comes after the server-role client's (100 ms), so its attribute
+  // request after the restart is answered
+  const { broker, server, agent } = await mqWorld(t, { chunk: 2048, args: ['--fw-window', '1', '--backoff-min', '600', '--backoff-max', '1000'] })
+  const image = randomImage(128 * 1024, 27)
+  server.faults.delayMs = 10
+  await server.assign('fw', { title: 'dev', version: 'b1', image, algorithm: 'SHA384' })
+  await agent.waitFor(/firmware download 30%/, 15000)
+  const mark = agent.log.mark()
+  const before = server.requests.length
+  const maxBefore = Math.max(...server.requests.map((r) => r.idx))
+  await broker.restart()
+  await agent.waitFor(/connection lost/, 5000, mark)
+  const states = await finalOn(server, 'fw', 30000)
+  assert.deepEqual(states, FULL, `fw_error ${server.latest('fw_error')}\n${agent.log.tail(30)}`)
+  const after = server.requests.slice(before)
+  assert.ok(after.length > 0)
+  assert.ok(after[0].idx > 0 && after[0].idx >= maxBefore - 2, `resumed at chunk ${after[0].idx} (had reached ${maxBefore}), not from 0`)
+  assert.ok(after.length <= image.length / 2048 - maxBefore + 4, `${after.length} chunk requests after the restart`)
+  assert.ok(agent.installed('fw', 'b1').equals(image), 'the image survives the broker restart intact')
+})
+
+test('mosquitto: chunk round trips are not held back by Nagle / delayed ACK (TCP_NODELAY)', async (t) => {
+  // one chunk in flight at a time: every round trip pays the latency of the agent's socket.
+  // The broker here runs with set_tcp_nodelay; a loopback round trip takes well under 1 ms.
+  const { server } = await mqWorld(t, { chunk: 512, args: ['--fw-window', '1'] })
+  const image = randomImage(64 * 512, 28)
+  await server.assign('fw', { title: 'dev', version: 'n1', image })
+  const states = await finalOn(server, 'fw', 30000)
+  assert.deepEqual(states, FULL)
+  const at = server.requests.map((r) => r.at)
+  const perChunk = (at[at.length - 1] - at[0]) / (at.length - 1)
+  assert.ok(perChunk < ms(10), `${perChunk.toFixed(1)} ms per chunk round trip with one chunk in flight ` +
+    '(about 40 ms is the delayed-ACK stall of a socket without TCP_NODELAY)')
+})
