@@ -1,0 +1,195 @@
+// Soak (issue 6): steady QoS 1 telemetry (a strictly increasing seq every 5 ms), a server-side
+// RPC every second, and a few broker restarts, for SOAK_SECONDS (75 s by default; `scripts/soak
+// 30` runs 30 minutes). The agent's VmRSS and open file descriptors are sampled from /proc
+// every few seconds. Asserts: nothing lost, first arrivals in order, every RPC sent while the
+// session was up answered, RSS growth after warm-up < 1 MiB, fd count back where it started.
+// Prints one SOAK summary line (sent/received/lost/duplicated, RSS and fds start/end).
+//
+// The broker runs with persistence, is restarted with SIGTERM, and the subscriber keeps a
+// persistent session (see faults.test.mjs for why). Under a sanitizer build RSS is reported
+// but not bounded (ASan's quarantine holds freed memory on purpose); LeakSanitizer checks the
+// clean shutdown at the end instead.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { world, delay, ms as libMs, SCALE, tmpdir } from './lib.mjs';
+
+const SLOW = process.env.TB_ITEST_SLOW === '1' || SCALE > 1;
+const ms = (n) => (SLOW && SCALE === 1 ? Math.round(n * 3) : libMs(n));
+const SECONDS = Number(process.env.SOAK_SECONDS || 75);
+const LONG = SECONDS > 300;
+const SAMPLE_MS = LONG ? 10000 : 2000;
+const WARMUP_MS = Math.min(20000, SECONDS * 1000 / 4);
+const RESTART_EVERY_MS = process.env.SOAK_RESTART_EVERY ? Number(process.env.SOAK_RESTART_EVERY) * 1000
+  : Math.max(20000, Math.min(300000, SECONDS * 1000 / 4));
+const T = 'v1/devices/me/telemetry';
+
+function soakScript(dir) {
+  const counter = path.join(dir, 'seq.counter');
+  const flag = path.join(dir, 'seq.stop');
+  const text = `
+local tb = require "tb"
+local COUNTER, FLAG = ${JSON.stringify(counter)}, ${JSON.stringify(flag)}
+local seq, stopped = 0, false
+local function save(n)
+  local f = assert(io.open(COUNTER .. ".tmp", "w"))
+  f:write(tostring(n))
+  f:close()
+  assert(os.rename(COUNTER .. ".tmp", COUNTER))
+end
+tb.every(5, function()
+  if stopped then return end
+  local ok, err = tb.send_telemetry{seq = seq + 1}
+  if not ok then tb.log.error("SEQ refused %d: %s", seq + 1, tostring(err)) return end
+  seq = seq + 1
+  save(seq)
+end)
+tb.every(50, function()
+  if stopped then return end
+  local f = io.open(FLAG, "r")
+  if f then f:close(); stopped = true; tb.log.info("SEQ stopped at %d", seq) end
+end)
+tb.on_rpc("ping", function(p) return {pong = p, seq = seq} end)
+`;
+  return { text, stop: () => fs.writeFileSync(flag, 'stop\n'), accepted: () => { try { return Number(fs.readFileSync(counter, 'utf8')) || 0; } catch { return 0; } } };
+}
+
+function seqsOf(messages) {
+  const out = [];
+  for (const m of messages) {
+    if (m.topic !== T) continue;
+    for (const v of Array.isArray(m.json) ? m.json : [m.json]) {
+      const vals = v && typeof v.values === 'object' ? v.values : v;
+      if (vals && Number.isInteger(vals.seq)) out.push(vals.seq);
+    }
+  }
+  return out;
+}
+
+function tally(seqs, last) {
+  const seen = new Set();
+  let duplicated = 0, outOfOrder = 0, maxFirst = 0;
+  for (const s of seqs) {
+    if (seen.has(s)) { duplicated++; continue; }
+    seen.add(s);
+    if (s < maxFirst) outOfOrder++; else maxFirst = s;
+  }
+  const missing = [];
+  for (let s = 1; s <= last; s++) if (!seen.has(s)) missing.push(s);
+  return { received: seqs.length, lost: missing.length, missing, duplicated, outOfOrder };
+}
+
+function sample(pid) {
+  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  const rss = Number(/VmRSS:\s+(\d+) kB/.exec(status)[1]);
+  const fds = fs.readdirSync(`/proc/${pid}/fd`).length;
+  return { rss, fds };
+}
+
+const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)]; };
+
+test(`soak: ${SECONDS} s of telemetry every 5 ms, an RPC a second and a broker restart every ${Math.round(RESTART_EVERY_MS / 1000)} s: nothing lost, memory and fds flat`,
+  { timeout: SECONDS * 1000 + ms(120000) }, async (t) => {
+    const w = world(t);
+    const broker = await w.broker({ persistence: true });
+    let server = await w.server(broker, { persistent: true });
+    const dir = tmpdir('tbsoak-');
+    const script = soakScript(dir);
+    const agent = await w.agent(script.text, {
+      dir, broker, args: ['--no-session-limits', '--backoff-min', '100', '--backoff-max', '500', '--log-level', 'info'],
+    });
+    await agent.waitForLog(/connected to/, 8000);
+    const t0 = Date.now();
+    const end = t0 + SECONDS * 1000;
+    let up = true;             // the session is up and stable (no restart under way)
+    let rpcBusy = Promise.resolve();
+    const rpc = { sent: 0, ok: 0, failed: [] };
+    const samples = [];
+    let restarts = 0;
+
+    const rpcLoop = (async () => {
+      while (Date.now() < end) {
+        if (up) {
+          const n = ++rpc.sent;
+          const p = server.rpc('ping', n, { timeout: 5000 }).then((r) => {
+            if (r.json && r.json.pong === n) rpc.ok++; else rpc.failed.push(`#${n}: ${r.text}`);
+          }, (e) => { rpc.failed.push(`#${n}: ${e.message.split('\n')[0]}`); });
+          rpcBusy = p;
+          await p;
+        }
+        await delay(1000);
+      }
+    })();
+    const sampleLoop = (async () => {
+      while (Date.now() < end) {
+        const s = sample(agent.pid);
+        samples.push({ at: Date.now() - t0, up, ...s });
+        await delay(SAMPLE_MS);
+      }
+    })();
+    let nextRestart = t0 + RESTART_EVERY_MS;
+    while (Date.now() < end - 10000) {
+      if (Date.now() < nextRestart) { await delay(Math.min(500, nextRestart - Date.now())); continue; }
+      nextRestart += RESTART_EVERY_MS;
+      up = false;
+      await rpcBusy;
+      const mark = agent.mark();
+      await broker.stop('SIGTERM');
+      await agent.waitForLog(/connection lost/, 5000, mark);
+      await delay(ms(500 + Math.random() * 1000));
+      await broker.start();
+      server = await w.reconnectServer(server, broker);
+      await agent.waitForLog(/connected to/, 8000, mark);
+      await delay(ms(1000));
+      restarts++;
+      up = true;
+    }
+    await Promise.all([rpcLoop, sampleLoop]);
+
+    const mark = agent.mark();
+    script.stop();
+    const line = await agent.waitForLog(/SEQ stopped at \d+/, 5000, mark);
+    const last = Number(/SEQ stopped at (\d+)/.exec(line)[1]);
+    const deadline = Date.now() + ms(20000);
+    let r;
+    for (;;) {
+      r = tally(seqsOf(server.messages), last);
+      if (r.lost === 0 || Date.now() > deadline) break;
+      await delay(200);
+    }
+    await delay(ms(500));
+    const final = sample(agent.pid);
+    agent.signal('SIGTERM');
+    const { code } = await agent.waitExit(15000);
+
+    const steady = samples.filter((s) => s.at >= WARMUP_MS && s.up);
+    const first = steady.slice(0, 3);
+    const lastS = [...steady.slice(-2), { ...final, up: true }];
+    const rssStart = median(first.map((s) => s.rss));
+    const rssEnd = median(lastS.map((s) => s.rss));
+    const rssMax = Math.max(...samples.map((s) => s.rss), final.rss);
+    // the script opens a file now and then (its counter, the stop flag): take the lowest of a few
+    const fdStart = Math.min(...(first.length ? first : samples.slice(0, 3)).map((s) => s.fds));
+    const fdEnd = Math.min(...lastS.map((s) => s.fds));
+    const fdMax = Math.max(...samples.map((s) => s.fds), final.fds);
+    const summary = `SOAK ${SECONDS} s: sent=${last} received=${r.received} lost=${r.lost} duplicated=${r.duplicated} ` +
+      `out_of_order=${r.outOfOrder} rpcs=${rpc.ok}/${rpc.sent} broker_restarts=${restarts} ` +
+      `rss_kib start=${rssStart} end=${rssEnd} growth=${rssEnd - rssStart} max=${rssMax} ` +
+      `fds start=${fdStart} end=${fdEnd} max=${fdMax} samples=${samples.length}${SLOW ? ' (sanitizer build: RSS not bounded)' : ''}`;
+    t.diagnostic(summary);
+    console.log(summary);
+    if (process.env.SOAK_SAMPLES) {
+      fs.writeFileSync(process.env.SOAK_SAMPLES, samples.map((s) => `${s.at}\t${s.rss}\t${s.fds}\t${s.up ? 1 : 0}`).join('\n') + '\n');
+    }
+
+    assert.equal(r.lost, 0, `${r.lost} of ${last} seqs never arrived: ${r.missing.slice(0, 20).join(',')}`);
+    assert.equal(r.outOfOrder, 0, `${r.outOfOrder} seqs arrived for the first time after a later one`);
+    assert.ok(last >= SECONDS * 50, `the script sent only ${last} messages in ${SECONDS} s`);
+    assert.equal(rpc.failed.length, 0, `every RPC sent while the session was up must be answered: ${rpc.failed.join('; ')}`);
+    assert.ok(restarts >= 2, `only ${restarts} broker restarts`);
+    assert.ok(steady.length >= 3, 'too few samples after warm-up');
+    if (!SLOW) assert.ok(rssEnd - rssStart < 1024, `RSS grew by ${rssEnd - rssStart} KiB after warm-up (${rssStart} -> ${rssEnd} KiB)`);
+    assert.equal(fdEnd, fdStart, `open file descriptors went from ${fdStart} to ${fdEnd}`);
+    assert.equal(code, 0, `tbagent did not shut down cleanly:\n${agent.log.tail(20)}`);
+  });
