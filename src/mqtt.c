@@ -20,6 +20,7 @@ typedef struct {
   lua_Integer id;
   int keepalive;
   int64_t next_misc;
+  int64_t last_in;    /* when the server last sent us a packet (any kind, PINGRESP included) */
   int registered;     /* in loop.c's source list */
   int connected;
   int reported;       /* a "disconnect" event went out for this connection */
@@ -45,6 +46,7 @@ static void on_connect(struct mosquitto *m, void *ud, int rc, int flags,
   (void)m; (void)props;
   tb_mqtt *c = ud;
   if (rc == 0) c->connected = 1;
+  c->last_in = tb_loop_now();
   push_simple("connect", c->id, rc, flags);
 }
 
@@ -52,6 +54,7 @@ static void on_disconnect(struct mosquitto *m, void *ud, int rc, const mosquitto
   (void)m; (void)p;
   tb_mqtt *c = ud;
   c->connected = 0;
+  if (c->reported) return;  /* the watchdog already told the session */
   c->reported = 1;
   tb_event *e = tb_event_new("disconnect");
   if (!e) return;
@@ -77,6 +80,16 @@ static void on_subscribe(struct mosquitto *m, void *ud, int mid, int n, const in
   for (int i = 0; i < n; i++)
     if (granted[i] > worst) worst = granted[i];
   push_simple("subscribe", c->id, mid, worst);
+}
+
+/* libmosquitto has no callback for PINGRESP, and waits a whole keepalive for it: a link that
+ * stops forwarding without closing is noticed only after 2x keepalive. Its debug log line for
+ * every packet it receives ("Client ... received PINGRESP") is the one sign of life that
+ * covers all packet kinds, so the watchdog in src_ready times the link from it. */
+static void on_log(struct mosquitto *m, void *ud, int level, const char *line) {
+  (void)m;
+  tb_mqtt *c = ud;
+  if (level == MOSQ_LOG_DEBUG && strstr(line, " received ")) c->last_in = tb_loop_now();
 }
 
 static void on_message(struct mosquitto *m, void *ud, const struct mosquitto_message *msg,
@@ -108,7 +121,9 @@ static short src_events(void *ctx) {
 
 static int64_t src_deadline(void *ctx) {
   tb_mqtt *c = ctx;
-  return mosquitto_socket(c->mosq) >= 0 ? c->next_misc : -1;
+  if (mosquitto_socket(c->mosq) < 0 || c->reported) return -1;
+  int64_t dead = c->last_in + c->keepalive * 1500LL + 1;
+  return c->connected && c->keepalive > 0 && dead < c->next_misc ? dead : c->next_misc;
 }
 
 /* Some failures (a TLS handshake refused, in libmosquitto 2.0.11) close the socket without
@@ -144,6 +159,21 @@ static void src_ready(void *ctx, short revents) {
   report_silent_close(c, rc);
   if (mosquitto_socket(c->mosq) < 0) return;
   int64_t now = tb_loop_now();
+  if (c->connected && !c->reported && c->keepalive > 0 && now - c->last_in > c->keepalive * 1500LL) {
+    /* MQTT's own rule for the server side: 1.5x keepalive without a packet is a dead link */
+    char why[128];
+    snprintf(why, sizeof why, "no packet from the server for %lld ms (keepalive %d s): link is dead",
+             (long long)(now - c->last_in), c->keepalive);
+    c->reported = 1;
+    c->connected = 0;
+    tb_event *e = tb_event_new("disconnect");
+    if (!e) return;
+    e->a = c->id;
+    e->b = MOSQ_ERR_KEEPALIVE;
+    tb_event_set_s1(e, why, strlen(why));
+    tb_loop_push(e);
+    return;
+  }
   if (mosquitto_socket(c->mosq) >= 0 && now >= c->next_misc) {
     report_silent_close(c, mosquitto_loop_misc(c->mosq));
     /* keepalive checks need only a few wake-ups per keepalive period */
@@ -223,6 +253,7 @@ static int l_mqtt_connect(lua_State *L) {
   mosquitto_publish_v5_callback_set(c->mosq, on_publish);
   mosquitto_subscribe_v5_callback_set(c->mosq, on_subscribe);
   mosquitto_message_v5_callback_set(c->mosq, on_message);
+  mosquitto_log_callback_set(c->mosq, on_log);
   int rc;
   if (username || password) {
     rc = mosquitto_username_pw_set(c->mosq, username ? username : "", password);
@@ -240,6 +271,7 @@ static int l_mqtt_connect(lua_State *L) {
     return fail(L, "connect failed", rc);
   }
   c->next_misc = tb_loop_now() + 1000;
+  c->last_in = tb_loop_now();
   tb_source src = {src_fd, src_events, src_ready, src_deadline, c};
   if (tb_loop_add_source(&src) != 0) {
     conn_release(c);

@@ -117,7 +117,14 @@ static int l_push(lua_State *L) {
   sqlite3_reset(st);
   sqlite3_clear_bindings(st);
   if (rc != SQLITE_DONE) return db_error(L, s, "cannot store record");
-  lua_pushinteger(L, sqlite3_last_insert_rowid(s->db));
+  lua_Integer seq = sqlite3_last_insert_rowid(s->db);
+  /* The script is told "accepted" when this returns, so the record must be on disk now even
+   * when acks and sent-marks of this loop iteration have a batch open: commit it with them. */
+  if (s->in_batch) {
+    s->in_batch = 0;
+    if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) return db_error(L, s, "cannot commit outbox");
+  }
+  lua_pushinteger(L, seq);
   return 1;
 }
 

@@ -24,7 +24,7 @@ local OPTIONS = {
   {"state-dir", "TB_STATE_DIR", "string", "./.tbagent", "where state that survives a restart is kept"},
   {"log-level", "TB_LOG_LEVEL", "level", "info", "debug, info, warn or error"},
   {"no-reload", "TB_NO_RELOAD", "flag", false, "do not watch the script for changes"},
-  {"keepalive", "TB_KEEPALIVE", "int", 60, "MQTT keepalive in seconds"},
+  {"keepalive", "TB_KEEPALIVE", "int", 60, "MQTT keepalive in seconds (0 off, else >= 5)"},
   {"qos", "TB_QOS", "qos", 1, "QoS of telemetry and attributes: 0 or 1 (never 2)"},
   {"outbox-limit", "TB_OUTBOX_LIMIT", "int", 100000, "records kept while offline (oldest dropped)"},
   {"outbox-max-bytes", "TB_OUTBOX_MAX_BYTES", "int", 67108864, "payload bytes kept while offline (oldest dropped)"},
@@ -176,6 +176,10 @@ function M.config(o, script)
   end
   if (c.cert == nil) ~= (c.key == nil) then
     return nil, "--cert and --key go together (the device certificate and its private key)"
+  end
+  -- libmosquitto refuses 1-4 s (MQTT allows 0: no keepalive; ThingsBoard's own limit is 65535)
+  if (c.keepalive > 0 and c.keepalive < 5) or c.keepalive > 65535 then
+    return nil, "--keepalive must be 0 (off) or 5 to 65535 seconds"
   end
   if c.outbox_limit < 1 then return nil, "--outbox-limit must be at least 1" end
   if c.max_inflight < 1 or c.max_inflight > 65535 then return nil, "--max-inflight must be 1 to 65535" end

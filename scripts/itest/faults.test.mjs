@@ -27,7 +27,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { world, delay, ms as libMs, SCALE, tmpdir } from './lib.mjs';
+import { world, delay, ms as libMs, SCALE, tmpdir, withTimeout } from './lib.mjs';
 
 const SLOW = process.env.TB_ITEST_SLOW === '1' || SCALE > 1;
 const ms = (n) => (SLOW && SCALE === 1 ? Math.round(n * 3) : libMs(n));
@@ -473,7 +473,9 @@ test('--keepalive below 5 (libmosquitto refuses it): refused at start with a cle
   const agent = await w.agent('local tb = require "tb"\n', { broker, args: [...BASE_ARGS, '--keepalive', '2'] });
   const outcome = await Promise.race([
     agent.exited.then(({ code }) => ({ code })),
-    agent.waitForLog(/connected to/, 3000).then(() => ({ connected: true })),
+    // waitForLog gives up as soon as the agent exits: then the exit code is the outcome
+    agent.waitForLog(/connected to/, 3000).then(() => ({ connected: true }),
+      () => withTimeout(agent.exited, 1000, 'the agent to exit').then(({ code }) => ({ code }))),
   ]).catch(() => ({ neither: true }));
   if (outcome.code !== undefined) {
     assert.equal(outcome.code, 2, `exit ${outcome.code}`);
