@@ -54,6 +54,41 @@ describe("hot reload", function()
     assert.equal(1, s:rpc("ver"))
   end)
 
+  it("loads a changed file from the loop, not a handler: a yielding call at top level is rejected", function()
+    local path = script([[
+      local tb = require "tb"
+      tb.on_rpc("ver", function() return 1 end)
+    ]])
+    local s = testing.load(path)
+    s:connect()
+    local reload = require "tb.reload"
+    local r = reload.new(s.ctx)
+    local f = assert(io.open(path, "w"))
+    f:write([[
+      local tb = require "tb"
+      tb.sleep(10)
+      tb.on_rpc("ver", function() return 2 end)
+    ]])
+    f:close()
+    r:on_watch("x.lua")
+    r:on_watch("x.lua")   -- a burst of events is one reload
+    s:advance(100)
+    assert.equal(1, s:generation())
+    assert.truthy(s:logged("reload rejected: .*:2: .*tb.sleep", "error"))
+    assert.equal(1, r.rejected)
+    assert.equal(1, s:rpc("ver"))
+    f = assert(io.open(path, "w"))
+    f:write([[
+      local tb = require "tb"
+      tb.on_rpc("ver", function() return 3 end)
+    ]])
+    f:close()
+    r:on_watch("x.lua")
+    s:advance(100)
+    assert.is_true(s:generation() > 1)
+    assert.equal(3, s:rpc("ver"))
+  end)
+
   it("lets a running handler finish on the old code", function()
     local s = testing.load(script([[
       local tb = require "tb"

@@ -1,6 +1,8 @@
 /* log.c: writes log lines to stderr, one write() per line so lines never interleave, and
  * masks every registered secret (access token, password) wherever it appears, so no code
- * path can leak one into a log by accident. */
+ * path can leak one into a log by accident. Whatever a message holds (server text included),
+ * a record stays readable and bounded: control characters are escaped, a newline continues
+ * the record on an indented line (tracebacks), and a message is cut at TB_LOG_MAX bytes. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,6 +13,7 @@
 #include "loop.h"
 
 #define TB_MAX_SECRETS 8
+#define TB_LOG_MAX 3000
 
 static char *secrets[TB_MAX_SECRETS];
 static int nsecrets = 0;
@@ -45,6 +48,28 @@ static void add_masked(luaL_Buffer *b, const char *msg, size_t len) {
   }
 }
 
+/* Appends msg to b so that it cannot forge or break log lines (see the top of the file). */
+static void add_printable(luaL_Buffer *b, const char *msg, size_t len) {
+  size_t cut = len > TB_LOG_MAX ? TB_LOG_MAX : len;
+  for (size_t i = 0; i < cut; i++) {
+    unsigned char c = (unsigned char)msg[i];
+    if (c == '\n') {
+      luaL_addstring(b, "\n  ");
+    } else if ((c < 0x20 && c != '\t') || c == 0x7f) {
+      char esc[8];
+      snprintf(esc, sizeof esc, "\\x%02X", c);
+      luaL_addstring(b, esc);
+    } else {
+      luaL_addchar(b, (char)c);
+    }
+  }
+  if (cut < len) {
+    char more[64];
+    snprintf(more, sizeof more, "... (%zu more bytes)", len - cut);
+    luaL_addstring(b, more);
+  }
+}
+
 /* core.log_write(level, message): "2026-11-25T18:00:00.123Z INFO message\n" on stderr */
 static int l_log_write(lua_State *L) {
   const char *level = luaL_checkstring(L, 1);
@@ -57,12 +82,18 @@ static int l_log_write(lua_State *L) {
   char stamp[40];
   size_t n = strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", &tm);
   snprintf(stamp + n, sizeof stamp - n, ".%03dZ ", (int)(ms % 1000));
+  luaL_Buffer m;
+  luaL_buffinit(L, &m);
+  add_masked(&m, msg, len);
+  luaL_pushresult(&m);
+  size_t mlen;
+  const char *masked = lua_tolstring(L, -1, &mlen);
   luaL_Buffer b;
   luaL_buffinit(L, &b);
   luaL_addstring(&b, stamp);
   luaL_addstring(&b, level);
   luaL_addchar(&b, ' ');
-  add_masked(&b, msg, len);
+  add_printable(&b, masked, mlen);
   luaL_addchar(&b, '\n');
   luaL_pushresult(&b);
   size_t outlen;

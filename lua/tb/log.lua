@@ -39,4 +39,28 @@ function M.new(writer, level)
   return self
 end
 
+-- printable(s [, max]) -> s as text safe to log and to send as a JSON string: invalid UTF-8
+-- and control characters become \xNN (a newline too), and past `max` bytes (default 512) it is
+-- cut with a note of how much was left out. For text from the server, which is data only.
+function M.printable(s, max)
+  s = tostring(s)
+  max = max or 512
+  local out, n, i, len = {}, 0, 1, #s
+  while i <= len and n < max do
+    local ok, nxt = pcall(utf8.offset, s, 2, i)
+    local c = s:byte(i)
+    local valid = ok and nxt and c >= 0x20 and c ~= 0x7f and (c < 0x80 and nxt == i + 1 or
+      c >= 0xc2 and utf8.len(s, i, nxt - 1) == 1)
+    if valid then
+      out[#out + 1] = s:sub(i, nxt - 1)
+      n, i = n + (nxt - i), nxt
+    else
+      out[#out + 1] = string.format("\\x%02X", c)
+      n, i = n + 4, i + 1
+    end
+  end
+  if i <= len then out[#out + 1] = string.format("... (%d more bytes)", len - i + 1) end
+  return table.concat(out)
+end
+
 return M

@@ -40,10 +40,10 @@ function M:on_watch(name)
   if name and not name:match("%.lua$") then return end
   self.first_change = self.first_change or self.sched.now()
   if self.timer then self.timer:cancel() end
-  self.timer = self.sched:timer(DEBOUNCE_MS, function()
+  self.timer = self.sched:system_timer(DEBOUNCE_MS, function()
     self.timer = nil
     self:reload("file change")
-  end, nil, nil, "reload")
+  end, "reload")
 end
 
 local function read(path)

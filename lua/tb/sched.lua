@@ -152,6 +152,15 @@ end
 
 -- wait(key, timeout_ms) -> ...: parks the running handler until wake(key, ...) or the timeout
 -- (then returns nil, "timeout").
+-- system_timer(delay, fn, name) -> timer: fn runs once on the loop's own stack, not in a
+-- handler coroutine, so it may do what only the loop may (load a script version: a yielding
+-- call at its top level must raise there, as it does at start).
+function M:system_timer(delay, fn, name)
+  local t = self:timer(delay, fn, nil, nil, name)
+  t.system = true
+  return t
+end
+
 function M:wait(key, timeout)
   local _, co = self:current()
   assert(co, "wait outside a handler")
@@ -210,6 +219,9 @@ function M:run_due()
       if t.wake_key then
         local key = t.wake_key
         self:wake(key, nil, "timeout")
+      elseif t.system then
+        local ok, err = xpcall(t.fn, debug.traceback)
+        if not ok then self.log.error("%s failed: %s", t.name, err) end
       else
         if t.period then
           -- catch up without bursts: the next run is a period after this one, never in the past

@@ -524,12 +524,12 @@ function M:respond(id, value, is_error)
   end
   local payload, err = self.json_encode(body)
   if not payload then
-    self.log.error("RPC %d: cannot encode the result: %s", id, err)
+    self.log.error("RPC %s: cannot encode the result: %s", id, err)
     payload = assert(self.json_encode({error = "cannot encode result: " .. err}))
   end
   local ok
   ok, err = self:publish_now(T_RPC_RES .. id, payload)
-  if not ok then self.log.warn("RPC %d: response not sent: %s", id, err) end
+  if not ok then self.log.warn("RPC %s: response not sent: %s", id, err) end
 end
 
 function M:on_rpc_request(id, payload)
@@ -543,10 +543,10 @@ function M:on_rpc_request(id, payload)
   local gen = self.generation()
   local fn = gen.rpc[method] or gen.rpc["*"]
   if not fn then
-    self.log.warn("RPC %d: unknown method %q", id, method)
+    self.log.warn("RPC %s: unknown method %q", id, method)
     return self:respond(id, "unknown method: " .. method, true)
   end
-  self.log.debug("RPC %d: %s", id, method)
+  self.log.debug("RPC %s: %s", id, method)
   self.sched:spawn("RPC " .. method, {
     fn = fn, gen = gen,
     on_done = function(...)
