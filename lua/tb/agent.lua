@@ -65,6 +65,12 @@ function M.run(core, config, log)
   local session, sched = ctx.session, ctx.sched
   local exit_code, exit_message = 0, nil
   local signals = 0
+  ctx.on_script_exit = function(status, where)
+    if ctx.script_exit then return end
+    ctx.script_exit = {code = status, message = string.format("the script called os.exit at %s (status %d)", where, status)}
+    log.warn("script called os.exit at %s: finishing in-flight messages, then exiting with status %d", where, status)
+    session:stop(config.shutdown_timeout or 3000)
+  end
 
   local function dispatch(kind, a, b, c, s1, s2)
     if kind == "signal" then
@@ -117,6 +123,7 @@ function M.run(core, config, log)
   end
   session.outbox:close()
   if ctx.fatal and exit_code == 0 then exit_code, exit_message = ctx.fatal.code, ctx.fatal.message end
+  if ctx.script_exit and exit_code == 0 then exit_code, exit_message = ctx.script_exit.code, ctx.script_exit.message end
   if exit_code == 0 then
     log.info("stopped: %d sent, %d acknowledged, %d dropped", session.stats.sent, session.stats.acked, session.stats.dropped)
   end

@@ -61,6 +61,16 @@ function M:load(path, text)
   local dir = dirname(path)
   local env = setmetatable({}, {__index = _G})
   gen.env = env
+  -- os.exit would end the process in the middle of a loop iteration, with messages in
+  -- flight; in a script it asks for the clean shutdown of SIGTERM, with its status.
+  env.os = setmetatable({exit = function(code)
+    local status = code == nil and 0 or code == true and 0 or code == false and 1 or math.tointeger(code)
+    if not status or status < 0 or status > 255 then status = 1 end
+    local where = debug.getinfo(2, "Sl")
+    where = where and (where.short_src .. ":" .. (where.currentline or 0)) or "?"
+    if ctx.on_script_exit and not gen.loading then ctx.on_script_exit(status, where) end
+    error(string.format("os.exit(%s) called at %s: the agent stops cleanly", tostring(code), where), 2)
+  end}, {__index = os})
   -- require inside the script: "tb" is this generation's API; modules next to the script
   -- load into this generation too, so they reload with it.
   env.require = function(name)

@@ -183,3 +183,32 @@ test('a runaway script top level is cut off at load: exit 1', async (t) => {
   assert.equal(code, 1);
   assert.match(agent.log.text(), /device\.lua:2:/);
 });
+
+test('os.exit in a handler: what was sent is delivered, then a clean exit with its status and a clear line; at load or reload it is an error', async (t) => {
+  const w = world(t);
+  const broker = await w.broker();
+  const server = await w.server(broker);
+  const agent = await w.agentReady(`
+local tb = require "tb"
+tb.on_rpc("ping", function() return "pong" end)
+tb.on_rpc("quit", function(n)
+  for i = 1, n do tb.send_telemetry({last = i}) end
+  os.exit(4)
+  tb.send_telemetry({after_exit = true})
+end)
+`, { broker });
+  const from = server.mark();
+  const r = await server.rpc('quit', 20, { timeout: 5000 }).catch((e) => ({ json: {}, text: e.message }));
+  assert.match(r.json.error || '', /os\.exit\(4\)/, r.text);
+  const { code } = await agent.waitExit(10000);
+  assert.equal(code, 4);
+  assert.match(agent.log.text(), /tbagent: the script called os\.exit at .*:6 \(status 4\)/);
+  const got = server.all(T, from).map((m) => JSON.parse(tele(m)).last);
+  assert.deepEqual(got, Array.from({ length: 20 }, (_, i) => i + 1));
+  assert.ok(!server.all(T, from).some((m) => /after_exit/.test(m.text)));
+
+  const dir = tmpdir();
+  const res = await runAgent(['run', writeScript(dir, 'local tb = require "tb"\nos.exit(0)\n'), '--token', 't', '--port', '1']);
+  assert.equal(res.code, 1);
+  assert.match(res.stderr, /tbagent: cannot load .*os\.exit\(0\) called at .*:2/);
+});
