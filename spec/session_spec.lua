@@ -53,6 +53,24 @@ describe("session", function()
     assert.equal(4, sent[1].values.seq)
   end)
 
+  it("in memory too: drops the oldest, counting those dropped when in-flight records come back", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("burst", function(n) for i = 1, n do tb.send_telemetry{seq = i} end end)
+    ]]), {memory_outbox = true, config = {outbox_limit = 5, max_inflight = 3}})
+    s:connect()
+    s.hold_acks = true
+    s:rpc("burst", 8)           -- 1-3 in flight, 4-8 queued: the outbox is full
+    assert.is_nil(s:logged("outbox full"))
+    s:disconnect()              -- 1-3 come back to the front: 8 > 5, so they are dropped
+    assert.truthy(s:logged("outbox full %(limit 5 records%): dropped the oldest; 3 dropped so far", "warn"))
+    s.hold_acks = false
+    s:advance(60000)
+    local seqs = {}
+    for _, m in ipairs(s:sent("v1/devices/me/telemetry")) do seqs[#seqs + 1] = (m.values or m).seq end
+    assert.same({1, 2, 3, 4, 5, 6, 7, 8}, seqs)
+  end)
+
   it("refuses payloads over the limit at the call and never queues them", function()
     local s = testing.load(script([[
       local tb = require "tb"
@@ -295,5 +313,36 @@ describe("session", function()
     end
     assert.is_true(seqs[1] and seqs[2])
     assert.equal(1, s.session.stats.set_aside)
+  end)
+end)
+
+describe("reconnect backoff", function()
+  local session = require "tb.session"
+  local function delays(attempt, n)
+    local out = {}
+    for i = 1, n do
+      local fake = {config = {backoff_min = 1000, backoff_max = 60000}, attempts = attempt}
+      out[i] = session.backoff_delay(fake)
+    end
+    return out
+  end
+
+  it("doubles from the minimum to the maximum, spread by +-25 % jitter", function()
+    for attempt, base in pairs({[0] = 1000, [1] = 2000, [3] = 8000, [5] = 32000, [6] = 60000, [20] = 60000}) do
+      local d = delays(attempt, 200)
+      local lo, hi, distinct = math.huge, 0, {}
+      for _, v in ipairs(d) do
+        lo, hi = math.min(lo, v), math.max(hi, v)
+        distinct[v] = true
+      end
+      assert.is_true(lo >= math.floor(base * 0.75) and hi <= math.min(60000, base * 1.25),
+        string.format("attempt %d: %d..%d outside %d +-25 %%", attempt, lo, hi, base))
+      -- the spread is real: 200 draws cover most of the band, not one value
+      assert.is_true(hi - lo > base * (base < 60000 and 0.4 or 0.2),
+        string.format("attempt %d: %d..%d is no jitter", attempt, lo, hi))
+      local n = 0
+      for _ in pairs(distinct) do n = n + 1 end
+      assert.is_true(n > 50)
+    end
   end)
 end)

@@ -49,17 +49,21 @@ function M:close() end
 
 -- unshift(records): puts records back at the front, keeping their order (records[1] first).
 -- Used when a connection drops with records in flight: they go out again first.
+-- Returns how many records it had to drop to stay within the limit.
 function M:unshift(records)
   for i = #records, 1, -1 do
     self.first = self.first - 1
     self.items[self.first] = records[i]
     self.bytes = self.bytes + #records[i].payload
   end
+  local dropped = 0
   while self:count() > self.limit do
     -- a full outbox still loses the oldest, even when they were just put back
     self:pop()
-    self.dropped = self.dropped + 1
+    dropped = dropped + 1
   end
+  self.dropped = self.dropped + dropped
+  return dropped
 end
 
 return M

@@ -246,7 +246,13 @@ function M:on_disconnect(conn_id, rc, why)
   table.sort(back, function(a, b) return a.seq < b.seq end)
   self.inflight, self.inflight_n = {}, 0
   back = self:set_aside_poison(back, was_online)
-  if #back > 0 then self.outbox:unshift(back) end
+  if #back > 0 then
+    local dropped = self.outbox:unshift(back)
+    if type(dropped) == "number" and dropped > 0 then
+      self.stats.dropped = self.stats.dropped + dropped
+      self:warn_dropped()
+    end
+  end
   for _, fn in ipairs(self.listeners.disconnect) do fn() end
   self.sched:wake_all("attr:", nil, "disconnected")
   self.sched:wake_all("rpc:", nil, "disconnected")
@@ -364,8 +370,9 @@ end
 function M:warn_dropped()
   if self.drop_summary then return end
   local function say()
-    self.log.warn("outbox full (limit %d records): dropped the oldest; %d dropped so far",
-      self.outbox.limit, self.stats.dropped)
+    local b = self.outbox.max_bytes and string.format(", %d bytes", self.outbox.max_bytes) or ""
+    self.log.warn("outbox full (limit %d records%s): dropped the oldest; %d dropped so far",
+      self.outbox.limit, b, self.stats.dropped)
     self.warned_total = self.stats.dropped
   end
   say()
@@ -441,8 +448,9 @@ end
 -- request_attributes(keys, timeout) -> {client=, shared=} | nil, err. keys: {client=, shared=}
 function M:request_attributes(keys, timeout)
   local req = {}
-  if keys.client then req.clientKeys = table.concat(keys.client, ",") end
-  if keys.shared then req.sharedKeys = table.concat(keys.shared, ",") end
+  -- an empty list is left out, as if not given ("clientKeys":"" is not a key set ThingsBoard documents)
+  if keys.client and #keys.client > 0 then req.clientKeys = table.concat(keys.client, ",") end
+  if keys.shared and #keys.shared > 0 then req.sharedKeys = table.concat(keys.shared, ",") end
   local payload = assert(self.json_encode(req))
   local id = self:next_id()
   local ok, err = self:publish_now(T_ATTR_REQ .. id, payload)

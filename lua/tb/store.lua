@@ -133,12 +133,14 @@ function M:unshift(records)
     if rec.mem then mem[#mem + 1] = rec
     elseif not lowest or rec.seq < lowest then lowest = rec.seq end
   end
-  if #mem > 0 then self.fallback:unshift(mem) end
+  local dropped = 0
+  if #mem > 0 then dropped = self.fallback:unshift(mem) end
   if lowest and lowest <= self.cursor then
     self.cursor = lowest - 1
     self.buffer, self.head = {}, 1
     self.pending = self.pending + (#records - #mem)
   end
+  return dropped
 end
 
 -- commit(): one transaction per loop iteration for acks and sent marks.

@@ -222,7 +222,8 @@ function Session:server_receive(conn_id, topic, payload, qos, mid)
   elseif topic == "v1/devices/me/claim" then
     self.claims[#self.claims + 1] = decode(self, payload)
   end
-  if qos and qos > 0 then self:queue("publish", conn_id, mid, 0) end
+  -- s.hold_acks = true: a server that takes publishes but never acknowledges them
+  if qos and qos > 0 and not self.hold_acks then self:queue("publish", conn_id, mid, 0) end
 end
 
 local function ensure_online(s)

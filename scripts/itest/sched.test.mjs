@@ -2,6 +2,7 @@
 // timers, on_connect/on_disconnect, tb.log, tb.state; and an idle agent that uses no CPU.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import { world, cpuTicks, delay, ms, tele } from './lib.mjs';
 
 const T = 'v1/devices/me/telemetry';
@@ -152,6 +153,9 @@ tb.on_rpc("ping", function() return "pong" end)
   const used = cpuTicks(agent.pid) - before;
   assert.ok(used <= 2, `idle agent used ${used} clock ticks in 3 s`);
   assert.equal((await server.rpc('ping')).text, '"pong"');
+  // one poll loop and no threads (libmosquitto's and libcurl's included)
+  const threads = /^Threads:\s+(\d+)$/m.exec(fs.readFileSync(`/proc/${agent.pid}/status`, 'utf8'));
+  assert.equal(Number(threads[1]), 1, 'the agent runs one thread');
 });
 
 test('an agent waiting to reconnect uses no CPU', async (t) => {
