@@ -1,5 +1,7 @@
 -- tb.check: `tbagent check SCRIPT.lua` loads the script with the same loader as `run`,
--- against an offline session (nothing connects, no timer runs), and reports what it finds.
+-- against an offline session (nothing connects, no timer runs), and reports what it finds:
+-- every misuse of the tb API at load (each as file:line: message), then the error that
+-- stopped the load, if one did.
 local agent = require "tb.agent"
 
 local M = {}
@@ -8,9 +10,16 @@ local M = {}
 function M.run(core, path, log)
   local config = {script = path, host = "offline", port = 0, token = "check", session_limits = false}
   local ctx = agent.build(core, config, log)
+  ctx.problems = {}
   local gen, err = ctx.loader:load(path)
-  if not gen then
-    io.stderr:write("tbagent: ", path, ": ", err, "\n")
+  local problems = ctx.problems
+  if not gen then problems[#problems + 1] = err end
+  if #problems == 1 then
+    io.stderr:write("tbagent: ", path, ": ", problems[1], "\n")
+    return 1
+  elseif #problems > 1 then
+    for _, p in ipairs(problems) do io.stderr:write(p, "\n") end
+    io.stderr:write(string.format("tbagent: %s: %d problems found (listed above)\n", path, #problems))
     return 1
   end
   local methods = {}

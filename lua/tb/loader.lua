@@ -45,6 +45,28 @@ local function run_budgeted(fn, budget_ms, now)
   return table.unpack(res, 1, res.n)
 end
 
+-- collecting(tbapi, problems) -> tbapi whose misuse (a handler of the wrong type, a yielding
+-- call at top level) is recorded as "file:line: message" in problems and answered nil, err
+-- instead of raised, so `tbagent check` goes on and reports every such problem.
+function M.collecting(tbapi, problems)
+  local out = {}
+  for k, f in pairs(tbapi) do
+    if type(f) == "function" then
+      out[k] = function(...)
+        local res = table.pack(pcall(f, ...))
+        if res[1] then return table.unpack(res, 2, res.n) end
+        local where = debug.getinfo(2, "Sl")
+        local msg = tostring(res[2]):gsub("^[^\n]-:%d+: ", "", 1)
+        problems[#problems + 1] = string.format("%s:%d: %s", where.short_src, where.currentline, msg)
+        return nil, msg
+      end
+    else
+      out[k] = f
+    end
+  end
+  return out
+end
+
 -- load(path [, text]) -> gen | nil, err ("file:line: message")
 function M:load(path, text)
   local err
@@ -57,6 +79,7 @@ function M:load(path, text)
   self.next_id = self.next_id + 1
   gen.loading, gen.held, gen.path, gen.text = true, {}, path, text
   local tbapi = api.bind(ctx, gen)
+  if ctx.problems then tbapi = M.collecting(tbapi, ctx.problems) end
   gen.api = tbapi
   local dir = dirname(path)
   local env = setmetatable({}, {__index = _G})

@@ -108,6 +108,17 @@ test('check: good script exits 0, bad scripts exit 1 with file:line', async () =
   r = await runAgent(['check', raises]);
   assert.equal(r.code, 1);
   assert.match(oneLine(r.stderr), /raises\.lua:2:/);
+  // every problem, not only the first: a handler of the wrong type, a yielding call at top
+  // level, a bad timer, then the error that stops the load
+  const multi = writeScript(dir, 'local tb = require "tb"\ntb.on_rpc("x", 42)\ntb.sleep(10)\n' +
+    'tb.every("soon", print)\ntb.on_attributes(function() end)\nlocal t = nil\nprint(t.x)\n', 'multi.lua');
+  r = await runAgent(['check', multi]);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /multi\.lua:2: bad argument #2 to 'on_rpc' \(function expected, got number\)$/m);
+  assert.match(r.stderr, /multi\.lua:3: tb\.sleep yields and cannot be called at a script's top level/m);
+  assert.match(r.stderr, /multi\.lua:4: bad argument #1 to 'every'/m);
+  assert.match(r.stderr, /multi\.lua:7: attempt to index a nil value/m);
+  assert.match(r.stderr, /4 problems found/);
   r = await runAgent(['check', `${dir}/nope.lua`]);
   assert.equal(r.code, 1);
   assert.match(oneLine(r.stderr), /nope\.lua/);
