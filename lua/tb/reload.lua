@@ -23,16 +23,36 @@ local function sources(gen)
   return files
 end
 
--- start(): watches the script's directory.
+-- start(): watches the script's directory, and the directories of the modules it requires.
 function M:start()
   local path = self.ctx.current.path
+  self.watched = {}
   local ok, err = self.ctx.core.watch_dir(dirname(path))
   if not ok then
     self.log.warn("hot reload off: %s", err)
     return nil, err
   end
+  self.watched[dirname(path)] = true
   self.log.debug("watching %s for changes", dirname(path))
+  self:watch_modules(self.ctx.current)
   return true
+end
+
+-- watch_modules(gen): modules in subdirectories (require "lib.util") reload with the script.
+function M:watch_modules(gen)
+  if not self.watched then return end
+  for _, f in pairs(gen.module_files or {}) do
+    local dir = dirname(f.path)
+    if not self.watched[dir] then
+      local ok, err = self.ctx.core.watch_dir(dir)
+      if ok then
+        self.watched[dir] = true
+        self.log.debug("watching %s for changes", dir)
+      else
+        self.log.warn("changes to %s will not reload the script: %s", f.path, err)
+      end
+    end
+  end
 end
 
 -- on_watch(name): a file changed in the directory.
@@ -75,6 +95,7 @@ function M:reload(reason)
     return nil, err
   end
   ctx.loader:commit(gen)
+  self:watch_modules(gen)
   self.reloads = self.reloads + 1
   local took = since and (self.sched.now() - since) or 0
   self.log.info("reloaded %s: generation %d live (%s, %d ms after the change)", live.path, gen.id, reason, took)

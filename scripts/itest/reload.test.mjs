@@ -120,3 +120,22 @@ test('SIGHUP reloads, and an unchanged save is skipped', async (t) => {
   fs.writeFileSync(f2, version(5, { sending: false }));
   await watched.waitForLog(/reload skipped: no loaded file changed/, 3000);
 });
+
+test('a module in a subdirectory (require "lib.answer") reloads the script when it is saved', async (t) => {
+  const w = world(t);
+  const broker = await w.broker();
+  const server = await w.server(broker);
+  const dir = tmpdir('tbitest-reload-mod-');
+  fs.mkdirSync(path.join(dir, 'lib'));
+  const mod = path.join(dir, 'lib', 'answer.lua');
+  fs.writeFileSync(mod, 'return {value = 1}\n');
+  const file = path.join(dir, 'device.lua');
+  fs.writeFileSync(file, 'local tb = require "tb"\nlocal answer = require "lib.answer"\ntb.on_rpc("ver", function() return answer.value end)\n');
+  const agent = await w.agentReady(file, { dir, broker, args: ['--no-reload=0'] });
+  await untilVersion(server, 1, 3000);
+  save(mod, 'return {value = 2}\n', 'rename');
+  await untilVersion(server, 2, 2000);
+  save(mod, 'return {value = 3}\n', 'truncate');
+  await untilVersion(server, 3, 2000);
+  assert.ok(agent.running());
+});
