@@ -29,6 +29,12 @@ local M = {}
 
 local decode, encode = core.json_decode, core.json_encode
 
+-- The ASan run preloads libasan into lua5.4 (which is not instrumented); children must not
+-- inherit it (curl deadlocks at start with it), so every command runs without LD_PRELOAD.
+local CHILD_ENV = os.getenv("LD_PRELOAD") and "unset LD_PRELOAD; " or ""
+local function execute(cmd) return os.execute(CHILD_ENV .. cmd) end
+local function popen(cmd, mode) return io.popen(CHILD_ENV .. cmd, mode) end
+
 local function shq(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
@@ -48,12 +54,12 @@ local function write_file(path, text)
 end
 
 local function sh(cmd)
-  local ok = os.execute(cmd)
+  local ok = execute(cmd)
   return ok == true or ok == 0
 end
 
 local function sleep_ms(ms)
-  os.execute(string.format("sleep %.3f", ms / 1000))
+  execute(string.format("sleep %.3f", ms / 1000))
 end
 
 local function monotonic_ms()
@@ -63,7 +69,7 @@ local function monotonic_ms()
 end
 
 local function mktemp_dir(prefix)
-  local p = io.popen("mktemp -d /tmp/" .. prefix .. "XXXXXX")
+  local p = popen("mktemp -d /tmp/" .. prefix .. "XXXXXX")
   local dir = p:read("l")
   p:close()
   assert(dir and dir ~= "", "mktemp -d failed")
@@ -71,7 +77,7 @@ local function mktemp_dir(prefix)
 end
 
 local function repo_root()
-  local p = io.popen("pwd")
+  local p = popen("pwd")
   local d = p:read("l")
   p:close()
   return d
@@ -223,7 +229,7 @@ end
 function Fake:sleep(ms) self.s:advance(ms) end
 
 function Fake:stop()
-  if self.dir then os.execute("rm -rf " .. shq(self.dir)) self.dir = nil end
+  if self.dir then execute("rm -rf " .. shq(self.dir)) self.dir = nil end
 end
 
 -------------------------------------------------------------------------------------------
@@ -259,7 +265,7 @@ function RealServer:http(method, path, body, timeout_ms)
     args[#args + 1] = "-H 'Content-Type: application/json' --data-binary @" .. shq(inp)
   end
   args[#args + 1] = shq(self.base .. path)
-  local p = io.popen(table.concat(args, " ") .. " 2>/dev/null")
+  local p = popen(table.concat(args, " ") .. " 2>/dev/null")
   local code = p:read("a")
   p:close()
   local text = read_file(out) or ""
@@ -315,7 +321,7 @@ function RealServer:close()
   for _, d in ipairs(self.devices) do d:stop() end
   self.devices = {}
   if self.pid then kill_pid(self.pid) self.pid = nil end
-  if self.dir then os.execute("rm -rf " .. shq(self.dir)) self.dir = nil end
+  if self.dir then execute("rm -rf " .. shq(self.dir)) self.dir = nil end
 end
 
 function Real:api(method, path, body, timeout_ms)
@@ -399,7 +405,7 @@ end
 
 function Real:stop()
   if self.pid then kill_pid(self.pid) self.pid = nil end
-  if self.dir then os.execute("rm -rf " .. shq(self.dir)) self.dir = nil end
+  if self.dir then execute("rm -rf " .. shq(self.dir)) self.dir = nil end
 end
 
 -------------------------------------------------------------------------------------------
