@@ -92,7 +92,8 @@ function M:load(path, text)
     local where = debug.getinfo(2, "Sl")
     where = where and (where.short_src .. ":" .. (where.currentline or 0)) or "?"
     if ctx.on_script_exit and not gen.loading then ctx.on_script_exit(status, where) end
-    error(string.format("os.exit(%s) called at %s: the agent stops cleanly", tostring(code), where), 2)
+    error(string.format("os.exit(%s) called: %s", tostring(code),
+      gen.loading and "not allowed while the script loads" or "the agent stops cleanly"), 2)
   end}, {__index = os})
   -- require inside the script: "tb" is this generation's API; modules next to the script
   -- load into this generation too, so they reload with it.

@@ -210,5 +210,5 @@ end)
   const dir = tmpdir();
   const res = await runAgent(['run', writeScript(dir, 'local tb = require "tb"\nos.exit(0)\n'), '--token', 't', '--port', '1']);
   assert.equal(res.code, 1);
-  assert.match(res.stderr, /tbagent: cannot load .*os\.exit\(0\) called at .*:2/);
+  assert.match(res.stderr, /tbagent: cannot load .*:2: os\.exit\(0\) called: not allowed while the script loads/);
 });
