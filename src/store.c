@@ -1,8 +1,10 @@
 /* store.c: the durable outbox, an SQLite database in WAL mode in the state directory.
- * A record is inserted (its own transaction: once send_telemetry returned true it is on
- * disk, safe from a crash of the agent) and deleted only when the broker acknowledged it.
- * Marks of "sent" and deletions of acknowledged records are cheap to lose (at worst a
- * duplicate after a crash), so they are grouped into one transaction per loop iteration.
+ * A record is inserted, and deleted only when the broker acknowledged it. Inserts, marks of
+ * "sent" and deletions are grouped into one transaction that Lua commits when the handler
+ * that sent yields or ends, before the records are published (tb.session): a commit per
+ * record would cost more than the rest of the agent's work per message. The database is
+ * opened in exclusive locking mode (one agent per state directory; no shared-memory index)
+ * with 1 KiB pages (a commit of one small record writes one small page).
  * Lua sees userdata "tb.store"; all statements are prepared once. */
 #include <fcntl.h>
 #include <stdlib.h>
@@ -21,6 +23,8 @@ typedef struct {
 } tb_store;
 
 static const char *SCHEMA =
+  "PRAGMA page_size=1024;"
+  "PRAGMA locking_mode=EXCLUSIVE;"
   "PRAGMA journal_mode=WAL;"
   "PRAGMA synchronous=NORMAL;"
   "CREATE TABLE IF NOT EXISTS outbox("
@@ -96,7 +100,15 @@ static int l_store_open(lua_State *L) {
   return 1;
 }
 
-/* store:push(created_ms, topic, payload, qos, kind, points) -> seq | nil, err (committed) */
+static int batch_begin(tb_store *s) {
+  if (s->in_batch) return SQLITE_OK;
+  int rc = sqlite3_exec(s->db, "BEGIN", NULL, NULL, NULL);
+  if (rc == SQLITE_OK) s->in_batch = 1;
+  return rc;
+}
+
+/* store:push(created_ms, topic, payload, qos, kind, points) -> seq | nil, err (in the batch:
+ * on disk at the next store:commit()) */
 static int l_push(lua_State *L) {
   tb_store *s = check_store(L);
   lua_Integer created = luaL_checkinteger(L, 2);
@@ -107,6 +119,7 @@ static int l_push(lua_State *L) {
   const char *kind = luaL_optstring(L, 6, "");
   lua_Integer points = luaL_optinteger(L, 7, 0);
   sqlite3_stmt *st = s->insert;
+  if (batch_begin(s) != SQLITE_OK) return db_error(L, s, "cannot store record");
   sqlite3_bind_int64(st, 1, created);
   sqlite3_bind_text(st, 2, topic, (int)tlen, SQLITE_STATIC);
   sqlite3_bind_blob(st, 3, payload, (int)plen, SQLITE_STATIC);
@@ -118,12 +131,6 @@ static int l_push(lua_State *L) {
   sqlite3_clear_bindings(st);
   if (rc != SQLITE_DONE) return db_error(L, s, "cannot store record");
   lua_Integer seq = sqlite3_last_insert_rowid(s->db);
-  /* The script is told "accepted" when this returns, so the record must be on disk now even
-   * when acks and sent-marks of this loop iteration have a batch open: commit it with them. */
-  if (s->in_batch) {
-    s->in_batch = 0;
-    if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) return db_error(L, s, "cannot commit outbox");
-  }
   lua_pushinteger(L, seq);
   return 1;
 }
@@ -164,13 +171,6 @@ static int l_next(lua_State *L) {
   return 1;
 }
 
-static int batch_begin(tb_store *s) {
-  if (s->in_batch) return SQLITE_OK;
-  int rc = sqlite3_exec(s->db, "BEGIN", NULL, NULL, NULL);
-  if (rc == SQLITE_OK) s->in_batch = 1;
-  return rc;
-}
-
 static int run_seq(lua_State *L, tb_store *s, sqlite3_stmt *st, const char *what) {
   lua_Integer seq = luaL_checkinteger(L, 2);
   if (batch_begin(s) != SQLITE_OK) return db_error(L, s, what);
@@ -194,12 +194,20 @@ static int l_mark_sent(lua_State *L) {
   return run_seq(L, s, s->mark, "cannot mark record");
 }
 
-/* store:commit() -> true | nil, err: ends the batch of acks and marks */
+/* store:commit() -> true | nil, err: ends the batch of inserts, acks and marks; on failure it
+ * is rolled back */
 static int l_commit(lua_State *L) {
   tb_store *s = check_store(L);
   if (s->in_batch) {
     s->in_batch = 0;
-    if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) return db_error(L, s, "cannot commit outbox");
+    if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+      /* a failed COMMIT may leave the transaction open: end it, so the database is as it was
+       * at the last commit and Lua knows which records are not on disk */
+      lua_pushnil(L);
+      lua_pushfstring(L, "cannot commit outbox: %s", sqlite3_errmsg(s->db));
+      if (!sqlite3_get_autocommit(s->db)) sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+      return 2;
+    }
   }
   lua_pushboolean(L, 1);
   return 1;

@@ -104,6 +104,8 @@ function M:resume(co, ...)
     self.handlers[co] = nil
     self.running_count = self.running_count - 1
   end
+  -- what the handler sent goes to disk and out now (tb.session), before anything else runs
+  if self.after_resume then self.after_resume() end
 end
 
 -- spawn(name, fn, ...) -> coroutine: runs fn(...) as a handler now, until it yields or ends.

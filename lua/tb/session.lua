@@ -47,6 +47,7 @@ function M.new(o)
   self.configured_buckets = buckets
   self.limiter = limits.new(buckets, self.sched.now())
   self.tele_limiter = limits.new({}, self.sched.now())
+  self.sched.after_resume = function() self:after_handler() end
   return self
 end
 
@@ -361,7 +362,13 @@ function M:submit(topic, payload, kind, points)
     self.stats.dropped = self.stats.dropped + dropped
     self:warn_dropped()
   end
-  self:flush()
+  if self.outbox.durable and self.sched:current() then
+    -- on disk before it is sent, one commit for all a handler sends in one run: the
+    -- scheduler calls after_handler when the handler yields or ends
+    self.commit_due = true
+  else
+    self:commit_and_flush()
+  end
   return true
 end
 
@@ -380,6 +387,18 @@ function M:warn_dropped()
     self.drop_summary = nil
     if self.stats.dropped > self.warned_total then say() end
   end, nil, nil, "outbox warning")
+end
+
+-- commit_and_flush(): what the outbox holds goes to disk, then out as the window allows.
+function M:commit_and_flush()
+  self.commit_due = false
+  self.outbox:commit()
+  self:flush()
+end
+
+-- after_handler(): the scheduler's hook after every handler run (see submit).
+function M:after_handler()
+  if self.commit_due then self:commit_and_flush() end
 end
 
 function M:flush()

@@ -16,7 +16,7 @@ function M.open(o)
   if not db then return nil, err end
   local self = setmetatable({db = db, log = o.log, clock = o.clock, limit = o.limit or 100000,
     max_bytes = o.max_bytes or 64 * 1024 * 1024, max_age_ms = o.max_age_ms or 7 * 86400000,
-    cursor = 0, buffer = {}, head = 1, dropped = 0, expired = 0, durable = true,
+    cursor = 0, buffer = {}, head = 1, dropped = 0, expired = 0, durable = true, uncommitted = {},
     fallback = memory.new{limit = o.limit or 100000}}, M)
   local n, bytes, _, _, in_flight, newest = db:stats()
   self.n, self.bytes, self.pending, self.last_seq = n, bytes, n, newest
@@ -40,6 +40,7 @@ function M:push(rec)
     if seq then
       rec.seq = seq
       self.last_seq = seq
+      self.uncommitted[#self.uncommitted + 1] = rec
       self.n, self.bytes, self.pending = self.n + 1, self.bytes + #rec.payload, self.pending + 1
       return self:enforce_bounds()
     end
@@ -143,11 +144,26 @@ function M:unshift(records)
   return dropped
 end
 
--- commit(): one transaction per loop iteration for acks and sent marks.
+-- commit() -> true | nil, err: puts the records pushed since the last commit on disk, with
+-- the acks and sent marks (tb.session commits when a handler yields or ends, and once per
+-- loop iteration). When the disk fails, those records stay in memory and so does all that
+-- follows, until a restart.
 function M:commit()
-  if self.broken then return end
+  if self.broken then return true end
   local ok, err = self.db:commit()
-  if not ok then self.log.warn("outbox commit failed: %s", err) end
+  local batch = self.uncommitted
+  self.uncommitted = {}
+  if ok then return true end
+  self.broken = true
+  self.log.error("outbox on disk failed (%s): keeping new records in memory until restart", err)
+  self:recount()
+  for _, rec in ipairs(batch) do
+    if rec.seq > self.cursor then   -- not yet handed to the connection
+      rec.mem = true
+      self.dropped = self.dropped + self.fallback:push(rec)
+    end
+  end
+  return nil, err
 end
 
 function M:close()

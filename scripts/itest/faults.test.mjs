@@ -68,7 +68,10 @@ tb.every(${every}, function()
     return
   end
   seq = seq + 1
-  save(seq)
+  -- accepted: on disk once this handler run has ended (the outbox commits what a run sent
+  -- when it yields or ends), so the counter is written by the next handler
+  local n = seq
+  tb.after(0, function() save(n) end)
   if seq % 500 == 0 then tb.log.info("SEQ accepted %d", seq) end
 end)
 tb.every(50, function()
@@ -77,6 +80,7 @@ tb.every(50, function()
   if f then
     f:close()
     stopped = true
+    save(seq)
     tb.log.info("SEQ stopped at %d", seq)
   end
 end)
@@ -232,11 +236,12 @@ test('agent crash: kill -9 three times at random moments under load, restart wit
   for (const a of accepted) assert.ok(a <= r.last);
 });
 
-test('agent crash right after send_telemetry returned (the script kill -9s its own agent): every accepted record arrives after the restart', async (t) => {
-  // The random kills above rarely land in the few microseconds between a send and the end of
-  // the loop iteration; here the script itself kills the agent at that moment, after five
-  // accepted sends. With --max-inflight 1 the first send goes on the wire (its "sent" mark
-  // opens the store's batch for this loop iteration) and the four others wait in the outbox.
+test('agent crash right after the sending handler returned (the script kill -9s its own agent): every accepted record arrives after the restart', async (t) => {
+  // The random kills above rarely land in the few microseconds between a handler's sends and
+  // the next thing the agent does; here the script itself kills the agent at that moment:
+  // one handler sends five records, the next one (tb.after(0)) kills. The outbox commits what
+  // a handler sent when it yields or ends, before publishing it. With --max-inflight 1 the
+  // first record goes on the wire (its "sent" mark opens the next batch) and four wait.
   const w = world(t);
   const broker = await w.broker();
   const server = await w.server(broker);
@@ -254,8 +259,10 @@ tb.on_connect(function()
   tb.after(300, function()
     for i = 1, 5 do assert(tb.send_telemetry{seq = i}) end
     local out = assert(io.open(COUNTER, "w")); out:write("5"); out:close()
-    local st = assert(io.open("/proc/self/stat", "r")); local pid = st:read("a"):match("^(%d+)"); st:close()
-    os.execute("kill -9 " .. pid)
+    tb.after(0, function()
+      local st = assert(io.open("/proc/self/stat", "r")); local pid = st:read("a"):match("^(%d+)"); st:close()
+      os.execute("kill -9 " .. pid)
+    end)
   end)
 end)
 `);
@@ -276,7 +283,7 @@ end)
   console.log(fig);
   if (process.env.ITEST_VERBOSE) console.log(server.messages.filter((m) => m.topic === T).map((m) => `${m.at} ${m.text}`).join('\n'));
   assert.equal(r.lost, 0, `accepted before the kill, never delivered: seq ${r.missing.join(',')} ` +
-    `(send_telemetry returned true, but the record was only in the store's open batch, not committed)`);
+    `(send_telemetry returned true and its handler ended, but the record was not committed)`);
   assert.equal(r.outOfOrder, 0);
 });
 
