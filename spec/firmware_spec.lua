@@ -200,3 +200,149 @@ describe("firmware over HTTP and software", function()
     assert.is_true(found)
   end)
 end)
+
+describe("firmware and software together, server text and a changing offer", function()
+  local BOTH = [[
+    local tb = require "tb"
+    local function keep(kind)
+      return function(path, info)
+        local f = assert(io.open(path, "rb")); local d = f:read("a"); f:close()
+        tb.state[kind] = d
+        tb.state[kind .. "_path"] = path
+        if os.getenv("TB_SPEC_SLOW") and info.version == "slow" then tb.sleep(5000) end
+        return true
+      end
+    end
+    tb.firmware{current = {title = "fw", version = "1"}, chunk_size = 1000, install = keep("fw")}
+    tb.software{current = {title = "app", version = "1"}, chunk_size = 1000, install = keep("sw")}
+  ]]
+
+  local function chunk_kinds(s)
+    local kinds = {}
+    for _, m in ipairs(s.published) do
+      local kind = m.topic:match("^v2/(%a%a)/request/%d+/chunk/%d+$")
+      if kind and kinds[#kinds] ~= kind then kinds[#kinds + 1] = kind end
+    end
+    return table.concat(kinds, ",")
+  end
+
+  local function attrs(kind, info, img)
+    local p = kind .. "_"
+    return {[p .. "title"] = info.title, [p .. "version"] = info.version, [p .. "size"] = info.size or #img,
+      [p .. "checksum_algorithm"] = "SHA256", [p .. "checksum"] = core.hash_hex("SHA256", img)}
+  end
+
+  local function states_of(s, kind)
+    local out, last = {}, nil
+    for _, e in ipairs(s:sent("v1/devices/me/telemetry")) do
+      local st = e.values[kind .. "_state"]
+      if st then out[#out + 1] = st end
+      if e.values[kind .. "_error"] then last = e.values[kind .. "_error"] end
+    end
+    return out, last
+  end
+
+  it("routes NOT_FOUND on v2/fw/error to a software download", function()
+    local s = testing.load(script(BOTH))
+    s:connect()
+    s.packages.sw = nil
+    s:push_attributes(attrs("sw", {title = "app", version = "2"}, image(3000)))
+    s:advance(100)
+    local states, err = states_of(s, "sw")
+    assert.same({"DOWNLOADING", "FAILED"}, states)
+    assert.equal("server refused the download: NOT_FOUND", err)
+    assert.same({}, (states_of(s, "fw")))
+  end)
+
+  it("downloads firmware and software over MQTT one at a time", function()
+    local s = testing.load(script(BOTH))
+    s:connect()
+    local fw, sw = image(5500), image(4200):reverse()
+    s.packages.fw = {bytes = fw}
+    s.packages.sw = {bytes = sw}
+    -- the firmware's first chunks are held back, so the software offer comes mid-download
+    local serve, held = s.serve_chunk, {}
+    s.serve_chunk = function(self, ...)
+      if held and select(2, ...) == "fw" then held[#held + 1] = table.pack(...) else serve(self, ...) end
+    end
+    s:push_attributes(attrs("fw", {title = "fw", version = "2"}, fw))
+    s:push_attributes(attrs("sw", {title = "app", version = "2"}, sw))
+    s:advance(100)
+    assert.truthy(s:logged("software download waits for the firmware download to end"))
+    assert.equal("fw", chunk_kinds(s))
+    local replay = held
+    held = nil
+    for _, a in ipairs(replay) do serve(s, table.unpack(a, 1, a.n)) end
+    s:pump()
+    s:advance(1000)
+    assert.equal("UPDATED", states_of(s, "fw")[5])
+    assert.equal("UPDATED", states_of(s, "sw")[5])
+    assert.equal(fw, s:state().fw)
+    assert.equal(sw, s:state().sw)
+    assert.equal("fw,sw", chunk_kinds(s))
+  end)
+
+  it("says the size is wrong when a fresh request id gets the same short chunk", function()
+    local s = load(1000)
+    local img = image(3300)
+    local r = s:offer_firmware({title = "dev", version = "2.0", size = 5000}, img)
+    assert.equal("FAILED", r.state)
+    assert.equal("size mismatch: the image ends at byte 3300 but fw_size is 5000", r.error)
+  end)
+
+  it("reports the server's error text printable and bounded", function()
+    local s = load(1000)
+    s:connect()
+    s.packages.fw = {bytes = image(3000)}
+    s.serve_chunk = function() end   -- the server answers with an error instead
+    s:push_attributes(attrs("fw", {title = "dev", version = "2.0"}, image(3000)))
+    s:queue("message", s.session.conn_id, 1, 0, "v2/fw/error", "NOT\255\254\n\27[31m" .. ("E"):rep(100 * 1024))
+    s:pump()
+    local states, err = states_of(s, "fw")
+    assert.same({"DOWNLOADING", "FAILED"}, states)
+    assert.truthy(utf8.len(err))
+    assert.is_nil(err:find("[%c\128-\255]"))
+    assert.truthy(#err < 400)
+    assert.matches("^server refused the download: NOT\\xFF\\xFE\\x0A\\x1B%[31mEEE", err)
+    for _, l in ipairs(s.logs) do assert.truthy(#l.message < 4096) end
+  end)
+
+  it("makes fw_* values from the server printable before they reach names, logs and telemetry", function()
+    local s = load(1000)
+    local img = image(1500)
+    local r = s:offer_firmware({title = "../../etc/\nx", version = "..", checksum_algorithm = "SHA256"}, img)
+    assert.equal("UPDATED", r.state)
+    assert.truthy(s:logged("firmware download 100%%"))
+    for _, l in ipairs(s.logs) do assert.is_nil(l.message:find("\n"), l.message) end
+    local last = s:sent("v1/devices/me/telemetry")
+    assert.same({current_fw_title = "../../etc/\\x0Ax", current_fw_version = ".."}, last[#last].values)
+    -- the next offer of the same package is recognised as installed
+    r = s:offer_firmware({title = "../../etc/\nx", version = "..", checksum_algorithm = "SHA256"}, img)
+    assert.is_nil(r.state)
+    -- file names: no separator, no leading dot
+    local fw = require "tb.firmware"
+    assert.equal("__.._etc_x", fw.sanitize("../../etc/x"))
+    assert.equal("_", fw.sanitize(".."))
+    assert.equal("_", fw.sanitize(""))
+    assert.equal("_etc_passwd", fw.sanitize("/etc/passwd"))
+  end)
+
+  it("keeps the result of an install() that runs while the offer changes, then looks at the new offer", function()
+    local s = testing.load(script(BOTH:gsub('os.getenv%("TB_SPEC_SLOW"%)', "true")))
+    s:connect()
+    local a, b = image(2500), image(1800):reverse()
+    s.packages.fw = {bytes = a}
+    s:push_attributes(attrs("fw", {title = "fw", version = "slow"}, a))
+    s:advance(100)
+    assert.same({"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING"}, (states_of(s, "fw")))
+    s.packages.fw = {bytes = b}
+    s:push_attributes(attrs("fw", {title = "fw", version = "3"}, b))
+    s:advance(100)
+    assert.same({"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING"}, (states_of(s, "fw")))
+    s:advance(6000)
+    assert.same({"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED",
+      "DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}, (states_of(s, "fw")))
+    assert.equal(b, s:state().fw)
+    assert.equal("3", s.ctx.firmware:current().version)
+  end)
+end)

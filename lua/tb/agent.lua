@@ -25,6 +25,9 @@ function M.build(core, config, log)
   ctx.rpc_timeout = config.rpc_timeout
   ctx.load_budget_ms = config.load_budget or 5000
   ctx.loader = loader_mod.new(ctx)
+  -- firmware and software share one lock: one MQTT chunk download at a time, so an error on
+  -- v2/fw/error (where ThingsBoard reports both) belongs to the one download running
+  ctx.ota_lock = firmware.new_lock()
   ctx.firmware = firmware.new("fw", ctx)
   ctx.software = firmware.new("sw", ctx)
   return ctx
@@ -100,7 +103,11 @@ function M.run(core, config, log)
       return
     end
     if kind == "http_done" then
-      local _ = ctx.firmware:on_http_done(a, b, c, s1, s2) or ctx.software:on_http_done(a, b, c, s1, s2)
+      -- a download's end goes to the updater that started it (each knows its own ids)
+      local okh, errh = xpcall(function()
+        return ctx.firmware:on_http_done(a, b, c, s1, s2) or ctx.software:on_http_done(a, b, c, s1, s2)
+      end, debug.traceback)
+      if not okh then log.error("internal error while handling http_done: %s", errh) end
       return
     end
     local okd, errd = xpcall(session.on_event, debug.traceback, session, kind, a, b, c, s1, s2)

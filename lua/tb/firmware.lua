@@ -5,8 +5,22 @@
 -- the checksum computed on the way, verifies it and reports fw_state as ThingsBoard's
 -- dashboard expects: DOWNLOADING, DOWNLOADED, VERIFIED, UPDATING, UPDATED or FAILED.
 -- Each update is one handler coroutine; it waits on chunk, HTTP and connection events.
+-- Firmware and software downloads over MQTT run one at a time (ctx.ota_lock): ThingsBoard
+-- reports the errors of both on v2/fw/error, so an error belongs to the one download running.
+-- Every fw_* value from the server is data: it is made printable (tb.log.printable) and
+-- bounded before it reaches a file name, a log line, fw_error or telemetry.
+local printable = require("tb.log").printable
+
 local M = {}
 M.__index = M
+
+-- bounds for server text: names and the server's error text, fw_error as a whole
+local TEXT_MAX, ERROR_MAX = 256, 1024
+
+-- new_lock() -> the lock shared by the updaters of one agent (ctx.ota_lock)
+function M.new_lock()
+  return {owner = nil, queue = {}}
+end
 
 local ATTRS = {"title", "version", "size", "checksum", "checksum_algorithm", "url", "tag"}
 
@@ -17,6 +31,8 @@ function M.new(kind, ctx)
     ctx = ctx, session = ctx.session, sched = ctx.sched, log = ctx.log, core = ctx.core,
     config = ctx.config, offered = {}, failed = {}, job = nil,
   }, M)
+  ctx.ota_lock = ctx.ota_lock or M.new_lock()
+  self.lock = ctx.ota_lock
   self.label = self.policy_name
   self.dir = (ctx.config.state_dir or "./.tbagent") .. "/" .. self.policy_name
   local l = self.session.listeners
@@ -29,9 +45,19 @@ function M.new(kind, ctx)
   return self
 end
 
+-- sanitize(s) -> a file name part: letters, digits, '.', '_' and '-' only, no leading dot
+-- (so never "." or ".."), at most 80 bytes
 local function sanitize(s)
-  s = tostring(s):gsub("[^%w%._%-]", "_"):gsub("^%.+", "_")
-  return s:sub(1, 80)
+  s = tostring(s):gsub("[^%w%._%-]", "_"):gsub("^%.+", "_"):sub(1, 80)
+  return s ~= "" and s or "_"
+end
+M.sanitize = sanitize
+
+-- server_text(v [, max]) -> v from the server as printable text (nil stays nil); max nil: unbounded
+local function server_text(v, max)
+  if v == nil then return nil end
+  v = tostring(v)
+  return printable(v, max or (4 * #v + 16))
 end
 
 function M:policy()
@@ -67,15 +93,23 @@ end
 function M:report(values)
   local ts = math.max(self.ctx.clock(), (self.last_ts or 0) + 1)
   self.last_ts = ts
-  local payload = assert(self.core.json_encode({ts = ts, values = values}))
-  local ok, err = self.session:submit(self.session.topics.telemetry, payload, "telemetry", 1)
-  if not ok then self.log.warn("%s state not reported: %s", self.label, err) end
+  local payload, err = self.core.json_encode({ts = ts, values = values})
+  if not payload then
+    self.log.warn("%s state not reported: %s", self.label, printable(err, TEXT_MAX))
+    return
+  end
+  local ok
+  ok, err = self.session:submit(self.session.topics.telemetry, payload, "telemetry", 1)
+  if not ok then self.log.warn("%s state not reported: %s", self.label, printable(err, TEXT_MAX)) end
 end
 
 function M:set_state(state, err)
   local p = self.prefix
   local v = {[p .. "state"] = state}
-  if err then v[p .. "error"] = err end
+  if err then
+    err = printable(err, ERROR_MAX)
+    v[p .. "error"] = err
+  end
   self.log.info("%s %s%s", self.label, state, err and (": " .. err) or "")
   if self.job then self.job.states[#self.job.states + 1] = state end
   self:report(v)
@@ -127,13 +161,26 @@ function M:evaluate()
   local o = self.offered
   local info = nil
   if o.title ~= nil and o.version ~= nil then
-    info = {title = tostring(o.title), version = tostring(o.version), size = math.tointeger(o.size),
-      checksum = o.checksum and tostring(o.checksum) or nil,
-      checksum_algorithm = o.checksum_algorithm and tostring(o.checksum_algorithm) or nil,
-      url = o.url and tostring(o.url) or nil, tag = o.tag and tostring(o.tag) or nil}
+    -- server text, made printable once here: every later use (file names, logs, fw_error,
+    -- current.json, telemetry) sees the same text, so comparisons stay stable
+    local size = (type(o.size) == "number" or type(o.size) == "string") and tonumber(o.size) or nil
+    info = {title = server_text(o.title, TEXT_MAX), version = server_text(o.version, TEXT_MAX),
+      size = size and math.tointeger(size) or nil,
+      checksum = server_text(o.checksum, TEXT_MAX), checksum_algorithm = server_text(o.checksum_algorithm, 64),
+      url = server_text(o.url), tag = server_text(o.tag, TEXT_MAX)}
   end
   local job = self.job
   if job and (not info or package_key(info) ~= job.key_text) then
+    if job.installing then
+      -- the image is verified and install() runs: its result is kept and reported; the new
+      -- offer is looked at once install() has returned
+      if not job.reevaluate then
+        self.log.info("%s offer changed while %s %s is being installed; looked at again afterwards",
+          self.label, job.info.title, job.info.version)
+      end
+      job.reevaluate = true
+      return
+    end
     self.log.info("%s %s %s withdrawn or replaced; abandoning its download", self.label, job.info.title, job.info.version)
     self:cancel_job()
   end
@@ -153,8 +200,9 @@ function M:cancel_job()
   if not job then return end
   job.cancelled = true
   self.job = nil
+  self:release(job)
   if job.download then job.download:cancel() end
-  if job.sink then job.sink:close() end
+  if job.sink then job.sink:close(); job.sink = nil end
   os.remove(job.part)
   os.remove(self.dir .. "/job.json")
   self.sched:wake(job.key, "cancelled")
@@ -162,7 +210,7 @@ end
 
 function M:start_job(info)
   local name = sanitize(info.title) .. "-" .. sanitize(info.version)
-  local job = {info = info, key_text = package_key(info), key = {}, states = {},
+  local job = {info = info, key_text = package_key(info), key = {}, states = {}, label = self.label,
     part = self.dir .. "/" .. name .. ".part", image = self.dir .. "/" .. name .. ".bin", chunks = {}}
   self.job = job
   self.sched:spawn(self.label .. " update", {fn = function() self:run_job(job) end,
@@ -174,14 +222,77 @@ function M:start_job(info)
 end
 
 function M:finish_failed(job, err)
+  self:release(job)
   self.failed[job.key_text] = true
   self:set_state("FAILED", err)
-  if job.sink then job.sink:close() end
+  if job.sink then job.sink:close(); job.sink = nil end
   os.remove(job.part)
   os.remove(job.image)
   os.remove(self.dir .. "/job.json")
+  job.finished = true
   if self.job == job then self.job = nil end
+  self:after_job(job)
   return false
+end
+
+-- after_job(job): an offer that changed while install() ran is looked at now
+function M:after_job(job)
+  if job.reevaluate and not self.job then
+    job.reevaluate = nil
+    self.sched:system_timer(0, function() self:evaluate() end, self.label .. " offer")
+  end
+end
+
+-------------------------------------------------------------------------------------------
+-- one MQTT chunk download at a time, across firmware and software
+
+local function stale(lock)
+  local o = lock.owner
+  return o and (o.cancelled or o.finished or o.updater.job ~= o)
+end
+
+-- acquire(job) -> true once job holds the lock; false if the job was cancelled meanwhile
+function M:acquire(job)
+  local lock = self.lock
+  job.updater = self
+  if stale(lock) then lock.owner = nil end
+  if lock.owner == job then return true end
+  if not lock.owner and #lock.queue == 0 then
+    lock.owner = job
+    return true
+  end
+  lock.queue[#lock.queue + 1] = job
+  self.log.info("%s download waits for the %s download to end (one MQTT download at a time)",
+    self.label, lock.owner and lock.owner.label or "other")
+  while true do
+    self.sched:wait(job.key, 5000)
+    if job.cancelled then return false end
+    if stale(lock) then lock.owner = nil end
+    -- drop waiters that went away
+    while lock.queue[1] and (lock.queue[1].cancelled or lock.queue[1].updater.job ~= lock.queue[1]) do
+      table.remove(lock.queue, 1)
+    end
+    if not lock.owner and lock.queue[1] == job then
+      table.remove(lock.queue, 1)
+      lock.owner = job
+      self.log.info("%s download starts", self.label)
+      return true
+    end
+  end
+end
+
+-- release(job): job no longer downloads over MQTT; the next waiter is woken (from the loop)
+function M:release(job)
+  local lock = self.lock
+  for i = #lock.queue, 1, -1 do
+    if lock.queue[i] == job then table.remove(lock.queue, i) end
+  end
+  if lock.owner ~= job then return end
+  lock.owner = nil
+  local nxt = lock.queue[1]
+  if nxt then
+    self.sched:system_timer(0, function() nxt.updater.sched:wake(nxt.key, "lock") end, "OTA download lock")
+  end
 end
 
 -- run_job(job): the whole update, in its own coroutine.
@@ -211,6 +322,7 @@ function M:run_job(job)
     hex, err = self:download_http(job)
   else
     hex, err = self:download_mqtt(job)
+    self:release(job)
   end
   if job.cancelled then return end
   if not hex then return self:finish_failed(job, err) end
@@ -228,19 +340,24 @@ function M:run_job(job)
   end
   ok, err = os.rename(job.part, job.image)
   if not ok then return self:finish_failed(job, "cannot keep the image: " .. tostring(err)) end
+  -- from here on the job is not cancelled: a change of the offer during install() is looked
+  -- at once install() has returned (after_job)
+  job.installing = true
   self:set_state("VERIFIED")
   self:set_state("UPDATING")
-  policy = self:policy()   -- a hot reload may have brought a new policy
+  policy = self:policy() or policy   -- a hot reload may have brought a new policy
   local pok, res, ierr = pcall(policy.install, job.image, info)
-  if job.cancelled then return end
   if not pok then return self:finish_failed(job, "install failed: " .. tostring(res):match("^[^\n]*")) end
   if not res then return self:finish_failed(job, "install failed: " .. tostring(ierr or "install returned " .. tostring(res))) end
   os.remove(job.image)
   os.remove(self.dir .. "/job.json")
-  self:write_json("current.json", {title = info.title, version = info.version})
-  self.job = nil
+  local wok, werr = self:write_json("current.json", {title = info.title, version = info.version})
+  if not wok then self.log.warn("%s %s %s installed but not recorded in the state directory: %s", self.label, info.title, info.version, werr) end
+  job.finished = true
+  if self.job == job then self.job = nil end
   self:set_state("UPDATED")
   self:report({["current_" .. self.prefix .. "title"] = info.title, ["current_" .. self.prefix .. "version"] = info.version})
+  self:after_job(job)
   return true
 end
 
@@ -275,6 +392,7 @@ function M:download_mqtt(job)
   local cs = policy.chunk_size or self.config.fw_chunk_size or 65536
   local window = self.config.fw_window or 4
   local size = info.size
+  if not self:acquire(job) then return nil, "cancelled" end
   local existing = core.file_size(job.part) or 0
   local sink, err = core.sink_open(job.part, info.checksum_algorithm or "SHA256", existing - existing % cs)
   if not sink then return nil, err end
@@ -283,13 +401,24 @@ function M:download_mqtt(job)
   job.first_offset, job.started = offset, self.sched.now()
   if offset > 0 then self.log.info("%s resuming download at byte %d", self.label, offset) end
   local restarts, timeouts = 0, 0
+  local empties = 0   -- empty chunks in a row at the same offset, each under a new request id
   local topic_req = "v2/" .. self.kind .. "/request/"
+  job.error = nil
   while offset < size do
+    if job.error then
+      sink:close()
+      job.sink = nil
+      local e = job.error
+      if e == "PAYLOAD_TOO_LARGE" then
+        return nil, string.format("server refused chunk size %d: PAYLOAD_TOO_LARGE (use a chunk_size of at most 65536)", cs)
+      end
+      return nil, "server refused the download: " .. e
+    end
     if not self:wait_online(job) then return nil, "cancelled" end
     if not job.req_id then
       job.req_id = self.session:next_id()
       job.next_idx = offset // cs
-      job.chunks, job.in_flight, job.error = {}, 0, nil
+      job.chunks, job.in_flight = {}, 0
     end
     local req = job.req_id
     while job.in_flight < window and job.next_idx * cs < size do
@@ -307,22 +436,38 @@ function M:download_mqtt(job)
       job.chunks[idx] = nil
       job.in_flight = job.in_flight - 1
       local expected = math.min(cs, size - offset)
+      local short = job.short
       if #chunk > expected then
         sink:close()
+        job.sink = nil
         return nil, string.format("size mismatch: chunk %d has %d bytes where fw_size %d leaves %d", idx, #chunk, size, expected)
+      elseif #chunk > 0 and #chunk < expected and short and short.offset == offset and short.len == #chunk
+          and short.req ~= req then
+        -- a fresh request id (the server loads the image anew) gives the same short chunk at
+        -- the same offset: that is where the image ends, not a cache expiry
+        sink:close()
+        job.sink = nil
+        return nil, string.format("size mismatch: the image ends at byte %d but fw_size is %d", offset + #chunk, size)
       elseif #chunk < expected then
         restarts = restarts + 1
+        empties = (#chunk == 0 and short and short.offset == offset and short.len == 0) and empties + 1 or 1
+        job.short = {offset = offset, len = #chunk, req = req}
         self.log.warn("%s chunk %d has %d bytes, expected %d; restarting at byte %d under a new request id",
           self.label, idx, #chunk, expected, offset)
         if restarts > (self.config.fw_restarts or 5) then
           sink:close()
+          job.sink = nil
+          if #chunk == 0 and empties >= restarts then
+            return nil, string.format("size mismatch? the server sent no bytes at byte %d under %d request ids: " ..
+              "the image may end there (fw_size is %d), or the server's cache keeps expiring", offset, empties, size)
+          end
           return nil, string.format("server sent %s chunks at byte %d %d times (cache expired?)",
             #chunk == 0 and "empty" or "short", offset, restarts)
         end
         job.req_id = nil
       else
         local _, werr = sink:write(chunk)
-        if werr then sink:close(); return nil, werr end
+        if werr then sink:close(); job.sink = nil; return nil, werr end
         offset = offset + #chunk
         timeouts = 0
         self:progress(job, offset)
@@ -330,19 +475,13 @@ function M:download_mqtt(job)
     else
       local why = self.sched:wait(job.key, self.config.fw_chunk_timeout or 10000)
       if job.cancelled then return nil, "cancelled" end
-      if job.error then
-        sink:close()
-        local e = job.error
-        if e == "PAYLOAD_TOO_LARGE" then
-          return nil, string.format("server refused chunk size %d: PAYLOAD_TOO_LARGE (use a chunk_size of at most 65536)", cs)
-        end
-        return nil, "server refused the download: " .. e
-      end
-      if why == nil and req == job.req_id then
+      -- an error from the server (job.error) ends the loop at its top
+      if why == nil and not job.error and req == job.req_id then
         timeouts = timeouts + 1
         self.log.warn("%s chunk %d timed out (%d); requesting again", self.label, idx, timeouts)
         if timeouts > (self.config.fw_retries or 5) then
           sink:close()
+          job.sink = nil
           return nil, string.format("no answer for chunk %d after %d tries", idx, timeouts)
         end
         job.req_id = nil
@@ -358,15 +497,22 @@ function M:download_mqtt(job)
   return hex
 end
 
+-- on_message(topic, payload) -> true if the message was this updater's. v2/fw/error goes to
+-- the updater whose MQTT download holds the lock (software errors come there too); with no
+-- download running the firmware updater logs it.
 function M:on_message(topic, payload)
   local job = self.job
   if topic == "v2/fw/error" then
-    if job and not job.info.url then
-      job.error = payload ~= "" and payload or "error"
+    local lock = self.lock
+    if stale(lock) then lock.owner = nil end
+    local owner = lock.owner
+    if owner and owner.updater == self and owner == job then
+      job.error = payload ~= "" and printable(payload, TEXT_MAX) or "error"
       self.sched:wake(job.key, "error")
-    else
-      self.log.warn("server firmware error with no download running: %s", payload)
+      return true
     end
+    if owner or self.kind ~= "fw" then return false end
+    self.log.warn("server OTA error with no MQTT download running: %s", printable(payload, TEXT_MAX))
     return true
   end
   local kind, req, idx = topic:match("^v2/(%a%a)/response/(%d+)/chunk/(%d+)$")
@@ -378,11 +524,29 @@ function M:on_message(topic, payload)
   return true
 end
 
+-- curl codes after which another attempt cannot help: unsupported protocol, bad URL, TLS
+-- peer verification, a bad client certificate, an unreadable CA file, issuer/pinning checks
+local CURL_PERMANENT = {[1] = true, [3] = true, [58] = true, [60] = true, [77] = true, [83] = true, [90] = true}
+local CURL_TLS_VERIFY = {[60] = true, [83] = true, [90] = true}
+
 -- download_http(job) -> hex | nil, err: fw_url through libcurl, resumed with Range.
 function M:download_http(job)
   local info, core = job.info, self.core
   local attempts = 0
-  job.first_offset, job.started = core.file_size(job.part) or 0, self.sched.now()
+  local have = core.file_size(job.part) or 0
+  job.first_offset, job.started = have, self.sched.now()
+  if info.size and have > 0 and have == info.size then
+    -- the whole image is on disk already (the agent stopped before verifying it): a Range
+    -- request past the end would only be refused
+    self.log.info("%s download already complete on disk (%d bytes); verifying it", self.label, have)
+    local sink, err = core.sink_open(job.part, info.checksum_algorithm or "SHA256", have)
+    if not sink then return nil, err end
+    local hex, n = sink:finish()
+    if not hex then return nil, n end
+    job.size = n
+    return hex
+  end
+  local range_reset = false
   while true do
     attempts = attempts + 1
     local dl, id = core.http_download{url = info.url, path = job.part, resume = true,
@@ -407,15 +571,26 @@ function M:download_http(job)
       self:progress(job, job.size)
       return result.hex
     end
-    local err = string.format("%s%s", result.error, result.status > 0 and (" (HTTP " .. result.status .. ")") or "")
-    local permanent = result.status >= 400 and result.status < 500 or result.error:find("larger than")
-    if permanent or attempts >= (self.config.fw_retries or 5) then
-      return nil, "download failed: " .. err
+    local status, code = math.tointeger(result.status) or 0, math.tointeger(result.code) or 0
+    local etext = tostring(result.error)
+    if CURL_TLS_VERIFY[code] then etext = "TLS verification failed: " .. etext end
+    local err = string.format("%s%s", etext, status > 0 and (" (HTTP " .. status .. ")") or "")
+    if status == 416 and not range_reset then
+      -- the server will not serve the rest of what is on disk: start again from byte 0
+      range_reset = true
+      self.log.warn("%s server refused the resume (HTTP 416); downloading again from byte 0", self.label)
+      os.remove(job.part)
+      attempts = attempts - 1
+    else
+      local permanent = status >= 400 and status < 500 or CURL_PERMANENT[code] or etext:find("larger than")
+      if permanent or attempts >= (self.config.fw_retries or 5) then
+        return nil, "download failed: " .. err
+      end
+      local delay = math.min(30000, 1000 * 2 ^ (attempts - 1))
+      self.log.warn("%s download interrupted: %s; resuming in %d s", self.label, printable(err, TEXT_MAX), delay // 1000)
+      self.sched:wait({}, delay)
+      if job.cancelled then return nil, "cancelled" end
     end
-    local delay = math.min(30000, 1000 * 2 ^ (attempts - 1))
-    self.log.warn("%s download interrupted: %s; resuming in %d s", self.label, err, delay // 1000)
-    self.sched:wait({}, delay)
-    if job.cancelled then return nil, "cancelled" end
   end
 end
 

@@ -249,10 +249,16 @@ function cleanEnv (extra = {}) {
 }
 
 // The example install policy: logs what it installed and copies the image to $OUT/<kind>-<version>.bin
-// so the test can compare it byte for byte. CHUNK sets the chunk size.
+// so the test can compare it byte for byte. CHUNK sets the chunk size; INSTALL_MS makes
+// install() take that long (tb.sleep), logging "INSTALL START <version>" first.
 export const POLICY = `
 local tb = require "tb"
 local function keep(kind, path, info)
+  local slow = tonumber(os.getenv("INSTALL_MS") or "0")
+  if slow > 0 then
+    tb.log.info("INSTALL START %s", info.version)
+    tb.sleep(slow)
+  end
   local out = os.getenv("OUT")
   local f = assert(io.open(path, "rb")); local d = f:read("a"); f:close()
   if out then local g = assert(io.open(out .. "/" .. kind .. "-" .. info.version .. ".bin", "wb")); g:write(d); g:close() end
@@ -388,7 +394,8 @@ export class OtaServer {
     this.packages = { fw: null, sw: null } // {title, version, image, algorithm, checksum, size}
     this.faults = { emptyAt: null, error: null, errorKind: null, silent: false, delayMs: 0, maxPayload: 65536 }
     this.sizes = new Map() // 'fw/reqId' -> chunk size remembered for that reqId
-    this.requests = [] // {kind, req, idx, payload, at}
+    this.bound = new Map() // 'fw/reqId' -> the package that reqId was bound to on its first request
+    this.requests = [] // {kind, req, idx, payload, at, version}
     this.telemetry = [] // {ts, values, at}
     this.attrRequests = [] // {id, json}
     this.errorsSent = []
@@ -463,6 +470,13 @@ export class OtaServer {
     return this.publish('v1/devices/me/attributes', JSON.stringify(attributesFor(kind, pkg)))
   }
 
+  // unassign(kind): as ThingsBoard's OTA remove: every fw_* key deleted in one push
+  unassign (kind) {
+    this.packages[kind] = null
+    const keys = ['title', 'version', 'ts', 'state', 'size', 'checksum', 'checksum_algorithm', 'url', 'tag'].map((k) => `${kind}_${k}`)
+    return this.publish('v1/devices/me/attributes', JSON.stringify({ deleted: keys }))
+  }
+
   // kick(): drop the agent's connection (a second client with its client id takes over), as
   // ThingsBoard disconnects after an OTA error.
   async kick () {
@@ -475,7 +489,10 @@ export class OtaServer {
 
   onChunkRequest (kind, req, idx, text) {
     const key = kind + '/' + req
-    this.requests.push({ kind, req, idx, payload: text, at: Date.now() })
+    // as ThingsBoard: a reqId is bound to the package assigned at its first request
+    if (!this.bound.has(key) && this.packages[kind]) this.bound.set(key, this.packages[kind])
+    const pkg = this.bound.get(key)
+    this.requests.push({ kind, req, idx, payload: text, at: Date.now(), version: pkg && pkg.version })
     let size = /^\d+$/.test(text) ? Number(text) : 0
     if (size > 0) this.sizes.set(key, size); else size = this.sizes.get(key) || 0
     const f = this.faults
@@ -486,7 +503,6 @@ export class OtaServer {
     }
     if (size > f.maxPayload) return errorOut('PAYLOAD_TOO_LARGE')
     if (f.error && (!f.errorKind || f.errorKind === kind)) return errorOut(f.error)
-    const pkg = this.packages[kind]
     if (!pkg) return errorOut('NOT_FOUND')
     let chunk
     if (f.emptyAt && f.emptyAt.idx === idx && f.emptyAt.times > 0) {

@@ -9,7 +9,9 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import fs from 'node:fs'
+import { execFileSync } from 'node:child_process'
 import http from 'node:http'
+import https from 'node:https'
 import path from 'node:path'
 import { startEmu } from '../tbemu/test/helpers.mjs'
 import {
@@ -366,11 +368,15 @@ async function mqWorld (t, opts = {}) {
   const clientId = `tbota-dev-${process.pid}-${Math.random().toString(16).slice(2, 8)}`
   const server = await new OtaServer({ port: broker.port, agentClientId: clientId }).connect()
   t.after(() => server.close())
-  const agent = startAgent({ port: broker.port, chunk: opts.chunk, args: ['--client-id', clientId, '--no-session-limits', ...(opts.args || [])] })
-  t.after(() => stopChecked(agent))
+  const start = (more = {}) => {
+    const a = startAgent({ port: broker.port, chunk: opts.chunk, script: opts.script, env: opts.env, ...more, args: ['--client-id', clientId, '--no-session-limits', ...(opts.args || [])] })
+    t.after(() => stopChecked(a))
+    return a
+  }
+  const agent = start()
   await agent.waitFor(/session ready/, 8000)
-  await waitUntil(() => server.latest('current_fw_version'), 5000, 'current_fw_version reported on connect')
-  return { broker, server, agent }
+  if (!opts.script) await waitUntil(() => server.latest('current_fw_version'), 5000, 'current_fw_version reported on connect')
+  return { broker, server, agent, clientId, start }
 }
 
 // finalOn(server, kind, since) -> the states once the last is UPDATED or FAILED
@@ -518,4 +524,289 @@ test('mosquitto: chunk round trips are not held back by Nagle / delayed ACK (TCP
   const perChunk = (at[at.length - 1] - at[0]) / (at.length - 1)
   assert.ok(perChunk < ms(10), `${perChunk.toFixed(1)} ms per chunk round trip with one chunk in flight ` +
     '(about 40 ms is the delayed-ACK stall of a socket without TCP_NODELAY)')
+})
+
+// ------------------------------------------------------------------------------------------
+// a changing offer, restarts and hostile names (mosquitto)
+
+// firmwareFiles(agent) -> the .part / .bin / job.json files left in the firmware state dir
+function firmwareFiles (agent) {
+  const dir = path.join(agent.stateDir, 'firmware')
+  return fs.existsSync(dir) ? fs.readdirSync(dir).filter((f) => /\.(part|bin)$|^job\.json$/.test(f)) : []
+}
+
+// waitStates(server, kind, n, since) -> the states once n of them were reported and the last is final
+async function waitStates (server, kind, n, ms_ = 20000, since = 0) {
+  return waitUntil(() => {
+    const s = server.states(kind, since)
+    return s.length >= n && ['UPDATED', 'FAILED'].includes(s[s.length - 1]) ? s : null
+  }, ms_, `${n} ${kind}_state values ending UPDATED or FAILED (seen: ${server.states(kind, since).join(', ')})`)
+}
+
+test('mosquitto: a package reassigned during a slow install(): the install result is kept, then the new package installs', async (t) => {
+  const { server, agent } = await mqWorld(t, { env: { INSTALL_MS: String(ms(1500)) } })
+  const a = randomImage(30000, 40)
+  const b = randomImage(20000, 41)
+  await server.assign('fw', { title: 'dev', version: 'i1', image: a })
+  await server.waitState('fw', 'UPDATING', 10000)
+  await agent.waitFor(/INSTALL START i1/, 5000)
+  await server.assign('fw', { title: 'dev', version: 'i2', image: b })
+  const states = await waitStates(server, 'fw', 10, 20000)
+  assert.deepEqual(states, [...FULL, ...FULL], `fw_error ${server.latest('fw_error')}\n${agent.log.tail(30)}`)
+  assert.ok(agent.installed('fw', 'i1').equals(a), 'the first install completed')
+  assert.ok(agent.installed('fw', 'i2').equals(b), 'the reassigned package installed after it')
+  const lines = agent.log.lines
+  assert.ok(lines.findIndex((l) => /INSTALLED i1/.test(l)) < lines.findIndex((l) => /INSTALL START i2/.test(l)), 'one install after the other')
+  await waitUntil(() => server.latest('current_fw_version') === 'i2', 5000, 'current_fw_version i2')
+  assert.deepEqual(firmwareFiles(agent), [])
+})
+
+test('mosquitto: a package unassigned during a slow install(): the install still ends UPDATED and is recorded', async (t) => {
+  const { server, agent } = await mqWorld(t, { env: { INSTALL_MS: String(ms(1500)) } })
+  const a = randomImage(30000, 42)
+  await server.assign('fw', { title: 'dev', version: 'u1', image: a })
+  await agent.waitFor(/INSTALL START u1/, 10000)
+  await server.unassign('fw')
+  const states = await finalOn(server, 'fw', 10000)
+  assert.deepEqual(states, FULL, `fw_error ${server.latest('fw_error')}\n${agent.log.tail(30)}`)
+  assert.ok(agent.installed('fw', 'u1').equals(a))
+  await waitUntil(() => server.latest('current_fw_version') === 'u1', 5000, 'current_fw_version u1')
+  const current = JSON.parse(fs.readFileSync(path.join(agent.stateDir, 'firmware', 'current.json'), 'utf8'))
+  assert.equal(current.version, 'u1', 'the installed version is recorded in the state directory')
+  await sleep(ms(500))
+  assert.deepEqual(server.states('fw'), FULL, 'nothing started after the unassignment')
+})
+
+test('mosquitto: a package replaced mid-download: the old attempt stops and its partial file goes, the new one ends UPDATED', async (t) => {
+  const { server, agent } = await mqWorld(t, { chunk: 2048, args: ['--fw-window', '1'] })
+  server.faults.delayMs = 5
+  const a = randomImage(128 * 1024, 43)
+  const b = randomImage(40 * 1024 + 3, 44)
+  await server.assign('fw', { title: 'dev', version: 'ra', image: a })
+  await agent.waitFor(/firmware download 30%/, 15000)
+  assert.ok(fs.existsSync(path.join(agent.stateDir, 'firmware', 'dev-ra.part')), 'A is being downloaded to dev-ra.part')
+  await server.assign('fw', { title: 'dev', version: 'rb', image: b })
+  const states = await waitStates(server, 'fw', 6, 20000)
+  assert.deepEqual(states, ['DOWNLOADING', ...FULL], `fw_error ${server.latest('fw_error')}\n${agent.log.tail(30)}`)
+  assert.ok(agent.log.find(/firmware dev ra withdrawn or replaced; abandoning its download/))
+  assert.ok(agent.installed('fw', 'rb').equals(b))
+  assert.equal(agent.installed('fw', 'ra'), null)
+  const lastA = server.requests.map((r) => r.version).lastIndexOf('ra')
+  const firstB = server.requests.findIndex((r) => r.version === 'rb')
+  assert.ok(lastA >= 0 && firstB > lastA, `chunk requests of A (last #${lastA}) stop before those of B (first #${firstB})`)
+  assert.ok(server.requests.filter((r) => r.version === 'ra').length < a.length / 2048, 'A was not downloaded to the end')
+  assert.deepEqual(firmwareFiles(agent), [], 'no partial file of A (or B) left')
+})
+
+test('mosquitto: a package unassigned mid-download: chunk requests stop, the partial file goes', async (t) => {
+  const { server, agent } = await mqWorld(t, { chunk: 2048, args: ['--fw-window', '2'] })
+  server.faults.delayMs = 5
+  await server.assign('fw', { title: 'dev', version: 'ua', image: randomImage(128 * 1024, 45) })
+  await agent.waitFor(/firmware download 30%/, 15000)
+  const mark = agent.log.mark()
+  await server.unassign('fw')
+  await agent.waitFor(/firmware dev ua withdrawn or replaced; abandoning its download/, 5000, mark)
+  await sleep(ms(200))
+  const n = server.requests.length
+  await sleep(ms(1500))
+  assert.equal(server.requests.length, n, 'no chunk request after the unassignment')
+  assert.deepEqual(firmwareFiles(agent), [], 'the partial file is removed')
+  assert.deepEqual(server.states('fw'), ['DOWNLOADING'], 'no state after the withdrawal')
+  assert.equal(agent.log.find(/internal error|failed:/, mark), null, agent.log.tail(20))
+  assert.ok(agent.running())
+})
+
+test('mosquitto: after UPDATED, an agent restarted with the same --state-dir reports the new version and downloads nothing', async (t) => {
+  const { server, agent, start } = await mqWorld(t)
+  const image = randomImage(50000, 46)
+  await server.assign('fw', { title: 'dev', version: 'p2', image })
+  assert.deepEqual(await finalOn(server, 'fw'), FULL)
+  await stopChecked(agent)
+  const since = Date.now()
+  const nreq = server.requests.length
+  const a2 = start({ dir: agent.dir })
+  await a2.waitFor(/session ready/, 8000)
+  // the package is still assigned: the attribute answer offers it again
+  await waitUntil(() => server.attrRequests.length >= 2, 5000, 'the restarted agent asks for its attributes')
+  await waitUntil(() => server.telemetry.some((r) => r.at >= since && r.values.current_fw_version === 'p2'), 5000,
+    'current_fw_version p2 reported after the restart')
+  await sleep(ms(1500))
+  assert.equal(server.requests.length, nreq, 'no chunk requested after the restart')
+  assert.deepEqual(server.telemetry.filter((r) => r.at >= since && r.values.fw_state).map((r) => r.values.fw_state), [], 'no fw_state after the restart')
+  assert.equal(server.telemetry.filter((r) => r.at >= since && 'current_fw_version' in r.values).at(-1).values.current_fw_title, 'dev')
+  assert.equal(a2.installed('fw', 'p2').length, image.length)
+})
+
+// a policy that keeps what it installs under a fixed name and logs the path it was given
+const HOSTILE_POLICY = `
+local tb = require "tb"
+local function keep(kind, path, info)
+  tb.log.info("INSTALL PATH %s %s", kind, path)
+  local f = assert(io.open(path, "rb")); local d = f:read("a"); f:close()
+  local g = assert(io.open(os.getenv("OUT") .. "/" .. kind .. "-installed.bin", "wb")); g:write(d); g:close()
+  return true
+end
+tb.firmware{current = {title = "dev", version = "1.0"}, chunk_size = 4096, install = function(p, i) return keep("fw", p, i) end}
+tb.software{current = {title = "app", version = "1"}, chunk_size = 4096, install = function(p, i) return keep("sw", p, i) end}
+`
+
+// walk(dir) -> every file below dir (absolute paths)
+function walk (dir) {
+  const out = []
+  for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+    const p = path.join(dir, e.name)
+    if (e.isDirectory()) out.push(...walk(p)); else out.push(p)
+  }
+  return out
+}
+
+test('mosquitto: hostile fw_title / fw_version ("../../etc/x") never escape the state directory', async (t) => {
+  const { server, agent } = await mqWorld(t, { script: HOSTILE_POLICY })
+  const fw = randomImage(9000, 47)
+  const sw = randomImage(7000, 48)
+  const passwd = fs.statSync('/etc/passwd').mtimeMs
+  await server.assign('fw', { title: '../../etc/x', version: '../../../x/../y', image: fw })
+  assert.deepEqual(await finalOn(server, 'fw'), FULL, `fw_error ${server.latest('fw_error')}\n${agent.log.tail(20)}`)
+  await server.assign('sw', { title: '/etc/passwd', version: '..', image: sw })
+  assert.deepEqual(await finalOn(server, 'sw'), FULL, `sw_error ${server.latest('sw_error')}\n${agent.log.tail(20)}`)
+  const stateDir = fs.realpathSync(agent.stateDir)
+  for (const line of agent.log.all(/INSTALL PATH/)) {
+    const p = /INSTALL PATH \w+ (.*)$/.exec(line)[1]
+    const real = path.resolve(agent.dir, p)
+    assert.ok(real.startsWith(stateDir + path.sep), `install() got ${p}, outside ${stateDir}`)
+    assert.equal(path.normalize(p), p, `the path has no .. or // in it: ${p}`)
+  }
+  assert.ok(fs.readFileSync(path.join(agent.out, 'fw-installed.bin')).equals(fw))
+  assert.ok(fs.readFileSync(path.join(agent.out, 'sw-installed.bin')).equals(sw))
+  // every file in the agent's directory is the script, an installed copy or in the state dir
+  for (const f of walk(agent.dir)) {
+    assert.ok(f === path.join(agent.dir, 'device.lua') || f.startsWith(agent.stateDir + path.sep) || f.startsWith(agent.out + path.sep),
+      `file outside the state dir: ${f}`)
+  }
+  // where the names would lead if they were used as paths
+  for (const [sub, title, version] of [['firmware', '../../etc/x', '../../../x/../y'], ['software', '/etc/passwd', '..']]) {
+    for (const p of [path.resolve(agent.stateDir, sub, title), path.resolve(agent.stateDir, sub, version), path.resolve(agent.stateDir, sub, title + '-' + version + '.part')]) {
+      if (p === '/etc/passwd') continue
+      assert.ok(!fs.existsSync(p) || p.startsWith(agent.stateDir) || p === agent.stateDir, `${p} was created`)
+    }
+  }
+  assert.equal(fs.existsSync(path.join(path.dirname(agent.dir), 'etc')), false)
+  assert.equal(fs.existsSync(path.join(path.dirname(agent.dir), 'y')), false)
+  assert.equal(fs.statSync('/etc/passwd').mtimeMs, passwd, '/etc/passwd untouched')
+  assert.deepEqual(fs.readdirSync(agent.stateDir, { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => e.name).sort(), ['firmware', 'software'])
+  assert.equal(server.latest('current_fw_title'), '../../etc/x', 'the title is reported as the server sent it')
+})
+
+// ------------------------------------------------------------------------------------------
+// HTTP(S) URL packages (tbemu)
+
+// throwawayCa(dir) -> {ca, key, cert} file paths: a CA made for this test and a server
+// certificate it signed for 127.0.0.1 / localhost
+function throwawayCa (dir) {
+  const f = (n) => path.join(dir, n)
+  const ossl = (...args) => execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'], timeout: ms(20000) })
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes']
+  ossl('req', '-x509', ...ec, '-keyout', f('ca.key'), '-out', f('ca.pem'), '-days', '2', '-subj', '/CN=tbagent itest throwaway CA',
+    '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
+  ossl('req', ...ec, '-keyout', f('srv.key'), '-out', f('srv.csr'), '-subj', '/CN=127.0.0.1')
+  fs.writeFileSync(f('srv.ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n' +
+    'keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n')
+  ossl('x509', '-req', '-in', f('srv.csr'), '-CA', f('ca.pem'), '-CAkey', f('ca.key'), '-CAcreateserial',
+    '-out', f('srv.pem'), '-days', '2', '-extfile', f('srv.ext'))
+  return { ca: f('ca.pem'), key: f('srv.key'), cert: f('srv.pem') }
+}
+
+// serve(t, handler, tls) -> base URL of a server on 127.0.0.1 (closed after the test)
+async function serve (t, handler, tls) {
+  const srv = tls ? https.createServer({ key: fs.readFileSync(tls.key), cert: fs.readFileSync(tls.cert) }, handler) : http.createServer(handler)
+  await new Promise((resolve) => srv.listen(0, '127.0.0.1', resolve))
+  t.after(() => new Promise((resolve) => { srv.closeAllConnections(); srv.close(resolve) }))
+  return `${tls ? 'https' : 'http'}://127.0.0.1:${srv.address().port}`
+}
+
+test('tbemu: an https URL package: FAILED with a TLS verification fw_error without the CA, UPDATED with --http-cafile', async (t) => {
+  const emu = await emuWorld(t, ['noca', 'withca'])
+  const tls = throwawayCa(tmpdir('tbota-ca-'))
+  const image = randomImage(150000, 50)
+  const seen = []
+  const base = await serve(t, (req, res) => {
+    seen.push(req.url)
+    res.writeHead(200, { 'content-length': image.length })
+    res.end(image)
+  }, tls)
+  const a1 = emuAgent(t, emu, 'noca')
+  const a2 = emuAgent(t, emu, 'withca', { args: ['--http-cafile', tls.ca] })
+  await a1.waitFor(/session ready/, 8000)
+  await a2.waitFor(/session ready/, 8000)
+
+  await t.test('without the CA: refused, not retried', async () => {
+    const r = await update(emu, 'noca', image, { title: 'dev', version: '20.0', checksumAlgorithm: 'SHA256', url: `${base}/fw.bin` })
+    assert.deepEqual(r.states, ['DOWNLOADING', 'FAILED'], `fw_error ${r.error}`)
+    assert.match(r.error, /TLS verification failed/, r.error)
+    assert.match(r.error, /certificate/i, r.error)
+    assert.equal(a1.installed('fw', '20.0'), null)
+    assert.equal(a1.log.find(/download interrupted/), null, 'a verification failure is not retried')
+  })
+
+  await t.test('with --http-cafile', async () => {
+    await expectUpdated(emu, a2, 'withca', image, { title: 'dev', version: '21.0', checksumAlgorithm: 'SHA256', url: `${base}/fw.bin` }, 'https')
+  })
+})
+
+test('tbemu: an HTTP body longer than fw_size ends FAILED ("larger than the announced size")', async (t) => {
+  const emu = await emuWorld(t)
+  const agent = emuAgent(t, emu, 'dev1')
+  await agent.waitFor(/session ready/, 8000)
+  const image = randomImage(100000, 51)
+  const longer = Buffer.concat([image, randomImage(5000, 52)])
+  const base = await serve(t, (req, res) => {
+    res.writeHead(200, { 'content-length': longer.length })
+    res.end(longer)
+  })
+  const r = await update(emu, 'dev1', image, { title: 'dev', version: '22.0', checksumAlgorithm: 'SHA256', url: `${base}/fw.bin` })
+  assert.deepEqual(r.states, ['DOWNLOADING', 'FAILED'], `fw_error ${r.error}`)
+  assert.match(r.error, /larger than the announced size/)
+  assert.equal(agent.installed('fw', '22.0'), null)
+  await sleep(ms(300))
+  assert.deepEqual(firmwareFiles(agent), [], 'nothing kept')
+})
+
+test('tbemu: a .part already complete at a restart is verified without a Range request past its end', async (t) => {
+  const emu = await emuWorld(t)
+  const dir = tmpdir('tbota-complete-')
+  const image = randomImage(120000, 53)
+  const seen = []
+  const base = await serve(t, (req, res) => {
+    seen.push(req.headers.range || null)
+    const m = /^bytes=(\d+)-$/.exec(req.headers.range || '')
+    const from = m ? Number(m[1]) : 0
+    if (from >= image.length) {
+      res.writeHead(416, { 'content-range': `bytes */${image.length}` })
+      res.end()
+      return
+    }
+    if (seen.length === 1) {
+      // the whole image, chunked, but the response never ends: the agent is killed with
+      // every byte on disk and nothing verified yet
+      res.writeHead(200, { 'content-type': 'application/octet-stream' })
+      res.write(image)
+      return
+    }
+    res.writeHead(from ? 206 : 200, { 'content-length': image.length - from, ...(from ? { 'content-range': `bytes ${from}-${image.length - 1}/${image.length}` } : {}) })
+    res.end(image.subarray(from))
+  })
+  const a1 = emuAgent(t, emu, 'dev1', { dir })
+  await a1.waitFor(/session ready/, 8000)
+  const pkg = await upload(emu, image, { title: 'dev', version: '23.0', checksumAlgorithm: 'SHA384', url: `${base}/fw.bin` })
+  const since = Date.now()
+  await emu.post('/emu/devices/dev1/assign', { packageId: pkg.id })
+  const part = path.join(a1.stateDir, 'firmware', 'dev-23.0.part')
+  await waitUntil(() => fs.existsSync(part) && fs.statSync(part).size === image.length, 10000, 'the whole image in the .part file')
+  await a1.kill('SIGKILL')
+  const a2 = emuAgent(t, emu, 'dev1', { dir })
+  const r = await waitFinal(emu, emu.ids.dev1, 'fw', since, 15000)
+  assert.equal(r.states[r.states.length - 1], 'UPDATED', `states ${r.states}, fw_error ${r.error}; Range headers ${JSON.stringify(seen)}\n${a2.log.tail(20)}`)
+  assert.ok(a2.installed('fw', '23.0').equals(image))
+  assert.deepEqual(seen, [null], `requests (Range headers): ${JSON.stringify(seen)}`)
+  assert.ok(a2.log.find(/firmware download already complete on disk \(120000 bytes\); verifying it/), a2.log.tail(20))
 })
