@@ -357,6 +357,9 @@ function M:submit(topic, payload, kind, points)
   self.seq = self.seq + 1
   local rec = {topic = topic, payload = payload, qos = self.config.qos or 1, seq = self.seq,
     kind = kind, points = points or 0, created = self.clock and self.clock() or nil}
+  -- QoS 0 is at most once by the script's choice: online with nothing queued ahead it goes
+  -- straight to the socket (the disk is for what has to wait)
+  if rec.qos == 0 and self.outbox:count() == 0 and self:send_now(rec) then return true end
   local dropped = self.outbox:push(rec)
   if dropped > 0 then
     self.stats.dropped = self.stats.dropped + dropped
@@ -387,6 +390,22 @@ function M:warn_dropped()
     self.drop_summary = nil
     if self.stats.dropped > self.warned_total then say() end
   end, nil, nil, "outbox warning")
+end
+
+-- send_now(rec) -> true when a QoS 0 record went out at once (online, not paced).
+function M:send_now(rec)
+  if not self.ready or self.flush_timer or self.closing or self.stop_seq then return false end
+  local now = self.sched.now()
+  -- the same pacing as flush (which then waits for the tokens this may have used up)
+  local ok = self.limiter:take(1, now)
+  if ok and rec.kind == "telemetry" then
+    ok = self.tele_limiter:take(1, now)
+    if ok and self.dp_limiter then ok = self.dp_limiter:take(rec.points, now) end
+  end
+  if not ok or not self.conn:publish(rec.topic, rec.payload, 0) then return false end
+  self.stats.sent = self.stats.sent + 1
+  self.stats.acked = self.stats.acked + 1
+  return true
 end
 
 -- commit_and_flush(): what the outbox holds goes to disk, then out as the window allows.
