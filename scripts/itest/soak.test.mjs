@@ -100,6 +100,16 @@ test(`soak: ${SECONDS} s of telemetry every 5 ms, an RPC a second and a broker r
       dir, broker, args: ['--no-session-limits', '--backoff-min', '100', '--backoff-max', '500', '--log-level', 'info'],
     });
     await agent.waitForLog(/connected to/, 8000);
+    // the RPC subscription comes last, after CONNACK: the session is up once a ping is answered
+    const untilAnswered = async (what) => {
+      const deadline = Date.now() + ms(15000);
+      for (;;) {
+        const r = await server.rpc('ping', 0, { timeout: 1000 }).catch(() => null);
+        if (r && r.json && r.json.pong === 0) return;
+        if (Date.now() > deadline) throw new Error(`no RPC answered within 15 s ${what}`);
+      }
+    };
+    await untilAnswered('after the first connect');
     const t0 = Date.now();
     const end = t0 + SECONDS * 1000;
     let up = true;             // the session is up and stable (no restart under way)
@@ -141,7 +151,7 @@ test(`soak: ${SECONDS} s of telemetry every 5 ms, an RPC a second and a broker r
       await broker.start();
       server = await w.reconnectServer(server, broker);
       await agent.waitForLog(/connected to/, 8000, mark);
-      await delay(ms(1000));
+      await untilAnswered('after a broker restart');
       restarts++;
       up = true;
     }
