@@ -20,7 +20,7 @@ typedef struct {
   lua_Integer id;
   int keepalive;
   int64_t next_misc;
-  int64_t last_in;    /* when the server last sent us a packet (any kind, PINGRESP included) */
+  int64_t last_in;    /* when bytes from the server last arrived (any packet, PINGRESP included) */
   int registered;     /* in loop.c's source list */
   int connected;
   int reported;       /* a "disconnect" event went out for this connection */
@@ -80,16 +80,6 @@ static void on_subscribe(struct mosquitto *m, void *ud, int mid, int n, const in
   for (int i = 0; i < n; i++)
     if (granted[i] > worst) worst = granted[i];
   push_simple("subscribe", c->id, mid, worst);
-}
-
-/* libmosquitto has no callback for PINGRESP, and waits a whole keepalive for it: a link that
- * stops forwarding without closing is noticed only after 2x keepalive. Its debug log line for
- * every packet it receives ("Client ... received PINGRESP") is the one sign of life that
- * covers all packet kinds, so the watchdog in src_ready times the link from it. */
-static void on_log(struct mosquitto *m, void *ud, int level, const char *line) {
-  (void)m;
-  tb_mqtt *c = ud;
-  if (level == MOSQ_LOG_DEBUG && strstr(line, " received ")) c->last_in = tb_loop_now();
 }
 
 static void on_message(struct mosquitto *m, void *ud, const struct mosquitto_message *msg,
@@ -154,6 +144,11 @@ static void src_ready(void *ctx, short revents) {
   tb_mqtt *c = ctx;
   if (!c->mosq || mosquitto_socket(c->mosq) < 0) return;
   int rc = 0;
+  /* bytes from the server, a PINGRESP included, are the sign of life the watchdog below
+   * times the link by: libmosquitto has no callback for PINGRESP and waits a whole
+   * keepalive for it, so a link that stops forwarding without closing would otherwise be
+   * noticed only after 2x keepalive */
+  if (revents & POLLIN) c->last_in = tb_loop_now();
   if (revents & (POLLIN | POLLHUP | POLLERR)) rc = mosquitto_loop_read(c->mosq, 1);
   if (mosquitto_socket(c->mosq) >= 0 && (revents & POLLOUT)) rc = mosquitto_loop_write(c->mosq, 1);
   report_silent_close(c, rc);
@@ -253,7 +248,6 @@ static int l_mqtt_connect(lua_State *L) {
   mosquitto_publish_v5_callback_set(c->mosq, on_publish);
   mosquitto_subscribe_v5_callback_set(c->mosq, on_subscribe);
   mosquitto_message_v5_callback_set(c->mosq, on_message);
-  mosquitto_log_callback_set(c->mosq, on_log);
   int rc;
   if (username || password) {
     rc = mosquitto_username_pw_set(c->mosq, username ? username : "", password);

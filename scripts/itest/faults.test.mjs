@@ -492,3 +492,15 @@ test('--keepalive below 5 (libmosquitto refuses it): refused at start with a cle
       `with --keepalive 2 the agent neither refused the option nor connected; it retries forever:\n${agent.log.tail(6)}`);
   }
 });
+
+test('a healthy idle link is not taken for dead: --keepalive 5, 13 s without traffic, no reconnect', async (t) => {
+  const w = world(t);
+  const broker = await w.broker();
+  const server = await w.server(broker);
+  const agent = await w.agentReady('local tb = require "tb"\ntb.on_rpc("ping", function() return "pong" end)\n',
+    { broker, args: ['--keepalive', '5', '--log-level', 'debug'] });
+  const mark = agent.mark();
+  await delay(13000);
+  assert.equal(agent.log.find(/connection lost|link is dead/, mark), null, 'the idle link was dropped');
+  assert.equal((await server.rpc('ping')).text, '"pong"');
+});
