@@ -15,6 +15,8 @@
  *   stays visible; decoded arrays carry the array metatable, so [] stays [].
  * - Tables are read raw (no __index, __pairs or __len), and nothing depends on the C locale's
  *   decimal point.
+ * - json_encode(value, max_bytes) stops as soon as the text passes max_bytes, so refusing a
+ *   100 MiB value costs about max_bytes of memory, not the whole text.
  */
 #include <locale.h>
 #include <math.h>
@@ -89,6 +91,7 @@ typedef struct enc {
   char msg[64];   /* what went wrong, without the path */
   int path_at;    /* the path is built backwards on the way out, ending at path[PATH_LEN-1] */
   int path_cut;   /* 1: it lost its front; -1: this error takes no path */
+  size_t max;     /* 0, or the longest text wanted: encoding stops once it is passed */
   char path[PATH_LEN];
   char init[ENC_INIT];
 } enc;
@@ -124,6 +127,16 @@ static int enc_fail(enc *e, const char *msg) {
   return -1;
 }
 
+/* The text passed e->max: stop, whatever the rest would have been (no path: it is the whole
+ * text that is too long, not one value). */
+static int enc_too_large(enc *e) {
+  snprintf(e->msg, sizeof e->msg, "too large: over %zu bytes", e->max);
+  e->path_cut = -1;
+  return -1;
+}
+
+#define ENC_OVER(e, extra) ((e)->max && (e)->len + (extra) > (e)->max)
+
 static void path_prepend(enc *e, const char *seg, size_t n) {
   if (e->path_cut) return;
   if (n > (size_t)e->path_at) {
@@ -153,6 +166,7 @@ static void path_index(enc *e, lua_Integer i) {
 static int enc_string(enc *e, const char *s, size_t n) {
   static const char hex[] = "0123456789abcdef";
   const unsigned char *p = (const unsigned char *)s, *end = p + n, *run = p;
+  if (ENC_OVER(e, n + 2)) return enc_too_large(e);
   enc_reserve(e, n + 2);  /* exact unless something needs escaping */
   enc_char(e, '"');
   while (p < end) {
@@ -317,6 +331,7 @@ static int enc_table(enc *e, int t, int depth) {
 static int enc_value(enc *e, int idx, int depth) {
   lua_State *L = e->L;
   int type = lua_type(L, idx);
+  if (ENC_OVER(e, 0)) return enc_too_large(e);  /* strings check their own length */
   switch (type) {
   case LUA_TNIL:
     enc_put(e, "null", 4);
@@ -368,7 +383,8 @@ static int enc_run(enc *e, lua_State *L, int idx) {
   e->mt_slot = lua_gettop(L);
   lua_pushnil(L);
   e->buf_slot = lua_gettop(L);
-  return enc_value(e, idx, 0);
+  if (enc_value(e, idx, 0)) return -1;
+  return ENC_OVER(e, 0) ? enc_too_large(e) : 0;
 }
 
 static void enc_message(enc *e, char *err, size_t errlen) {
@@ -384,6 +400,7 @@ int tb_json_encode_at(lua_State *L, int idx, luaL_Buffer *b, char *err, size_t e
   int base;
   idx = lua_absindex(L, idx);
   base = lua_gettop(L);
+  e.max = 0;
   if (enc_run(&e, L, idx)) {
     enc_message(&e, err, errlen);
     lua_settop(L, base);
@@ -396,12 +413,18 @@ int tb_json_encode_at(lua_State *L, int idx, luaL_Buffer *b, char *err, size_t e
   return 0;
 }
 
-/* json_encode(value) -> string | nil, err */
+/* json_encode(value [, max_bytes]) -> string | nil, err. With max_bytes, a text longer than
+ * that is refused ("too large: over N bytes") as soon as the encoder passes it, so refusing a
+ * huge value costs about max_bytes, not the size of its text. */
 static int l_json_encode(lua_State *L) {
   enc e;
   char err[192];
+  lua_Integer max;
   luaL_checkany(L, 1);
+  max = luaL_optinteger(L, 2, 0);
+  luaL_argcheck(L, max >= 0, 2, "max_bytes must be >= 0");
   lua_settop(L, 1);
+  e.max = (size_t)max;
   if (enc_run(&e, L, 1)) {
     enc_message(&e, err, sizeof err);
     lua_pushnil(L);

@@ -300,9 +300,16 @@ function M:run_job(job)
   local info = job.info
   local policy = self:policy()
   if policy.accept then
-    local ok, yes, why = pcall(policy.accept, info)
+    local trace
+    local ok, yes, why = xpcall(policy.accept, function(e)
+      trace = debug.traceback(tostring(e), 2)
+      return e
+    end, info)
     if job.cancelled then return end
-    if not ok then return self:finish_failed(job, "accept() raised: " .. tostring(yes)) end
+    if not ok then
+      self.log.error("%s accept() raised: %s", self.label, trace)
+      return self:finish_failed(job, "accept() raised: " .. tostring(yes))
+    end
     if not yes then
       self.failed[job.key_text] = true
       self.log.info("%s %s %s declined by the script%s", self.label, info.title, info.version, why and (": " .. tostring(why)) or "")

@@ -13,6 +13,12 @@ local function typecheck(v, n, fname, want)
   end
 end
 
+-- The encoder stops once the text passes the payload limit (a huge table costs no more
+-- memory than the limit to refuse): the same words as session:check_size.
+local function too_large(session)
+  return string.format("payload too large: over %d bytes (limit %d)", session.payload_limit, session.payload_limit)
+end
+
 local function is_array(t, array_mt)
   if getmetatable(t) == array_mt then return true end
   return t[1] ~= nil
@@ -98,8 +104,9 @@ function M.bind(ctx, gen)
       if not e then return nil, err end
       body = e
     end
-    local payload, err = encode(body)
+    local payload, err = encode(body, session.payload_limit)
     if not payload then
+      if err:find("^too large") then return nil, too_large(session) end
       -- name the place in the caller's table, not in the {ts=, values=} we wrapped it in
       if stamp or ts then err = err:gsub("%.values([%.%[])", "%1"):gsub(" at %.values$", "") end
       return nil, err
@@ -115,8 +122,8 @@ function M.bind(ctx, gen)
     typecheck(values, 1, "send_attributes", "table")
     if is_array(values, array_mt) then return nil, "attributes must be a table of key = value" end
     if next(values) == nil then return nil, "no values to send" end
-    local payload, err = encode(values)
-    if not payload then return nil, err end
+    local payload, err = encode(values, session.payload_limit)
+    if not payload then return nil, err:find("^too large") and too_large(session) or err end
     local ok
     ok, err = deliver("attributes", session.topics.attributes, payload, count_keys(values))
     if ok and ctx.on_send then ctx.on_send("attributes", values) end

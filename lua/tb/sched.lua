@@ -7,6 +7,8 @@ local M = {}
 local co_create, co_resume, co_status, co_running = coroutine.create, coroutine.resume,
   coroutine.status, coroutine.running
 local unpack = table.unpack
+local gethook, sethook, getinfo = debug.gethook, debug.sethook, debug.getinfo
+local guard_coroutines   -- below, with the runaway guard
 
 local Timer = {}
 Timer.__index = Timer
@@ -28,6 +30,7 @@ function M.new(opts)
   self.budget_now = opts.budget_now or opts.now
   self.log = opts.log
   self.budget_ms = opts.budget_ms or 1000
+  if self.budget_ms > 0 then guard_coroutines() end
   self.heap, self.seq = {}, 0
   self.waiting = {}      -- key -> coroutine
   self.handlers = {}     -- coroutine -> {name=, gen=}
@@ -67,35 +70,118 @@ local function heap_pop(h)
 end
 
 -- The runaway guard: the hook is per coroutine, the deadline is reset at each resume.
+-- Past the deadline the hook raises at every instruction of the script, not only every 20000:
+-- a handler that catches the error (pcall in a loop) dies at its first instruction outside the
+-- pcall. It never raises inside the agent's own Lua code (the tb modules, whose state a raise
+-- could leave half updated, and the wrapper that reports the error): the script's next
+-- instruction does. Coroutines a script makes itself get guest_hook, which applies the budget
+-- of the handler that resumes them (active_hook), or at load the loader's hook on the main
+-- thread; without it a loop inside coroutine.wrap(...)() would run forever (a debug.sethook
+-- hook is per thread).
+local exempt = setmetatable({}, {__mode = "k"})
+local active_hook   -- the budget hook of the handler running now, nil outside handlers
+local main_thread = debug.getregistry()[1]
+-- "@lua/tb/" when embedded, "@/usr/.../tb/" when installed
+local AGENT_SRC = (getinfo(1, "S").source or ""):match("^(@.*/)[^/]*$")
+
+local function agent_code(level)
+  local f = getinfo(level + 1, "fS")
+  if not f then return false end
+  if exempt[f.func] then return true end
+  return AGENT_SRC ~= nil and f.source:sub(1, #AGENT_SRC) == AGENT_SRC
+end
+
+local function guest_hook()
+  local h = active_hook
+  if not h and type(main_thread) == "thread" then
+    h = gethook(main_thread)
+    if type(h) ~= "function" then h = nil end
+  end
+  if h then return h() end
+end
+
 local function set_budget(self, co)
   if self.budget_ms <= 0 then return end
   local now = self.budget_now
-  local deadline = now() + self.budget_ms
-  self.deadline = deadline
-  debug.sethook(co, function()
-    if now() > self.deadline then
-      error(string.format("handler ran %d ms without yielding (budget %d ms): cut off",
-        now() - self.deadline + self.budget_ms, self.budget_ms), 2)
+  self.deadline = now() + self.budget_ms
+  local hook, escalated
+  hook = function()
+    if now() <= self.deadline then return end
+    if not escalated then
+      escalated = true
+      sethook(co, hook, "", 1)
     end
-  end, "", 20000)
+    local cur = co_running()
+    if cur ~= co then sethook(cur, guest_hook, "", 1) end
+    if agent_code(2) then return end
+    error(string.format("handler ran %d ms without yielding (budget %d ms): cut off",
+      now() - self.deadline + self.budget_ms, self.budget_ms), 2)
+  end
+  active_hook = hook
+  sethook(co, hook, "", 20000)
 end
+
+-- The guard reaches coroutines a script makes (coroutine.create and coroutine.wrap are
+-- replaced once, keeping their behaviour; the scheduler keeps the originals).
+local guarded = false
+function guard_coroutines()
+  if guarded then return end
+  guarded = true
+  local create, wrap = coroutine.create, coroutine.wrap
+  local function check(f, name)
+    if type(f) ~= "function" then
+      error(string.format("bad argument #1 to '%s' (function expected, got %s)", name,
+        f == nil and "no value" or type(f)), 3)
+    end
+  end
+  coroutine.create = function(f)  -- luacheck: ignore 122 (deliberately replaced, see above)
+    check(f, "create")
+    local co = create(f)
+    sethook(co, guest_hook, "", 20000)
+    return co
+  end
+  coroutine.wrap = function(f)  -- luacheck: ignore 122
+    check(f, "wrap")
+    return wrap(function(...)
+      sethook(guest_hook, "", 20000)
+      return f(...)
+    end)
+  end
+end
+
+-- For an error object that is not a string, where it was raised (report logs it).
+local object_traceback
 
 local function traceback(err)
-  if type(err) ~= "string" then return err end
+  if type(err) ~= "string" then
+    object_traceback = debug.traceback("", 2)
+    return err
+  end
   return debug.traceback(err, 2)
 end
+exempt[traceback] = true
 
--- Reports a handler's failure once, with file:line and a traceback.
+-- Reports a handler's failure once, with file:line and a traceback. An error object's
+-- __tostring may itself fail.
 local function report(self, info, err)
-  local msg = type(err) == "string" and err or ("error object: " .. tostring(err))
+  local msg = err
+  if type(err) ~= "string" then
+    local ok, text = pcall(tostring, err)
+    msg = "error object: " .. (ok and type(text) == "string" and text or ("(tostring failed: " .. tostring(text) .. ")"))
+      .. (object_traceback or "")
+  end
+  object_traceback = nil
   self.log.error("%s failed: %s", info.name, msg)
   if info.on_error then info.on_error(err) end
 end
 
 function M:resume(co, ...)
   local info = self.handlers[co]
+  local saved_hook, saved_deadline = active_hook, self.deadline
   set_budget(self, co)
   local ok, err = co_resume(co, ...)
+  -- a handler resumed from another handler returns to the outer one's budget
+  active_hook, self.deadline = saved_hook, saved_deadline or self.deadline
   if not ok then
     -- errors escaping the xpcall wrapper (the hook firing in the wrapper itself)
     report(self, info or {name = "handler"}, err)
@@ -114,14 +200,18 @@ function M:spawn(name, fn, ...)
   local spec = type(fn) == "table" and fn or {fn = fn}
   local info = {name = name, gen = spec.gen, on_error = spec.on_error}
   local on_done = spec.on_done
-  local co = co_create(function(...)
+  local body
+  body = function(...)
     local res = table.pack(xpcall(spec.fn, traceback, ...))
+    sethook()   -- the handler is over: the budget no longer applies (see set_budget)
     if res[1] then
       if on_done then on_done(unpack(res, 2, res.n)) end
     else
       report(self, info, res[2])
     end
-  end)
+  end
+  exempt[body] = true
+  local co = co_create(body)
   self.handlers[co] = info
   self.running_count = self.running_count + 1
   self:resume(co, ...)

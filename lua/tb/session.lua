@@ -7,6 +7,7 @@
 -- for (QoS 2, invalid JSON, oversize) is ever queued.
 local outbox_mod = require "tb.outbox"
 local limits = require "tb.limits"
+local logmod = require "tb.log"
 
 local M = {}
 M.__index = M
@@ -568,13 +569,24 @@ function M:respond(id, value, is_error)
   else
     body = value
   end
-  local payload, err = self.json_encode(body)
+  local topic = T_RPC_RES .. id
+  local room = self.payload_limit - #topic - 4
+  local payload, err = self.json_encode(body, room)
+  if not payload and err:find("^too large") then
+    -- an answer the server would disconnect for: still answer, with what fits
+    if is_error then
+      self.log.warn("RPC %s: error text cut to fit the payload limit", id)
+      payload = self.json_encode({error = logmod.printable(value, 1024)}, room)
+    else
+      err = string.format("result too large: over %d bytes (limit %d)", room, self.payload_limit)
+    end
+  end
   if not payload then
     self.log.error("RPC %s: cannot encode the result: %s", id, err)
-    payload = assert(self.json_encode({error = "cannot encode result: " .. err}))
+    payload = assert(self.json_encode({error = "cannot encode result: " .. logmod.printable(err, 1024)}))
   end
   local ok
-  ok, err = self:publish_now(T_RPC_RES .. id, payload)
+  ok, err = self:publish_now(topic, payload)
   if not ok then self.log.warn("RPC %s: response not sent: %s", id, err) end
 end
 

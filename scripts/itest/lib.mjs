@@ -507,14 +507,20 @@ export async function connectServer(broker, opts = {}) {
 // messages seen so far.
 export async function reconnectServer(old, broker, opts = {}) {
   await old.close();
-  const client = await withTimeout(mqtt.connectAsync({
+  // the listener is in place before CONNACK: the broker sends what it queued for the
+  // session right after it, before connectAsync's promise would resolve
+  const client = mqtt.connect({
     host: '127.0.0.1', port: broker.port, protocolVersion: 5, reconnectPeriod: 0,
     clientId: old.client.options.clientId, clean: false, properties: { sessionExpiryInterval: 3600 },
     connectTimeout: ms(5000),
-  }), ms(6000), 'the server client to reconnect');
+  });
   const server = new Server(client, { sessionLimits: old.sessionLimits, attributes: old.attributes, autoAttributes: old.autoAttributes, ...opts });
   server.messages = old.messages;
   server.nextRpcId = old.nextRpcId;
+  await withTimeout(new Promise((resolve, reject) => {
+    client.once('connect', resolve);
+    client.once('error', reject);
+  }), ms(6000), 'the server client to reconnect');
   await client.subscribeAsync({ 'v1/devices/me/#': { qos: 1, nl: true }, 'v2/#': { qos: 1, nl: true } });
   return server;
 }
