@@ -93,6 +93,48 @@ describe("session", function()
     assert.matches("inf", s:state().r2[2])
   end)
 
+  it("refuses lists where key = value belongs, at the call (ThingsBoard would drop the link)", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.state.r = {
+        {tb.send_telemetry{1, 2, 3}},
+        {tb.send_telemetry{{1, 2}}},
+        {tb.send_telemetry{ts = 5, values = {1, 2}}},
+        {tb.send_telemetry({{a = 1}, {a = 2}}, 1234)},
+        {tb.send_attributes{1, 2}},
+      }
+    ]]))
+    local r = s:state().r
+    for i = 1, 5 do assert.is_nil(r[i][1]) end
+    assert.equal("telemetry entries must be tables", r[1][2])
+    assert.equal("telemetry entries must be tables of key = value, not lists", r[2][2])
+    assert.equal("values must be a table of key = value", r[3][2])
+    assert.equal("with a ts, send one table of key = value (each entry of a list carries its own ts)", r[4][2])
+    assert.equal("attributes must be a table of key = value", r[5][2])
+    s:connect()
+    assert.equal(0, #s:sent("v1/devices/me/telemetry"))
+    assert.equal(0, #s:sent("v1/devices/me/attributes"))
+  end)
+
+  it("sends floats as ThingsBoard stores DOUBLEs: positional, at most 16 decimals", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_connect(function()
+        tb.send_telemetry{a = 0.1 + 0.2, b = 1e15, c = 21.5}
+        tb.send_attributes{d = 1e20}
+      end)
+    ]]))
+    s:connect()
+    local raw = {}
+    for _, m in ipairs(s.published) do raw[#raw + 1] = m.payload end
+    local all = table.concat(raw, "\n")
+    assert.matches('"a":0.3[,}]', all)
+    assert.matches('"b":1000000000000000.0[,}]', all)
+    assert.matches('"c":21.5[,}]', all)
+    assert.matches('"d":100000000000000000000.0}', all)
+    assert.not_matches("[eE][+-]", all)
+  end)
+
   it("sends the three telemetry forms", function()
     local s = testing.load(script([[
       local tb = require "tb"

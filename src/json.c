@@ -3,8 +3,9 @@
  * json_null, json_array_mt and their C entries in json.h.
  *
  * Invariants:
- * - A Lua integer is written with all 64 bits; a float always carries a '.', 'e' or 'E',
- *   because ThingsBoard stores 42 as LONG and only 42.0 as DOUBLE. A decoded number is an
+ * - A Lua integer is written with all 64 bits; a float is written in positional notation
+ *   with a '.' (never an exponent), because ThingsBoard stores 42 and 1e+15 as LONG and only
+ *   42.0 and 1000000000000000.0 as DOUBLE (see enc_float). A decoded number is an
  *   integer exactly when its token has no fraction, no exponent and fits in 64 bits.
  * - Output is valid JSON and valid UTF-8 or nothing: NaN, infinities, invalid UTF-8 and tables
  *   that are neither arrays nor objects are refused, never approximated.
@@ -92,6 +93,7 @@ typedef struct enc {
   int path_at;    /* the path is built backwards on the way out, ending at path[PATH_LEN-1] */
   int path_cut;   /* 1: it lost its front; -1: this error takes no path */
   size_t max;     /* 0, or the longest text wanted: encoding stops once it is passed */
+  int tb_values;  /* floats with at most 16 decimals, as ThingsBoard keeps them (enc_float) */
   char path[PATH_LEN];
   char init[ENC_INIT];
 } enc;
@@ -210,36 +212,77 @@ static void enc_integer(enc *e, lua_Integer v) {
   enc_put(e, q, (size_t)(tmp + sizeof tmp - q));
 }
 
-/* The shortest of %.15g..%.17g that reads back as the same double (17 always does), with
- * the locale's decimal point turned into '.' before the check. */
-static int enc_float(enc *e, lua_Number v) {
-  char tmp[48];
-  double d = (double)v;
-  int prec;
+/* Writes text[0..n) as the locale-free number it is: the locale's decimal point (any bytes
+ * that are not digits, signs or 'e') becomes one '.'. Returns the new length. */
+static size_t c_number_text(char *text) {
   size_t i, n;
+  int in_point = 0;
+  for (i = n = 0; text[i]; i++) {  /* in place, as it never lengthens */
+    char c = text[i];
+    if ((c >= '0' && c <= '9') || c == '-' || c == '+' || c == 'e') {
+      text[n++] = c;
+      in_point = 0;
+    } else if (!in_point) {
+      text[n++] = '.';
+      in_point = 1;
+    }
+  }
+  text[n] = '\0';
+  return n;
+}
+
+/* A float in positional notation, always with a '.', never with an exponent: ThingsBoard
+ * stores 1e+15 as LONG and 1e+20 as STRING, but 1000000000000000.0 as DOUBLE (protocol.md
+ * 4.2). The digits are the shortest of %.15g..%.17g that read back as the same double, so
+ * the text is exact; the longest (denormals, DBL_MAX) is about 330 bytes.
+ * tb_values: ThingsBoard also stores a number with more than 16 digits after the point as a
+ * STRING (BigDecimal scale > 16), so telemetry and attributes get at most 16: exact for
+ * |v| >= 0.5 (half a step of 1e-16 is below half the spacing of doubles there), rounded
+ * below that (0.1 + 0.2 goes as 0.3, values under 5e-17 as 0.0). */
+static int enc_float(enc *e, lua_Number v, int tb_values) {
+  char tmp[48], out[400], digits[24];
+  double d = (double)v;
+  int prec, exp10 = 0, point, nd = 0, lead, i;
+  size_t n, o = 0;
+  const char *p;
   if (isnan(d)) return enc_fail(e, "cannot encode NaN");
   if (isinf(d)) return enc_fail(e, "cannot encode inf");
   for (prec = 15;; prec++) {
-    int in_point = 0;
-    snprintf(tmp, sizeof tmp - 2, "%.*g", prec, d);
-    for (i = n = 0; tmp[i]; i++) {  /* in place, as it never lengthens */
-      char c = tmp[i];
-      if ((c >= '0' && c <= '9') || c == '-' || c == '+' || c == 'e') {
-        tmp[n++] = c;
-        in_point = 0;
-      } else if (!in_point) {
-        tmp[n++] = '.';
-        in_point = 1;
-      }
-    }
-    tmp[n] = '\0';
+    snprintf(tmp, sizeof tmp - 2, "%.*e", prec - 1, d);
+    c_number_text(tmp);
     if (prec == 17 || c_strtod(tmp) == d) break;
   }
-  if (!strpbrk(tmp, ".e")) {
-    tmp[n++] = '.';
-    tmp[n++] = '0';
+  /* tmp is [-]D.DDDDe[+-]XX: the digits, and where the point goes among them */
+  p = tmp;
+  if (*p == '-') out[o++] = *p++;
+  for (; *p && *p != 'e'; p++)
+    if (*p >= '0' && *p <= '9') digits[nd++] = *p;
+  if (*p == 'e') exp10 = atoi(p + 1);
+  while (nd > 1 && digits[nd - 1] == '0') nd--;
+  point = 1 + exp10;  /* digits before the point */
+  if (nd == 1 && digits[0] == '0') point = 1;
+  if (tb_values && nd - point > 16) {
+    /* more than 16 digits after the point: |d| < 1 here, as 17 digits at most were kept */
+    snprintf(tmp, sizeof tmp - 2, "%.16f", d);
+    n = c_number_text(tmp);
+    while (n > 0 && tmp[n - 1] == '0' && tmp[n - 2] != '.') n--;
+    enc_put(e, tmp, n);
+    return 0;
   }
-  enc_put(e, tmp, n);
+  if (point <= 0) {
+    out[o++] = '0';
+    out[o++] = '.';
+    for (i = 0; i < -point; i++) out[o++] = '0';
+    for (i = 0; i < nd; i++) out[o++] = digits[i];
+  } else {
+    lead = point < nd ? point : nd;
+    for (i = 0; i < lead; i++) out[o++] = digits[i];
+    for (i = nd; i < point; i++) out[o++] = '0';
+    out[o++] = '.';
+    if (point >= nd) out[o++] = '0';
+    for (i = point; i < nd; i++) out[o++] = digits[i];
+  }
+  enc_put(e, out, o);
   return 0;
 }
 
@@ -347,7 +390,7 @@ static int enc_value(enc *e, int idx, int depth) {
       enc_integer(e, lua_tointeger(L, idx));
       return 0;
     }
-    return enc_float(e, lua_tonumber(L, idx));
+    return enc_float(e, lua_tonumber(L, idx), e->tb_values);
   case LUA_TSTRING: {
     size_t n;
     const char *s = lua_tolstring(L, idx, &n);
@@ -401,6 +444,7 @@ int tb_json_encode_at(lua_State *L, int idx, luaL_Buffer *b, char *err, size_t e
   idx = lua_absindex(L, idx);
   base = lua_gettop(L);
   e.max = 0;
+  e.tb_values = 0;
   if (enc_run(&e, L, idx)) {
     enc_message(&e, err, errlen);
     lua_settop(L, base);
@@ -413,9 +457,10 @@ int tb_json_encode_at(lua_State *L, int idx, luaL_Buffer *b, char *err, size_t e
   return 0;
 }
 
-/* json_encode(value [, max_bytes]) -> string | nil, err. With max_bytes, a text longer than
- * that is refused ("too large: over N bytes") as soon as the encoder passes it, so refusing a
- * huge value costs about max_bytes, not the size of its text. */
+/* json_encode(value [, max_bytes [, tb_values]]) -> string | nil, err. With max_bytes, a
+ * text longer than that is refused ("too large: over N bytes") as soon as the encoder passes
+ * it, so refusing a huge value costs about max_bytes, not the size of its text. tb_values:
+ * floats get at most 16 decimals, so ThingsBoard stores them as DOUBLE (see enc_float). */
 static int l_json_encode(lua_State *L) {
   enc e;
   char err[192];
@@ -423,6 +468,7 @@ static int l_json_encode(lua_State *L) {
   luaL_checkany(L, 1);
   max = luaL_optinteger(L, 2, 0);
   luaL_argcheck(L, max >= 0, 2, "max_bytes must be >= 0");
+  e.tb_values = lua_toboolean(L, 3);
   lua_settop(L, 1);
   e.max = (size_t)max;
   if (enc_run(&e, L, 1)) {

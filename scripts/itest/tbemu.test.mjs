@@ -4,7 +4,8 @@
 // and everything is checked through tbemu's ThingsBoard REST paths (/api/plugins/telemetry/...,
 // /api/plugins/rpc/twoway|oneway/{deviceId}) and its own /emu endpoints:
 //  1. telemetry in all three payload forms stored with ThingsBoard's types (Lua 42 -> LONG,
-//     42.0 -> DOUBLE, booleans, strings, JSON, 2^53+1 exact, explicit ts kept); client attributes;
+//     42.0 -> DOUBLE, 1e15/1e20/0.1+0.2 -> DOUBLE, booleans, strings, JSON, 2^53+1 exact,
+//     explicit ts kept); client attributes;
 //  2. server-side RPC over REST: ids from 0, a string result as quoted JSON, a raised error and
 //     nil, err as {"error": ...}, an unknown method, a one-way RPC (no response), several in flight;
 //  3. a shared attribute set over REST reaches tb.on_attributes (42.0 stays a float), a REST
@@ -172,6 +173,22 @@ describe('tbemu: the device API end to end, checked through the REST API', () =>
     const latest = (await summary(emu, 'dev1')).latest;
     const types = Object.fromEntries(keys.split(',').map((k) => [k, latest[k].type]));
     assert.deepEqual(types, { i: 'LONG', f: 'DOUBLE', b: 'BOOLEAN', s: 'STRING', o: 'JSON', big: 'LONG', neg: 'LONG', half: 'DOUBLE' });
+  });
+
+  test('1. floats of any size are stored as DOUBLE (1e15, 1e20, 0.1 + 0.2, 1e-20), never LONG or STRING', async () => {
+    const r = await evalLua(emu, 'dev1', 'return tb.send_telemetry({d15 = 1e15, d20 = -1e20, dsum = 0.1 + 0.2, dtiny = 1e-20, d300 = 1e300}) ' +
+      'and tb.send_attributes({a20 = 1e20, asum = 0.1 + 0.2})');
+    assert.equal(r.text, 'true');
+    const keys = ['d15', 'd20', 'dsum', 'dtiny', 'd300'];
+    const latest = await waitUntil(async () => {
+      const s = await summary(emu, 'dev1');
+      return keys.every((k) => s.latest[k]) && s.attributes.CLIENT_SCOPE.a20 && s.attributes.CLIENT_SCOPE.asum ? s : null;
+    }, 5000, 'the float keys stored');
+    const types = Object.fromEntries(keys.map((k) => [k, latest.latest[k].type]));
+    assert.deepEqual(types, { d15: 'DOUBLE', d20: 'DOUBLE', dsum: 'DOUBLE', dtiny: 'DOUBLE', d300: 'DOUBLE' });
+    assert.deepEqual([latest.latest.d15.value, latest.latest.d20.value, latest.latest.dsum.value, latest.latest.dtiny.value],
+      [1e15, -1e20, 0.3, 0]);
+    assert.deepEqual([latest.attributes.CLIENT_SCOPE.a20.type, latest.attributes.CLIENT_SCOPE.asum.type], ['DOUBLE', 'DOUBLE']);
   });
 
   test('1. telemetry, array form', async () => {

@@ -94,6 +94,33 @@ static const char *dec(const char *text) {
   return decn(text, strlen(text));
 }
 
+#define Z10 "0000000000"
+#define Z100 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10
+
+/* tb_values: at most 16 digits after the point, which ThingsBoard stores as DOUBLE */
+static const char *enc_tb(const char *expr) {
+  char code[4096];
+  snprintf(code, sizeof code, "local s, err = core.json_encode(%s, nil, true) return s or 'ERR ' .. err", expr);
+  return run(code);
+}
+
+static void test_encode_tb_values(void) {
+  CHECK_STR(enc_tb("0.1 + 0.2"), "0.3");
+  CHECK_STR(enc_tb("21.700000000000003"), "21.700000000000003");
+  CHECK_STR(enc_tb("1/3"), "0.3333333333333333");
+  CHECK_STR(enc_tb("2/3"), "0.6666666666666666");
+  CHECK_STR(enc_tb("-2/3"), "-0.6666666666666666");
+  CHECK_STR(enc_tb("1e-17"), "0.0");
+  CHECK_STR(enc_tb("-1e-17"), "-0.0");
+  CHECK_STR(enc_tb("1.5e-7"), "0.00000015");
+  CHECK_STR(enc_tb("1e15"), "1000000000000000.0");
+  CHECK_STR(enc_tb("1e20"), "100000000000000000000.0");
+  CHECK_STR(enc_tb("42.0"), "42.0");
+  CHECK_STR(enc_tb("42"), "42");
+  CHECK_STR(enc_tb("{t = {0.1 + 0.2, 1e-20}}"), "{\"t\":[0.3,0.0]}");
+}
+
+/* Floats go in positional notation with a '.', never an exponent (json.c enc_float). */
 static void test_encode_numbers(void) {
   CHECK_STR(enc("0"), "0");
   CHECK_STR(enc("-1"), "-1");
@@ -102,19 +129,22 @@ static void test_encode_numbers(void) {
   CHECK_STR(enc("9007199254740993"), "9007199254740993");
   CHECK_STR(enc("42.0"), "42.0");
   CHECK_STR(enc("0.1"), "0.1");
-  CHECK_STR(enc("1e300"), "1e+300");
+  CHECK_STR(enc("1e300"), "1" Z100 Z100 Z100 ".0");
   CHECK_STR(enc("-0.0"), "-0.0");
   CHECK_STR(enc("0.0"), "0.0");
   CHECK_STR(enc("1.5"), "1.5");
-  CHECK_STR(enc("-2.5e-10"), "-2.5e-10");
+  CHECK_STR(enc("-2.5e-10"), "-0.00000000025");
   CHECK_STR(enc("1/3"), "0.3333333333333333");
   CHECK_STR(enc("2^53"), "9007199254740992.0");
-  CHECK_STR(enc("1e21"), "1e+21");
+  CHECK_STR(enc("1e21"), "1000000000000000000000.0");
+  CHECK_STR(enc("1e15"), "1000000000000000.0");
+  CHECK_STR(enc("-1e20"), "-100000000000000000000.0");
+  CHECK_STR(enc("1.5e-7"), "0.00000015");
   CHECK_STR(enc("123456789.125"), "123456789.125");
   CHECK_STR(enc("math.pi"), "3.141592653589793");
   CHECK_STR(enc("0.1 + 0.2"), "0.30000000000000004");
-  CHECK_STR(enc("2^-1074"), "4.94065645841247e-324");
-  CHECK_STR(enc("1.7976931348623157e308"), "1.7976931348623157e+308");
+  CHECK_STR(enc("2^-1074"), "0." Z100 Z100 Z100 Z10 Z10 "000" "494065645841247");
+  CHECK_STR(enc("1.7976931348623157e308"), "17976931348623157" Z100 Z100 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 "00.0");
   CHECK_STR(enc("0/0"), "ERR cannot encode NaN");
   CHECK_STR(enc("-(0/0)"), "ERR cannot encode NaN");
   CHECK_STR(enc("math.huge"), "ERR cannot encode inf");
@@ -423,8 +453,8 @@ static void test_random_doubles(int n) {
     lua_pushnumber(L, x);
     lua_call(L, 1, 1);
     text = lua_tostring(L, -1);
-    if (!text || !strpbrk(text, ".eE")) {
-      bad++;
+    if (!text || !strchr(text, '.') || strpbrk(text, "eE")) {
+      if (bad++ < 5) fprintf(stderr, "double %a encoded as %s\n", x, text ? text : "nothing");
       lua_settop(L, base + 1);
       continue;
     }
@@ -435,6 +465,47 @@ static void test_random_doubles(int n) {
     memcpy(&back_bits, &back, sizeof back);
     if (lua_isinteger(L, -1) || back_bits != bits) {
       if (bad++ < 5) fprintf(stderr, "double %a did not round-trip\n", x);
+    }
+    lua_settop(L, base + 1);
+  }
+  lua_settop(L, base);
+  CHECK(bad == 0);
+}
+
+/* With tb_values every float has 1..16 digits after its '.' (ThingsBoard keeps more than 16
+ * as a STRING), reads back within 5e-17 plus the half ulp of reading the decimal back, and
+ * for |x| >= 0.5 reads back bit for bit. */
+static void test_random_tb_values(int n) {
+  int i, bad = 0, base = lua_gettop(L);
+  lua_getfield(L, LUA_REGISTRYINDEX, "test.core");
+  for (i = 0; i < n; i++) {
+    uint64_t bits = rng();
+    double x, back;
+    const char *text, *point;
+    char copy[64];
+    if (i % 3 == 1) bits = (bits & 0x800FFFFFFFFFFFFFu) | ((uint64_t)(1023 + (int)(rng() % 80) - 60) << 52);
+    if (i % 3 == 2) bits = (bits & 0x800FFFFFFFFFFFFFu) | ((uint64_t)(1023 + (int)(rng() % 12) - 2) << 52);
+    memcpy(&x, &bits, sizeof x);
+    if (!isfinite(x)) continue;
+    lua_getfield(L, base + 1, "json_encode");
+    lua_pushnumber(L, x);
+    lua_pushnil(L);
+    lua_pushboolean(L, 1);
+    lua_call(L, 3, 1);
+    text = lua_tostring(L, -1);
+    point = text ? strchr(text, '.') : NULL;
+    if (!point || strpbrk(text, "eE") || strlen(point + 1) < 1 || strlen(point + 1) > 16) {
+      if (bad++ < 5) fprintf(stderr, "tb value %a encoded as %s\n", x, text ? text : "nothing");
+      lua_settop(L, base + 1);
+      continue;
+    }
+    snprintf(copy, sizeof copy, "%s", text);
+    lua_getfield(L, base + 1, "json_decode");
+    lua_insert(L, -2);
+    lua_call(L, 1, 1);
+    back = lua_tonumber(L, -1);
+    if (fabs(x) >= 0.5 ? back != x : fabs(back - x) > 5.0000001e-17 + fabs(x) * 0x1p-53) {
+      if (bad++ < 5) fprintf(stderr, "tb value %a came back as %a (%s)\n", x, back, copy);
     }
     lua_settop(L, base + 1);
   }
@@ -602,6 +673,7 @@ int main(void) {
   lua_settop(L, 0);
 
   test_encode_numbers();
+  test_encode_tb_values();
   test_encode_strings();
   test_encode_tables();
   test_encode_depth();
@@ -610,6 +682,7 @@ int main(void) {
   test_decode_structure();
   test_decode_depth();
   test_random_doubles(100000);
+  test_random_tb_values(100000);
   test_random_integers(100000);
   test_hostile_input();
   test_c_entries();
