@@ -75,16 +75,22 @@ function M.bind(ctx, gen)
     local now = ctx.clock()
     local entries, points = {}, 0
     local body
+    -- ThingsBoard closes the connection for anything but objects here (protocol.md 4.1), so
+    -- a list where key = value belongs is refused at the call, never queued
     local function entry(v)
       if type(v) ~= "table" then return nil, "telemetry entries must be tables" end
       if v.ts ~= nil and v.values ~= nil then
         if math.type(v.ts) ~= "integer" then return nil, "ts must be integer milliseconds" end
-        if type(v.values) ~= "table" then return nil, "values must be a table" end
+        if type(v.values) ~= "table" or is_array(v.values, array_mt) then
+          return nil, ts and v == values and "with a ts, send one table of key = value (each entry of a list carries its own ts)"
+            or "values must be a table of key = value"
+        end
         entries[#entries + 1] = {ts = v.ts, values = v.values}
         points = points + count_keys(v.values)
         return v
       end
       if next(v) == nil then return nil, "no values to send" end
+      if is_array(v, array_mt) then return nil, "telemetry entries must be tables of key = value, not lists" end
       entries[#entries + 1] = {ts = now, values = v}
       points = points + count_keys(v)
       -- data sent later keeps the time it was measured
@@ -104,7 +110,7 @@ function M.bind(ctx, gen)
       if not e then return nil, err end
       body = e
     end
-    local payload, err = encode(body, session.payload_limit)
+    local payload, err = encode(body, session.payload_limit, true)
     if not payload then
       if err:find("^too large") then return nil, too_large(session) end
       -- name the place in the caller's table, not in the {ts=, values=} we wrapped it in
@@ -122,7 +128,7 @@ function M.bind(ctx, gen)
     typecheck(values, 1, "send_attributes", "table")
     if is_array(values, array_mt) then return nil, "attributes must be a table of key = value" end
     if next(values) == nil then return nil, "no values to send" end
-    local payload, err = encode(values, session.payload_limit)
+    local payload, err = encode(values, session.payload_limit, true)
     if not payload then return nil, err:find("^too large") and too_large(session) or err end
     local ok
     ok, err = deliver("attributes", session.topics.attributes, payload, count_keys(values))
@@ -239,13 +245,14 @@ function M.bind(ctx, gen)
     return nil, "exit " .. code .. (last and (": " .. last) or ""), code, output
   end
 
-  -- firmware{current=, accept=, install=, chunk_size=} / software{...}
+  -- firmware{current=, accept=, install=, progress=, chunk_size=} / software{...}
   local function ota_policy(fname)
     return function(spec)
       typecheck(spec, 1, fname, "table")
       argcheck(spec.current == nil or type(spec.current) == "table", 1, fname, "current must be {title=, version=}")
       argcheck(spec.accept == nil or type(spec.accept) == "function", 1, fname, "accept must be a function")
       argcheck(type(spec.install) == "function", 1, fname, "install must be a function")
+      argcheck(spec.progress == nil or type(spec.progress) == "function", 1, fname, "progress must be a function")
       argcheck(spec.chunk_size == nil or (math.type(spec.chunk_size) == "integer" and spec.chunk_size > 0 and spec.chunk_size <= 65536),
         1, fname, "chunk_size must be an integer from 1 to 65536")
       gen[fname] = spec
