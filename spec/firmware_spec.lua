@@ -165,11 +165,15 @@ describe("firmware over MQTT", function()
       fw_checksum = core.hash_hex("SHA256", img)})
     s:advance(50)
     assert.equal(4000, core.file_size(dir .. "/firmware/dev-2.0.part"))
+    -- the new session finds the package still assigned, as the server keeps it
     local s2 = load(1000, {state_dir = dir})
-    local r = s2:offer_firmware({title = "dev", version = "2.0"}, img)
-    assert.equal("UPDATED", r.state)
+    s2.packages.fw = {bytes = img}
+    s2:set_attributes{shared = s.server.shared}
+    s2:connect()
+    s2:advance(100)
     assert.equal(img, s2:state().image)
     assert.truthy(s2:logged("resuming download at byte 4000"))
+    assert.truthy(s2:logged("firmware UPDATED"))
   end)
 end)
 
@@ -344,5 +348,201 @@ describe("firmware and software together, server text and a changing offer", fun
       "DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}, (states_of(s, "fw")))
     assert.equal(b, s:state().fw)
     assert.equal("3", s.ctx.firmware:current().version)
+  end)
+end)
+
+describe("firmware offers that change while the agent is away, retries and progress", function()
+  local function offer_attrs(info, img)
+    return {fw_title = info.title, fw_version = info.version, fw_size = #img, fw_url = info.url,
+      fw_checksum_algorithm = "SHA256", fw_checksum = core.hash_hex("SHA256", img)}
+  end
+
+  local function exists(path)
+    local f = io.open(path, "rb")
+    if f then f:close() end
+    return f ~= nil
+  end
+
+  -- serves only the first n chunk requests: the download stops part-way
+  local function serve_only(s, n)
+    local serve, served = s.serve_chunk, 0
+    s.serve_chunk = function(self, ...)
+      served = served + 1
+      if served <= n then return serve(self, ...) end
+    end
+  end
+
+  it("abandons a download whose package was unassigned while the agent was offline", function()
+    local dir = os.tmpname() .. ".state"
+    local img = image(10000)
+    local s = load(1000, {state_dir = dir})
+    s:connect()
+    s.packages.fw = {bytes = img}
+    serve_only(s, 3)
+    s:push_attributes(offer_attrs({title = "dev", version = "2.0"}, img))
+    s:advance(50)
+    assert.equal(3000, core.file_size(dir .. "/firmware/dev-2.0.part"))
+    s:disconnect()
+    s.server.shared = {}          -- unassigned while the agent cannot hear the deletion
+    s:advance(3000)               -- reconnects; the current attributes no longer offer it
+    assert.is_true(s:connected())
+    assert.truthy(s:logged("firmware dev 2.0 withdrawn or replaced"))
+    assert.is_false(exists(dir .. "/firmware/dev-2.0.part"))
+    assert.is_false(exists(dir .. "/firmware/job.json"))
+    assert.is_nil(s.ctx.firmware.job)
+  end)
+
+  it("does not carry an attribute of the old offer into a package assigned while offline", function()
+    local s = load(1000)
+    s:connect()
+    -- a fw_url package the script declines (version "bad"): its fw_url stays known
+    local old = image(3000)
+    s.http_files["http://example.invalid/old.bin"] = old
+    s:push_attributes(offer_attrs({title = "dev", version = "bad", url = "http://example.invalid/old.bin"}, old))
+    s:advance(50)
+    s:disconnect()
+    -- a binary package replaces it while the agent is offline: no fw_url any more
+    local img = image(4500)
+    s.packages.fw = {bytes = img}
+    s.server.shared = offer_attrs({title = "dev", version = "2.0"}, img)
+    local states = {}
+    s.ctx.firmware.on_state = function(st) states[#states + 1] = st end
+    s:advance(3000)
+    for _ = 1, 100 do
+      if states[#states] == "UPDATED" or states[#states] == "FAILED" then break end
+      s:advance(100)
+    end
+    assert.equal("UPDATED", states[#states])
+    assert.equal(img, s:state().image)
+    local chunks = 0
+    for _, m in ipairs(s.published) do
+      if m.topic:match("^v2/fw/request/%d+/chunk/") then chunks = chunks + 1 end
+    end
+    assert.is_true(chunks >= 5, "downloaded over MQTT, not from the old fw_url")
+  end)
+
+  it("removes the partial download of an earlier package when another one is offered after a restart", function()
+    local dir = os.tmpname() .. ".state"
+    local img = image(10000)
+    local s = load(1000, {state_dir = dir})
+    s:connect()
+    s.packages.fw = {bytes = img}
+    serve_only(s, 4)
+    s:push_attributes(offer_attrs({title = "dev", version = "2.0"}, img))
+    s:advance(50)
+    assert.equal(4000, core.file_size(dir .. "/firmware/dev-2.0.part"))
+    local s2 = load(1000, {state_dir = dir})
+    local img3 = image(2500)
+    s2.packages.fw = {bytes = img3}
+    s2:set_attributes{shared = offer_attrs({title = "dev", version = "3.0"}, img3)}
+    s2:connect()
+    s2:advance(100)
+    assert.equal(img3, s2:state().image)
+    assert.is_false(exists(dir .. "/firmware/dev-2.0.part"))
+    assert.truthy(s2:logged("removed the partial download of dev 2.0: no longer offered"))
+  end)
+
+  it("removes the partial download left by a stopped agent when nothing is offered any more", function()
+    local dir = os.tmpname() .. ".state"
+    local img = image(10000)
+    local s = load(1000, {state_dir = dir})
+    s:connect()
+    s.packages.fw = {bytes = img}
+    serve_only(s, 4)
+    s:push_attributes(offer_attrs({title = "dev", version = "2.0"}, img))
+    s:advance(50)
+    assert.is_true(exists(dir .. "/firmware/job.json"))
+    local s2 = load(1000, {state_dir = dir})
+    s2:connect()
+    s2:advance(100)
+    assert.is_false(exists(dir .. "/firmware/dev-2.0.part"))
+    assert.is_false(exists(dir .. "/firmware/job.json"))
+    assert.truthy(s2:logged("removed the partial download of dev 2.0"))
+  end)
+
+  it("keeps an MQTT download going through more empty chunks than fw_restarts when each is followed by progress", function()
+    local s = load(1000)
+    local img = image(9500)
+    s:connect()
+    -- every chunk index comes back empty the first time it is asked for (a cache that
+    -- expires again and again): 10 restarts in all, never two in a row at one offset
+    local serve, seen = s.serve_chunk, {}
+    s.serve_chunk = function(self, conn_id, kind, req, idx, payload)
+      if not seen[idx] then
+        seen[idx] = true
+        self:queue("message", conn_id, 1, 0, "v2/fw/response/" .. req .. "/chunk/" .. idx, "")
+        return
+      end
+      return serve(self, conn_id, kind, req, idx, payload)
+    end
+    local r = s:offer_firmware({title = "dev", version = "2.0"}, img)
+    assert.equal("UPDATED", r.state)
+    assert.equal(img, s:state().image)
+  end)
+
+  it("resumes an HTTP download through more interruptions than fw_retries while each one brings bytes", function()
+    local s = load(1000)
+    local img = image(8000)
+    local attempts = 0
+    s.core.http_download = function(o)
+      attempts = attempts + 1
+      local id = 1000 + attempts
+      local have = core.file_size(o.path) or 0
+      local sink = assert(core.sink_open(o.path, o.algorithm, have))
+      local dl = {progress = function() return have, 0 end, cancel = function() end, release = function() end}
+      if have + 1000 < #img then
+        sink:write(img:sub(have + 1, have + 1000))
+        sink:close()
+        s:queue("http_done", id, 200, 18, "transfer closed with outstanding read data remaining", "")
+      else
+        sink:write(img:sub(have + 1))
+        s:queue("http_done", id, 200, 0, nil, (sink:finish()))
+      end
+      return dl, id
+    end
+    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    assert.equal("UPDATED", r.state)
+    assert.equal(img, s:state().image)
+    assert.equal(8, attempts)
+  end)
+
+  it("still gives up on an HTTP download that brings nothing, after fw_retries attempts", function()
+    local s = load(1000)
+    local attempts = 0
+    s.core.http_download = function()
+      attempts = attempts + 1
+      s:queue("http_done", attempts, 0, 7, "Failed to connect to example.invalid", "")
+      return {progress = function() return 0, 0 end, cancel = function() end, release = function() end}, attempts
+    end
+    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, image(100))
+    assert.equal("FAILED", r.state)
+    assert.equal(5, attempts)
+    assert.matches("download failed: Failed to connect", r.error)
+  end)
+
+  it("calls progress(info, received, total) every 10 % and logs an error it raises", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.state.calls = {}
+      tb.firmware{
+        current = {title = "dev", version = "1.0"}, chunk_size = 1000,
+        progress = function(info, received, total)
+          tb.state.calls[#tb.state.calls + 1] = string.format("%s %d/%d", info.version, received, total)
+          if received == 5000 then error("display broken") end
+        end,
+        install = function() return true end,
+      }
+    ]]))
+    local r = s:offer_firmware({title = "dev", version = "2.0"}, image(10000))
+    assert.equal("UPDATED", r.state)
+    assert.same({"2.0 1000/10000", "2.0 2000/10000", "2.0 3000/10000", "2.0 4000/10000", "2.0 5000/10000",
+      "2.0 6000/10000", "2.0 7000/10000", "2.0 8000/10000", "2.0 9000/10000", "2.0 10000/10000"}, s:state().calls)
+    assert.truthy(s:logged("firmware progress%(%) raised: .*display broken", "error"))
+  end)
+
+  it("refuses a progress that is not a function at load", function()
+    assert.has_error(function()
+      testing.load(script([[require("tb").firmware{install = function() return true end, progress = 5}]]))
+    end)
   end)
 end)

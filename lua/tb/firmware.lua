@@ -36,7 +36,7 @@ function M.new(kind, ctx)
   self.label = self.policy_name
   self.dir = (ctx.config.state_dir or "./.tbagent") .. "/" .. self.policy_name
   local l = self.session.listeners
-  l.attributes[#l.attributes + 1] = function(changes, deleted) self:on_attributes(changes, deleted) end
+  l.attributes[#l.attributes + 1] = function(changes, deleted, why) self:on_attributes(changes, deleted, why) end
   l.message[#l.message + 1] = function(topic, payload) return self:on_message(topic, payload) end
   l.connect[#l.connect + 1] = function() self:on_connect() end
   l.disconnect[#l.disconnect + 1] = function() self:on_disconnect() end
@@ -130,15 +130,21 @@ function M:on_disconnect()
   if self.job then self.sched:wake(self.job.key, "offline") end
 end
 
-function M:on_attributes(changes, deleted)
+-- on_attributes(changes, deleted, why): why "current" is the whole set fetched after a
+-- (re)connect, so an offer key missing from it was deleted while the agent was away
+function M:on_attributes(changes, deleted, why)
   local p, touched = self.prefix, false
   for _, k in ipairs(ATTRS) do
     local v = changes[p .. k]
     if v ~= nil then
       self.offered[k] = v ~= self.core.json_null and v or nil
       touched = true
+    elseif why == "current" and self.offered[k] ~= nil then
+      self.offered[k] = nil
+      touched = true
     end
   end
+  if why == "current" then touched = true end
   for _, key in ipairs(deleted) do
     local k = key:sub(#p + 1)
     if key:sub(1, #p) == p then
@@ -184,6 +190,7 @@ function M:evaluate()
     self.log.info("%s %s %s withdrawn or replaced; abandoning its download", self.label, job.info.title, job.info.version)
     self:cancel_job()
   end
+  if not info and not self.job and o.title == nil and o.version == nil then self:discard_saved() end
   if not info or self.job then return end
   local cur = self:current()
   if info.title == cur.title and info.version == cur.version then return end
@@ -193,6 +200,21 @@ function M:evaluate()
     return
   end
   self:start_job(info)
+end
+
+-- discard_saved([keep_key]): the partial download a stopped agent left for a package that is
+-- no longer offered (job.json names it) is removed with its job.json
+function M:discard_saved(keep_key)
+  local saved = read_json(self.core, self.dir .. "/job.json")
+  if not saved or (keep_key and saved.key == keep_key) then return end
+  if saved.title ~= nil and saved.version ~= nil then
+    local part = self.dir .. "/" .. sanitize(saved.title) .. "-" .. sanitize(saved.version) .. ".part"
+    if os.remove(part) then
+      self.log.info("%s removed the partial download of %s %s: no longer offered", self.label,
+        printable(tostring(saved.title), TEXT_MAX), printable(tostring(saved.version), TEXT_MAX))
+    end
+  end
+  os.remove(self.dir .. "/job.json")
 end
 
 function M:cancel_job()
@@ -321,7 +343,10 @@ function M:run_job(job)
   if not ok then return self:finish_failed(job, err) end
   -- a partial download of this same package survives a restart; anything else is stale
   local saved = read_json(self.core, self.dir .. "/job.json")
-  if not (saved and saved.key == job.key_text) then os.remove(job.part) end
+  if not (saved and saved.key == job.key_text) then
+    self:discard_saved(job.key_text)
+    os.remove(job.part)
+  end
   self:write_json("job.json", {key = job.key_text, title = info.title, version = info.version})
   self:set_state("DOWNLOADING")
   local hex
@@ -368,17 +393,26 @@ function M:run_job(job)
   return true
 end
 
+-- progress(job, received): a log line and the policy's progress(info, received, total) at
+-- every 10 %; without a known size (a fw_url package without fw_size) at every 10 MiB
+local UNSIZED_STEP = 10 * 1024 * 1024
 function M:progress(job, received)
   local total = job.info.size
-  if not total or total == 0 then return end
-  local step = math.floor(received * 10 / total)
-  if step > (job.step or 0) then
-    job.step = step
-    local secs = math.max(0.001, (self.sched.now() - job.started) / 1000)
-    self.log.info("%s download %d%% (%d of %d bytes) at %.1f KiB/s", self.label, step * 10,
-      received, total, (received - job.first_offset) / 1024 / secs)
-    local policy = self:policy()
-    if policy and policy.progress then pcall(policy.progress, job.info, received, total) end
+  if total == 0 then return end
+  local step = total and math.floor(received * 10 / total) or received // UNSIZED_STEP
+  if step <= (job.step or 0) then return end
+  job.step = step
+  local secs = math.max(0.001, (self.sched.now() - job.started) / 1000)
+  local rate = (received - job.first_offset) / 1024 / secs
+  if total then
+    self.log.info("%s download %d%% (%d of %d bytes) at %.1f KiB/s", self.label, step * 10, received, total, rate)
+  else
+    self.log.info("%s download: %d bytes (size not given) at %.1f KiB/s", self.label, received, rate)
+  end
+  local policy = self:policy()
+  if policy and policy.progress then
+    local ok, err = xpcall(policy.progress, debug.traceback, job.info, received, total)
+    if not ok then self.log.error("%s progress() raised: %s", self.label, tostring(err)) end
   end
 end
 
@@ -476,7 +510,7 @@ function M:download_mqtt(job)
         local _, werr = sink:write(chunk)
         if werr then sink:close(); job.sink = nil; return nil, werr end
         offset = offset + #chunk
-        timeouts = 0
+        timeouts, restarts = 0, 0   -- the limits count failures in a row, not per image
         self:progress(job, offset)
       end
     else
@@ -556,6 +590,7 @@ function M:download_http(job)
   local range_reset = false
   while true do
     attempts = attempts + 1
+    local before = core.file_size(job.part) or 0
     local dl, id = core.http_download{url = info.url, path = job.part, resume = true,
       algorithm = info.checksum_algorithm or "SHA256", max_size = info.size,
       cafile = self.config.http_cafile, insecure = self.config.http_insecure}
@@ -589,6 +624,8 @@ function M:download_http(job)
       os.remove(job.part)
       attempts = attempts - 1
     else
+      -- fw_retries counts interruptions in a row: an attempt that got bytes resets it
+      if (core.file_size(job.part) or 0) > before then attempts = 1 end
       local permanent = status >= 400 and status < 500 or CURL_PERMANENT[code] or etext:find("larger than")
       if permanent or attempts >= (self.config.fw_retries or 5) then
         return nil, "download failed: " .. err

@@ -184,7 +184,9 @@ function M:connect_sequence(conn_id)
     self.fetching_current = false
     if not alive() then return end
     if res then
-      if next(res.shared) then self:dispatch_attributes(res.shared, {}, "current") end
+      -- the whole current set, even when empty: what is missing from it was deleted while
+      -- the agent was away (the firmware updaters drop a withdrawn offer on that)
+      self:dispatch_attributes(res.shared or {}, {}, "current")
     else
       self.log.warn("could not fetch current shared attributes: %s", err)
     end
@@ -534,6 +536,7 @@ end
 
 function M:dispatch_attributes(changes, deleted, why)
   for _, fn in ipairs(self.listeners.attributes) do fn(changes, deleted, why) end
+  if next(changes) == nil and #deleted == 0 then return end
   local gen = self.generation()
   for _, fn in ipairs(gen.attr_handlers) do
     self.sched:spawn("attribute handler", {fn = fn, gen = gen}, changes, deleted)
