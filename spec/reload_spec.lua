@@ -34,6 +34,38 @@ describe("hot reload", function()
     assert.equal(2, s:rpc("ver"))
   end)
 
+  it("swaps attribute handlers and the firmware policy", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_attributes(function(c) tb.state.seen_by = "v1"; tb.state.v1 = (tb.state.v1 or 0) + 1 end)
+      tb.firmware{current = {title = "dev", version = "1.0"},
+        accept = function() return false end,
+        install = function() tb.state.installed_by = "v1" return true end}
+    ]]))
+    s:connect()
+    local r = s:offer_firmware({title = "dev", version = "2.0"}, "image one")
+    assert.is_nil(s:state().installed_by)   -- v1's accept refuses every package
+    assert.same({}, r.states)
+    assert.is_true(s:reload([[
+      local tb = require "tb"
+      tb.on_attributes(function(c) tb.state.seen_by = "v2" end)
+      tb.firmware{current = {title = "dev", version = "1.0"},
+        install = function(path)
+          local f = assert(io.open(path, "rb")); tb.state.image = f:read("a"); f:close()
+          tb.state.installed_by = "v2"
+          return true
+        end}
+    ]]))
+    local v1_calls = s:state().v1
+    s:push_attributes{target = 21}
+    assert.equal("v2", s:state().seen_by)
+    assert.equal(v1_calls, s:state().v1)
+    r = s:offer_firmware({title = "dev", version = "3.0"}, "image three")
+    assert.equal("v2", s:state().installed_by)
+    assert.equal("image three", s:state().image)
+    assert.equal("UPDATED", r.states[#r.states])
+  end)
+
   it("rejects a version that fails to load and keeps the old one, sending nothing of it", function()
     local s = testing.load(script([[
       local tb = require "tb"

@@ -222,6 +222,29 @@ describe("session", function()
     assert.is_true(s.rpc_responses[id])
   end)
 
+  it("wraps request ids from 2^31-1 back to 1 (ThingsBoard parses them as a Java int)", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("go", function()
+        tb.state.a = tb.rpc_call("getTime", {})
+        tb.state.b = tb.rpc_call("getTime", {})
+        return true
+      end)
+    ]]))
+    s:answer_rpc_call("getTime", {time = 42})
+    s:connect()
+    s.session.next_req = 2147483646
+    s:rpc("go")
+    local ids = {}
+    for _, m in ipairs(s.published) do
+      local id = m.topic:match("^v1/devices/me/rpc/request/(%d+)$")
+      if id then ids[#ids + 1] = id end
+    end
+    assert.same({"2147483647", "1"}, {ids[#ids - 1], ids[#ids]})
+    assert.same({time = 42}, s:state().a)
+    assert.same({time = 42}, s:state().b)
+  end)
+
   it("requests attributes with comma-joined keys and returns both sections", function()
     local s = testing.load(script([[
       local tb = require "tb"

@@ -117,7 +117,8 @@ end
 function M:schedule_reconnect()
   if self.stopping or self.reconnect_timer then return end
   local delay = self:backoff_delay()
-  self.log.info("reconnecting in %.1f s", delay / 1000)
+  -- two decimals: at a 100 ms minimum the jittered steps (75-125, 150-250 ms) stay apart
+  self.log.info("reconnecting in %.2f s", delay / 1000)
   self.reconnect_timer = self.sched:timer(delay, function()
     self.reconnect_timer = nil
     self.stats.reconnects = self.stats.reconnects + 1

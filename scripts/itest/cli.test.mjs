@@ -128,13 +128,15 @@ test('check: good script exits 0, bad scripts exit 1 with file:line', async () =
 // through only when the agent sent that token as its MQTT user name.
 const ACL = 'user server\ntopic readwrite #\n\nuser env-token\ntopic readwrite v1/devices/me/#\n';
 
-test('environment variables configure the agent (TB_PORT, TB_TOKEN, TB_LOG_LEVEL)', async (t) => {
+// The broker listens on 127.0.0.2 only, so the agent reaches it only through TB_HOST / --host
+// (the default, localhost, is 127.0.0.1).
+test('environment variables configure the agent (TB_HOST, TB_PORT, TB_TOKEN, TB_LOG_LEVEL)', async (t) => {
   const w = world(t);
-  const broker = await w.broker({ acl: ACL });
+  const broker = await w.broker({ acl: ACL, host: '127.0.0.2' });
   const server = await w.server(broker, { username: 'server' });
   const agent = await w.agent(GOOD, {
     auth: false,
-    env: { TB_PORT: String(broker.port), TB_TOKEN: 'env-token', TB_LOG_LEVEL: 'debug', TB_HOST: '127.0.0.1' },
+    env: { TB_PORT: String(broker.port), TB_TOKEN: 'env-token', TB_LOG_LEVEL: 'debug', TB_HOST: '127.0.0.2' },
   });
   await server.waitFor('v1/devices/me/telemetry', (m) => tele(m) === '{"booted":true}', 8000);
   await agent.waitForLog(/ DEBUG /, 3000);
@@ -142,11 +144,11 @@ test('environment variables configure the agent (TB_PORT, TB_TOKEN, TB_LOG_LEVEL
 
 test('the command line wins over environment variables', async (t) => {
   const w = world(t);
-  const broker = await w.broker({ acl: ACL });
+  const broker = await w.broker({ acl: ACL, host: '127.0.0.2' });
   const server = await w.server(broker, { username: 'server' });
   const agent = await w.agent(GOOD, {
-    broker, token: 'env-token', args: ['--log-level', 'warn'],
-    env: { TB_PORT: String(await freePort()), TB_TOKEN: 'wrong-token', TB_LOG_LEVEL: 'debug' },
+    broker, token: 'env-token', args: ['--log-level', 'warn', '--host', '127.0.0.2'],
+    env: { TB_PORT: String(await freePort()), TB_TOKEN: 'wrong-token', TB_LOG_LEVEL: 'debug', TB_HOST: '127.0.0.1' },
   });
   await server.waitFor('v1/devices/me/telemetry', (m) => tele(m) === '{"booted":true}', 8000);
   assert.equal(agent.log.count(/ (DEBUG|INFO) /), 0, `--log-level warn should win over TB_LOG_LEVEL=debug:\n${agent.log.text()}`);

@@ -70,14 +70,14 @@ export function freePort() {
   });
 }
 
-function tcpReady(port, deadline) {
+function tcpReady(port, deadline, host = '127.0.0.1') {
   return new Promise((resolve, reject) => {
     const attempt = () => {
-      const s = net.connect({ host: '127.0.0.1', port });
+      const s = net.connect({ host, port });
       s.once('connect', () => { s.destroy(); resolve(); });
       s.once('error', () => {
         s.destroy();
-        if (Date.now() > deadline) reject(new Error(`nothing listens on 127.0.0.1:${port}`));
+        if (Date.now() > deadline) reject(new Error(`nothing listens on ${host}:${port}`));
         else setTimeout(attempt, 20);
       });
     };
@@ -173,6 +173,7 @@ export function makeCerts(dir) {
 //                                     require_certificate + use_identity_as_username
 //   opts.persistence = true           keeps sessions across restart() (SIGTERM saves them)
 //   opts.verbose = true               log_type all (SUBSCRIBE/PUBLISH lines in broker.log)
+//   opts.host = '127.0.0.2'           the loopback address it listens on (default 127.0.0.1)
 export async function startBroker(opts = {}) {
   const dir = opts.dir || tmpdir('tbitest-mq-');
   const port = opts.port || await freePort();
@@ -203,7 +204,8 @@ export async function startBroker(opts = {}) {
     fs.writeFileSync(acl, opts.acl);
     conf.push(`acl_file ${acl}`);
   }
-  conf.push(`listener ${port} 127.0.0.1`);
+  const host = opts.host || '127.0.0.1';
+  conf.push(`listener ${port} ${host}`);
   if (opts.tls) {
     conf.push(`listener ${tlsPort} 127.0.0.1`, `cafile ${opts.tls.ca}`, `certfile ${opts.tls.serverCert}`,
       `keyfile ${opts.tls.serverKey}`);
@@ -211,7 +213,7 @@ export async function startBroker(opts = {}) {
   }
   const confPath = path.join(dir, 'mosquitto.conf');
   fs.writeFileSync(confPath, conf.join('\n') + '\n');
-  const broker = { port, tlsPort, dir, confPath, log: new Lines('mosquitto'), proc: null };
+  const broker = { host, port, tlsPort, dir, confPath, log: new Lines('mosquitto'), proc: null };
   broker.start = async () => {
     const proc = track(spawn(MOSQUITTO, ['-c', confPath], { stdio: ['ignore', 'pipe', 'pipe'] }));
     broker.proc = proc;
@@ -221,7 +223,7 @@ export async function startBroker(opts = {}) {
     const deadline = Date.now() + ms(5000);
     await Promise.race([
       (async () => {
-        await tcpReady(port, deadline);
+        await tcpReady(port, deadline, host);
         if (tlsPort) await tcpReady(tlsPort, deadline);
       })(),
       broker.exited.then(({ code }) => { throw new Error(`mosquitto exited with ${code}:\n${broker.log.tail()}`); }),
@@ -491,7 +493,7 @@ class Server {
 //   the broker has persistence).
 export async function connectServer(broker, opts = {}) {
   const client = await withTimeout(mqtt.connectAsync({
-    host: '127.0.0.1', port: broker.port, protocolVersion: 5, reconnectPeriod: 0,
+    host: broker.host || '127.0.0.1', port: broker.port, protocolVersion: 5, reconnectPeriod: 0,
     clientId: opts.clientId || `tbserver-${process.pid}-${Math.random().toString(16).slice(2, 8)}`,
     clean: !opts.persistent,
     properties: opts.persistent ? { sessionExpiryInterval: 3600 } : undefined,
@@ -510,7 +512,7 @@ export async function reconnectServer(old, broker, opts = {}) {
   // the listener is in place before CONNACK: the broker sends what it queued for the
   // session right after it, before connectAsync's promise would resolve
   const client = mqtt.connect({
-    host: '127.0.0.1', port: broker.port, protocolVersion: 5, reconnectPeriod: 0,
+    host: broker.host || '127.0.0.1', port: broker.port, protocolVersion: 5, reconnectPeriod: 0,
     clientId: old.client.options.clientId, clean: false, properties: { sessionExpiryInterval: 3600 },
     connectTimeout: ms(5000),
   });

@@ -159,6 +159,27 @@ tb.on_connect(function() for i = 1, 20 do tb.send_telemetry({seq = i}) end end)
   assert.match(line.line, /5:1/);
 });
 
+// The configured rate (--rate-limits or TB_RATE_LIMITS) paces publishes on its own: the server
+// here leaves its limits unset (first case) or is not asked at all (second case).
+for (const how of ['--rate-limits', 'TB_RATE_LIMITS']) {
+  test(`${how} 5:1 paces a burst of 15 telemetry messages to about 5 a second`, async (t) => {
+    const w = world(t);
+    const broker = await w.broker();
+    const server = await w.server(broker);
+    const opts = how === '--rate-limits'
+      ? { broker, args: ['--rate-limits', '5:1'] }
+      : { broker, args: ['--no-session-limits'], env: { TB_RATE_LIMITS: '5:1' } };
+    await w.agent(`
+local tb = require "tb"
+tb.on_connect(function() for i = 1, 15 do tb.send_telemetry({seq = i}) end end)
+`, opts);
+    const msgs = await server.waitCount(T, 15, 15000);
+    const span = msgs.at(-1).at - msgs[0].at;
+    assert.deepEqual(msgs.map((m) => (m.json.values ?? m.json).seq), Array.from({ length: 15 }, (_, i) => i + 1));
+    assert.ok(span >= 1500, `15 messages at 5/s went out in ${span} ms`);
+  });
+}
+
 test('the server\'s maxPayloadSize lowers the payload limit', async (t) => {
   const w = world(t);
   const broker = await w.broker();

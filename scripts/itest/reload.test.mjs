@@ -78,7 +78,7 @@ test('many reloads under QoS 1 telemetry and RPCs: nothing lost, session never i
   console.log(`reload: ${reloads + 1} reloads, ${max} telemetry sent, ${first.size} received, ${missing.length} lost, ${dups} duplicated, ${rpcs} RPCs answered; change->live p50 ${latencies[latencies.length >> 1]} ms, max ${latencies[latencies.length - 1]} ms`);
 });
 
-test('a version that fails to load is rejected, sends nothing, and the old one keeps answering', async (t) => {
+test('a version that fails to load (raises, syntax error, endless top level) is rejected, sends nothing, and the old one keeps answering', async (t) => {
   const w = world(t);
   const broker = await w.broker();
   const server = await w.server(broker);
@@ -94,6 +94,10 @@ test('a version that fails to load is rejected, sends nothing, and the old one k
   // a syntax error too, then a good version is picked up
   save(file, 'local tb = require "tb"\ntb.on_rpc("ver", function() return 3 end\n', 'truncate');
   await agent.waitForLog(/reload rejected: .*device\.lua:\d+: .*expected/, 3000);
+  assert.equal((await server.rpc('ver')).json, 1);
+  // a top level that never ends is cut off by the 5 s load budget, the old version stays
+  save(file, 'local tb = require "tb"\ntb.on_rpc("ver", function() return 5 end)\nwhile true do end\n', 'rename');
+  await agent.waitForLog(/reload rejected: .*ran 5000 ms at load without finishing/, 10000);
   assert.equal((await server.rpc('ver')).json, 1);
   save(file, version(4, { sending: false }), 'rename');
   await untilVersion(server, 4, 2000);
