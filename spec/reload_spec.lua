@@ -86,6 +86,24 @@ describe("hot reload", function()
     assert.equal(1, s:rpc("ver"))
   end)
 
+  it("never runs the timers a rejected version made before it failed", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("ver", function() return 1 end)
+    ]]))
+    s:connect()
+    local before = #s:sent("v1/devices/me/telemetry")
+    assert.is_nil(s:reload([[
+      local tb = require "tb"
+      tb.every(100, function() tb.send_telemetry{from_rejected = "every"} end)
+      tb.after(50, function() tb.send_telemetry{from_rejected = "after"} end)
+      error("half-written")
+    ]]))
+    s:advance(1000)
+    assert.equal(before, #s:sent("v1/devices/me/telemetry"))
+    assert.equal(1, s:rpc("ver"))
+  end)
+
   it("loads a changed file from the loop, not a handler: a yielding call at top level is rejected", function()
     local path = script([[
       local tb = require "tb"

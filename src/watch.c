@@ -1,6 +1,6 @@
 /* watch.c: inotify on the script's directory, inside the poll loop. Editors save by rename
  * or by truncate-and-write, so the directory (not the file) is watched and every name that
- * was written, moved in or removed becomes a "watch" event; Lua debounces and compares
+ * was written and closed, moved in or removed becomes a "watch" event; Lua debounces and compares
  * contents before it reloads anything. */
 #include <errno.h>
 #include <poll.h>
@@ -62,8 +62,10 @@ static int l_watch_dir(lua_State *L) {
     tb_source src = {src_fd, src_events, src_ready, NULL, &watch_fd};
     tb_loop_add_source(&src);
   }
-  if (inotify_add_watch(watch_fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_MODIFY |
-                        IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF) < 0)
+  /* no IN_MODIFY or IN_CREATE: they fire while a truncate-and-write save is half done, and
+   * a pause in the writer longer than the debounce would load half a file */
+  if (inotify_add_watch(watch_fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM |
+                        IN_DELETE_SELF | IN_MOVE_SELF) < 0)
     goto fail;
   lua_pushboolean(L, 1);
   return 1;

@@ -121,7 +121,10 @@ function M:load(path, text)
   local ok
   ok, err = run_budgeted(chunk, ctx.load_budget_ms or 5000, ctx.sched.budget_now)
   if not ok then
-    gen.loading = false
+    -- a rejected version never runs: the timers its top level made before failing would
+    -- otherwise fire later and send from code that was refused
+    gen.loading, gen.retired, gen.held = false, true, nil
+    ctx.sched:cancel_gen(gen)
     return nil, err
   end
   return gen

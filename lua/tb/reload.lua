@@ -88,7 +88,14 @@ function M:reload(reason)
     self.log.debug("reload skipped: no loaded file changed")
     return true
   end
-  local gen, err = ctx.loader:load(live.path)
+  local gen, err
+  local text = read(live.path)
+  if text and not text:find("%S") then
+    -- an empty script would retire every handler: far more likely a save caught midway
+    err = live.path .. ": the file is empty"
+  else
+    gen, err = ctx.loader:load(live.path)
+  end
   if not gen then
     self.rejected = self.rejected + 1
     self.log.error("reload rejected: %s (generation %d keeps running)", tostring(err):match("^[^\n]*"), live.id)

@@ -103,6 +103,30 @@ test('a version that fails to load (raises, syntax error, endless top level) is 
   await untilVersion(server, 4, 2000);
 });
 
+test('a slow truncate-and-write save loads once, when the file is closed; an emptied file is refused', async (t) => {
+  const w = world(t);
+  const broker = await w.broker();
+  const server = await w.server(broker);
+  const dir = tmpdir('tbitest-reload-');
+  const file = path.join(dir, 'device.lua');
+  fs.writeFileSync(file, version(1, { sending: false }));
+  const agent = await w.agentReady(file, { dir, broker, args: ['--no-reload=0'] });
+  const mark = agent.mark();
+  const text = version(2, { sending: false });
+  const fd = fs.openSync(file, 'w');
+  fs.writeSync(fd, text.slice(0, 20));
+  await delay(ms(400));   // far past the 50 ms debounce: half a file is on disk
+  assert.equal((await server.rpc('ver')).json, 1);
+  assert.equal(agent.log.count(/reload/, mark), 0, `reacted to a half-written file:\n${agent.log.text()}`);
+  fs.writeSync(fd, text.slice(20));
+  fs.closeSync(fd);
+  await untilVersion(server, 2, 2000);
+  assert.equal(agent.log.count(/reload rejected/, mark), 0, agent.log.text());
+  fs.writeFileSync(file, '\n');
+  await agent.waitForLog(/reload rejected: .*device\.lua: the file is empty/, 3000, mark);
+  assert.equal((await server.rpc('ver')).json, 2);
+});
+
 test('SIGHUP reloads, and an unchanged save is skipped', async (t) => {
   const w = world(t);
   const broker = await w.broker();
