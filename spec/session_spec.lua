@@ -71,6 +71,35 @@ describe("session", function()
     assert.same({1, 2, 3, 4, 5, 6, 7, 8}, seqs)
   end)
 
+  it("in memory too: --outbox-max-bytes drops the oldest", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      for i = 1, 20 do tb.send_telemetry{seq = i, pad = string.rep("x", 50)} end
+    ]]), {memory_outbox = true, config = {outbox_max_bytes = 400}})
+    assert.is_true(s.session.outbox.bytes <= 400)
+    assert.truthy(s:logged("outbox full %(limit %d+ records, 400 bytes%)", "warn"))
+    s:connect()
+    local seqs = {}
+    for _, m in ipairs(s:sent("v1/devices/me/telemetry")) do seqs[#seqs + 1] = (m.values or m).seq end
+    assert.is_true(#seqs >= 2 and #seqs < 20, #seqs .. " records kept")
+    assert.equal(20, seqs[#seqs])
+    for i = 2, #seqs do assert.equal(seqs[i - 1] + 1, seqs[i]) end
+  end)
+
+  it("in memory too: --outbox-max-age drops records that waited too long", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      for i = 1, 3 do tb.send_telemetry{seq = i} end
+      tb.after(100000, function() tb.send_telemetry{seq = 4} end)
+    ]]), {memory_outbox = true, config = {outbox_max_age = 120}})
+    s:advance(180000)
+    assert.truthy(s:logged("outbox: dropped 3 records older than 120 s", "warn"))
+    s:connect()
+    local seqs = {}
+    for _, m in ipairs(s:sent("v1/devices/me/telemetry")) do seqs[#seqs + 1] = (m.values or m).seq end
+    assert.same({4}, seqs)
+  end)
+
   it("refuses payloads over the limit at the call and never queues them", function()
     local s = testing.load(script([[
       local tb = require "tb"

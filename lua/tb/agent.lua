@@ -21,6 +21,7 @@ function M.build(core, config, log)
     outbox = config.outbox, clock = ctx.clock,
     generation = function() return ctx.current end,
     on_fatal = function(code, msg) ctx.fatal = {code = code, message = msg} end}
+  ctx.sched:timer(60000, function() ctx.session.outbox:expire() end, 60000, nil, "outbox expiry")
   ctx.request_timeout = config.request_timeout
   ctx.rpc_timeout = config.rpc_timeout
   ctx.load_budget_ms = config.load_budget or 5000
@@ -114,9 +115,6 @@ function M.run(core, config, log)
     if not okd then log.error("internal error while handling %s: %s", kind, errd) end
   end
 
-  if session.outbox.durable then
-    sched:timer(60000, function() session.outbox:expire() end, 60000, nil, "outbox expiry")
-  end
   session:start()
   while not session.finished do
     if ctx.fatal then

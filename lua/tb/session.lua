@@ -32,7 +32,8 @@ function M.new(o)
   local self = setmetatable({
     core = o.core, sched = o.sched, log = o.log, config = c, generation = o.generation,
     on_fatal = o.on_fatal or function() end,
-    outbox = o.outbox or outbox_mod.new{limit = c.outbox_limit or 10000},
+    outbox = o.outbox or outbox_mod.new{limit = c.outbox_limit or 10000, max_bytes = c.outbox_max_bytes,
+      max_age_ms = c.outbox_max_age and c.outbox_max_age * 1000, clock = o.clock, log = o.log},
     json_encode = o.core.json_encode, json_decode = o.core.json_decode,
     state = "offline", conn = nil, conn_id = nil,
     inflight = {}, inflight_n = 0, window = c.max_inflight or 100,

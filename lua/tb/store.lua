@@ -17,7 +17,9 @@ function M.open(o)
   local self = setmetatable({db = db, log = o.log, clock = o.clock, limit = o.limit or 100000,
     max_bytes = o.max_bytes or 64 * 1024 * 1024, max_age_ms = o.max_age_ms or 7 * 86400000,
     cursor = 0, buffer = {}, head = 1, dropped = 0, expired = 0, durable = true, uncommitted = {},
-    fallback = memory.new{limit = o.limit or 100000}}, M)
+    fallback = nil}, M)
+  self.fallback = memory.new{limit = self.limit, max_bytes = self.max_bytes, max_age_ms = self.max_age_ms,
+    clock = o.clock, log = o.log}
   local n, bytes, _, _, in_flight, newest = db:stats()
   self.n, self.bytes, self.pending, self.last_seq = n, bytes, n, newest
   self.possible_duplicates = in_flight
@@ -88,6 +90,7 @@ end
 
 -- expire(): drops records older than max_age (called at open and from time to time).
 function M:expire()
+  self.fallback:expire()
   local n = self.db:drop_before(self.clock() - self.max_age_ms) or 0
   if n > 0 then
     self.expired = self.expired + n
