@@ -177,6 +177,72 @@ describe("firmware over MQTT", function()
   end)
 end)
 
+describe("firmware: a stop during install()", function()
+  local HANG = [[
+    local tb = require "tb"
+    tb.firmware{current = {title = "dev", version = %q}, chunk_size = 1000,
+      install = function()
+        tb.state.installs = (tb.state.installs or 0) + 1
+        tb.sleep(3600000)   -- the installer reboots the device: install() never returns
+        return true
+      end}
+  ]]
+  local img = image(3000)
+  local offer = {fw_title = "dev", fw_version = "2.0", fw_size = #img, fw_checksum_algorithm = "SHA256",
+    fw_checksum = core.hash_hex("SHA256", img)}
+
+  local function states(s)
+    local out = {}
+    for _, m in ipairs(s:sent("v1/devices/me/telemetry")) do
+      local v = m.values or m
+      if v.fw_state then out[#out + 1] = v.fw_state .. (v.fw_error and (": " .. v.fw_error) or "") end
+    end
+    return out
+  end
+
+  -- start(dir, current) -> a session on that state dir, connected, with the offer assigned
+  local function start(dir, current)
+    local s = testing.load(script(HANG:format(current)), {state_dir = dir})
+    s.packages.fw = {bytes = img}
+    s:set_attributes{shared = offer}
+    s:connect()
+    s:advance(500)
+    return s
+  end
+
+  it("is UPDATED at the next start when the script now runs that version", function()
+    local dir = os.tmpname() .. ".state"
+    local s = start(dir, "1.0")
+    assert.equal(1, s:state().installs)
+    assert.same({"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING"}, states(s))
+    local s2 = start(dir, "2.0")    -- the device came back up running 2.0
+    assert.is_nil(s2:state().installs)
+    assert.same({"UPDATED"}, states(s2))
+    assert.truthy(s2:logged("firmware dev 2.0: the agent stopped during install%(%) and the script now runs it as current"))
+    local sent = s2:sent("v1/devices/me/telemetry")
+    local last = sent[#sent].values or sent[#sent]
+    assert.same({"dev", "2.0"}, {last.current_fw_title, last.current_fw_version})
+    assert.is_nil(io.open(dir .. "/firmware/dev-2.0.bin"))
+    assert.is_nil(io.open(dir .. "/firmware/job.json"))
+  end)
+
+  it("is FAILED once otherwise, and that package is not installed again at every start", function()
+    local dir = os.tmpname() .. ".state"
+    start(dir, "1.0")
+    local s2 = start(dir, "1.0")    -- back up, still on 1.0
+    assert.is_nil(s2:state().installs)
+    assert.same({"FAILED: install interrupted: the agent stopped while install() ran and dev 2.0 is not current (the script says dev 1.0)"}, states(s2))
+    local s3 = start(dir, "1.0")
+    assert.is_nil(s3:state().installs)
+    assert.same({}, states(s3))
+    -- another package is a fresh start
+    local s4 = start(dir, "1.0")
+    s4:push_attributes{fw_version = "3.0"}
+    s4:advance(500)
+    assert.equal(1, s4:state().installs)
+  end)
+end)
+
 describe("firmware over HTTP and software", function()
   it("downloads fw_url packages", function()
     local s = load(1000)

@@ -118,6 +118,7 @@ end
 
 function M:on_connect()
   if not self:policy() then return end
+  self:settle_interrupted()
   local cur = self:current()
   if cur.title or cur.version then
     self:report({["current_" .. self.prefix .. "title"] = cur.title,
@@ -164,6 +165,7 @@ end
 function M:evaluate()
   local policy = self:policy()
   if not policy then return end
+  self:settle_interrupted()
   local o = self.offered
   local info = nil
   if o.title ~= nil and o.version ~= nil then
@@ -202,14 +204,48 @@ function M:evaluate()
   self:start_job(info)
 end
 
+-- settle_interrupted(): once, before the first offer is looked at. An agent stopped while install() ran
+-- (the installer rebooted the device or restarted the agent, or it was killed) finds job.json
+-- marked installing. The install took when the script now names that version as current:
+-- UPDATED. Otherwise FAILED, kept in job.json so that package is not downloaded and
+-- installed again on its own at every start (an installer that reboots would loop).
+function M:settle_interrupted()
+  if self.settled then return end
+  self.settled = true
+  local saved = read_json(self.core, self.dir .. "/job.json")
+  if not (saved and type(saved.key) == "string") then return end
+  if saved.failed then
+    self.failed[saved.key] = true
+    return
+  end
+  if not saved.installing then return end
+  local title, version = tostring(saved.title), tostring(saved.version)
+  os.remove(self.dir .. "/" .. sanitize(title) .. "-" .. sanitize(version) .. ".bin")
+  local policy = self:policy()
+  local cur = policy and policy.current or {}
+  if cur.title == saved.title and cur.version == saved.version then
+    os.remove(self.dir .. "/job.json")
+    local ok, err = self:write_json("current.json", {title = title, version = version})
+    if not ok then self.log.warn("%s %s %s installed but not recorded in the state directory: %s", self.label, title, version, err) end
+    self.log.info("%s %s %s: the agent stopped during install() and the script now runs it as current", self.label, title, version)
+    self:set_state("UPDATED")
+    return
+  end
+  self.failed[saved.key] = true
+  self:write_json("job.json", {key = saved.key, title = title, version = version, failed = true})
+  self:set_state("FAILED", string.format("install interrupted: the agent stopped while install() ran and %s %s is not current (the script says %s %s)",
+    title, version, tostring(cur.title), tostring(cur.version)))
+end
+
 -- discard_saved([keep_key]): the partial download a stopped agent left for a package that is
 -- no longer offered (job.json names it) is removed with its job.json
 function M:discard_saved(keep_key)
   local saved = read_json(self.core, self.dir .. "/job.json")
   if not saved or (keep_key and saved.key == keep_key) then return end
   if saved.title ~= nil and saved.version ~= nil then
-    local part = self.dir .. "/" .. sanitize(saved.title) .. "-" .. sanitize(saved.version) .. ".part"
-    if os.remove(part) then
+    local name = self.dir .. "/" .. sanitize(tostring(saved.title)) .. "-" .. sanitize(tostring(saved.version))
+    os.remove(name .. ".bin")
+    if os.remove(name .. ".part") then
       self.log.info("%s removed the partial download of %s %s: no longer offered", self.label,
         printable(tostring(saved.title), TEXT_MAX), printable(tostring(saved.version), TEXT_MAX))
     end
@@ -375,6 +411,8 @@ function M:run_job(job)
   -- from here on the job is not cancelled: a change of the offer during install() is looked
   -- at once install() has returned (after_job)
   job.installing = true
+  -- kept on disk, so a start after an install() that never returned can tell what happened
+  self:write_json("job.json", {key = job.key_text, title = info.title, version = info.version, installing = true})
   self:set_state("VERIFIED")
   self:set_state("UPDATING")
   policy = self:policy() or policy   -- a hot reload may have brought a new policy

@@ -250,7 +250,8 @@ function cleanEnv (extra = {}) {
 
 // The example install policy: logs what it installed and copies the image to $OUT/<kind>-<version>.bin
 // so the test can compare it byte for byte. CHUNK sets the chunk size; INSTALL_MS makes
-// install() take that long (tb.sleep), logging "INSTALL START <version>" first.
+// install() take that long (tb.sleep), logging "INSTALL START <version>" first; FW_CURRENT
+// is the firmware version the script names as current (1.0).
 export const POLICY = `
 local tb = require "tb"
 local function keep(kind, path, info)
@@ -264,7 +265,7 @@ local function keep(kind, path, info)
   if out then local g = assert(io.open(out .. "/" .. kind .. "-" .. info.version .. ".bin", "wb")); g:write(d); g:close() end
   return d
 end
-tb.firmware{current = {title = "dev", version = "1.0"}, chunk_size = tonumber(os.getenv("CHUNK") or "4096"),
+tb.firmware{current = {title = "dev", version = os.getenv("FW_CURRENT") or "1.0"}, chunk_size = tonumber(os.getenv("CHUNK") or "4096"),
   install = function(path, info)
     local d = keep("fw", path, info)
     tb.log.info("INSTALLED %s %d bytes", info.version, #d)
@@ -486,6 +487,10 @@ export class OtaServer {
       await c.endAsync(true)
     } catch { /* best effort */ }
   }
+
+  // forgetSession(): ThingsBoard binds request ids per connection (MqttTransportHandler), so
+  // an agent started again may reuse them for another package; call it after killing one
+  forgetSession () { this.bound.clear(); this.sizes.clear() }
 
   onChunkRequest (kind, req, idx, text) {
     const key = kind + '/' + req

@@ -577,6 +577,45 @@ test('mosquitto: a package unassigned during a slow install(): the install still
   assert.deepEqual(server.states('fw'), FULL, 'nothing started after the unassignment')
 })
 
+test('mosquitto: the agent killed during install() (an installer that reboots): UPDATED at the next start when the script runs that version, else FAILED once; never installed twice', async (t) => {
+  const slow = { INSTALL_MS: String(ms(60000)) }
+  const { server, agent, start } = await mqWorld(t, { env: slow })
+  await server.assign('fw', { title: 'dev', version: 'r1', image: randomImage(20000, 47) })
+  await agent.waitFor(/INSTALL START r1/, 10000)
+  await agent.kill('SIGKILL')
+  server.forgetSession()
+  // the device comes back up running r1: the script names it as current
+  let since = Date.now()
+  let nreq = server.requests.length
+  const a2 = start({ dir: agent.dir, env: { ...slow, FW_CURRENT: 'r1' } })
+  await server.waitState('fw', ['UPDATED', 'FAILED'], 10000, since)
+  assert.deepEqual(server.states('fw', since), ['UPDATED'], `fw_error ${server.latest('fw_error')}\n${a2.log.tail(20)}`)
+  await waitUntil(() => server.latest('current_fw_version') === 'r1', 5000, 'current_fw_version r1')
+  assert.equal(server.requests.length, nreq, 'nothing downloaded again')
+  assert.equal(a2.log.all(/INSTALL START/).length, 0)
+  // r2 is killed during install() too, and the device comes back still on r1
+  await server.assign('fw', { title: 'dev', version: 'r2', image: randomImage(20000, 48) })
+  await a2.waitFor(/INSTALL START r2/, 10000)
+  await a2.kill('SIGKILL')
+  server.forgetSession()
+  since = Date.now()
+  nreq = server.requests.length
+  const a3 = start({ dir: agent.dir, env: { ...slow, FW_CURRENT: 'r1' } })
+  await server.waitState('fw', ['UPDATED', 'FAILED'], 10000, since)
+  assert.deepEqual(server.states('fw', since), ['FAILED'])
+  assert.match(server.latest('fw_error'), /install interrupted: .*dev r2 is not current \(the script says dev r1\)/)
+  await stopChecked(a3)
+  // and a further start leaves the package alone: no download, no install, no state
+  since = Date.now()
+  const a4 = start({ dir: agent.dir, env: { ...slow, FW_CURRENT: 'r1' } })
+  await a4.waitFor(/session ready/, 8000)
+  await waitUntil(() => server.telemetry.some((r) => r.at >= since && r.values.current_fw_version === 'r1'), 5000, 'current_fw_version reported')
+  await sleep(ms(1000))
+  assert.equal(server.requests.length, nreq, 'nothing downloaded again')
+  assert.deepEqual(server.states('fw', since), [])
+  assert.equal(a3.log.all(/INSTALL START/).length + a4.log.all(/INSTALL START/).length, 0)
+})
+
 test('mosquitto: a package replaced mid-download: the old attempt stops and its partial file goes, the new one ends UPDATED', async (t) => {
   const { server, agent } = await mqWorld(t, { chunk: 2048, args: ['--fw-window', '1'] })
   server.faults.delayMs = 5
