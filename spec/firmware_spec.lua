@@ -148,6 +148,26 @@ describe("firmware over MQTT", function()
     assert.is_true(last[#last].ts > last[#last - 1].ts)
   end)
 
+  it("paces chunk requests to the message rate limits (5 a second here)", function()
+    local s = testing.load(script(POLICY:format(100)), {config = {rate_limits = "5:1"}})
+    local img = image(2000)   -- 20 chunks
+    local r = s:offer_firmware({title = "dev", version = "2.0"}, img)
+    assert.equal("UPDATED", r.state)
+    local times = {}
+    for _, m in ipairs(s.published) do
+      if m.topic:match("^v2/fw/request/") then times[#times + 1] = m.at end
+    end
+    assert.equal(20, #times)
+    -- any second holds at most the 5 of the bucket plus what refills in it
+    for i = 1, #times do
+      local n = 0
+      for j = i, #times do if times[j] < times[i] + 1000 then n = n + 1 end end
+      assert.is_true(n <= 10, string.format("%d chunk requests within 1 s from %d ms", n, times[i]))
+    end
+    assert.is_true(times[#times] - times[1] >= 2500, "20 requests in " .. (times[#times] - times[1]) .. " ms")
+    assert.equal(img, s:state().image)
+  end)
+
   it("resumes after a restart from the partial file in the state directory", function()
     local dir = os.tmpname() .. ".state"
     local img = image(10000)

@@ -500,8 +500,14 @@ function M:download_mqtt(job)
       job.chunks, job.in_flight = {}, 0
     end
     local req = job.req_id
+    local paced = nil   -- ms until the server's rate limits allow the next chunk request
     while job.in_flight < window and job.next_idx * cs < size do
-      local ok, perr = self.session:publish_now(topic_req .. req .. "/chunk/" .. job.next_idx, tostring(cs))
+      local can, wait = self.session:take_token()
+      if not can then
+        paced = wait
+        break
+      end
+      local ok, perr = self.session:publish_now(topic_req .. req .. "/chunk/" .. job.next_idx, tostring(cs), true)
       if not ok then
         self.log.debug("%s chunk request not sent: %s", self.label, perr)
         break
@@ -551,6 +557,9 @@ function M:download_mqtt(job)
         timeouts, restarts = 0, 0   -- the limits count failures in a row, not per image
         self:progress(job, offset)
       end
+    elseif paced and job.in_flight == 0 then
+      self.sched:wait(job.key, paced)
+      if job.cancelled then return nil, "cancelled" end
     else
       local why = self.sched:wait(job.key, self.config.fw_chunk_timeout or 10000)
       if job.cancelled then return nil, "cancelled" end

@@ -473,16 +473,25 @@ function M:on_puback(mid)
   end
 end
 
--- publish_now(topic, payload) -> true | nil, err: requests and responses that make sense
--- only on the current connection (they bypass the outbox).
-function M:publish_now(topic, payload)
+-- publish_now(topic, payload [, paid]) -> true | nil, err: requests and responses that make
+-- sense only on the current connection (they bypass the outbox). ThingsBoard counts them
+-- against the device's message limits too, so each takes a token when one is there (the
+-- outbox then waits for it); a caller that paces itself with take_token passes paid.
+function M:publish_now(topic, payload, paid)
   if self.state ~= "online" then return nil, "not connected" end
   local ok, err = self:check_size(topic, payload)
   if not ok then return nil, err end
   local mid
   mid, err = self.conn:publish(topic, payload, 1)
   if not mid then return nil, err end
+  if not paid then self.limiter:take(1, self.sched.now()) end
   return true
+end
+
+-- take_token() -> true | false, wait_ms: one publish within the message rate limits, for a
+-- long run of requests (firmware chunks) that must wait rather than trip them
+function M:take_token()
+  return self.limiter:take(1, self.sched.now())
 end
 
 -------------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ end
 
 -- The fake server: what ThingsBoard does with each publish of the agent.
 function Session:server_receive(conn_id, topic, payload, qos, mid)
-  self.published[#self.published + 1] = {topic = topic, payload = payload, qos = qos}
+  self.published[#self.published + 1] = {topic = topic, payload = payload, qos = qos, at = self.clock}
   local id = topic:match("^v1/devices/me/attributes/request/(%d+)$")
   if id then
     local req = decode(self, payload)
