@@ -407,6 +407,38 @@ describe("session", function()
     end
     assert.is_true(seqs[1] and seqs[2])
     assert.equal(1, s.session.stats.set_aside)
+    -- kept for the operator, not lost
+    local f = assert(io.open(s.config.state_dir .. "/set-aside.jsonl"))
+    local kept = require("tb.core").json_decode(f:read("l"))
+    f:close()
+    assert.equal("v1/devices/me/telemetry", kept.topic)
+    assert.matches('"poison":true', kept.payload)
+    assert.truthy(s:logged("set aside a telemetry record .*kept in .*set%-aside%.jsonl", "error"))
+  end)
+
+  it("sets nothing aside when the link drops on its own, PUBACKs lost, sessions short", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      for i = 1, 5 do tb.send_telemetry{seq = i} end
+    ]]), {config = {backoff_min = 100, backoff_max = 200}})
+    s.hold_acks = true
+    s:connect()
+    for _ = 1, 6 do
+      assert.is_true(s.session.inflight_n > 0)
+      s:advance(3000)          -- records in flight, no PUBACK, then the link goes
+      s:disconnect("link lost")
+      s:advance(500)           -- back within the backoff
+      assert.is_true(s.session:online())
+    end
+    s.hold_acks = false
+    s:advance(3000)
+    s:disconnect("link lost")
+    s:advance(60000)
+    assert.equal(0, s.session.stats.set_aside)
+    assert.is_nil(s:logged("set aside"))
+    local seqs = {}
+    for _, m in ipairs(s:sent("v1/devices/me/telemetry")) do seqs[(m.values or m).seq] = true end
+    for i = 1, 5 do assert.is_true(seqs[i], "seq " .. i) end
   end)
 end)
 

@@ -23,6 +23,7 @@ M.topics = {telemetry = T_TELEMETRY, attributes = T_ATTR, claim = T_CLAIM,
   attr_req = T_ATTR_REQ, attr_res = T_ATTR_RES, rpc_req = T_RPC_REQ, rpc_res = T_RPC_RES}
 
 local STABLE_MS = 10000      -- a connection that lasts this long resets the backoff
+local PROBE_MS = 2000        -- a drop this soon after a suspected record went alone blames it
 local FLAP_WINDOW_MS = 120000
 local FLAP_COUNT = 3
 
@@ -287,13 +288,22 @@ end
 
 -- A record the server disconnects for (a rate limit aside, ThingsBoard closes the connection
 -- on a payload it cannot take) would be sent again after every reconnect and block all
--- behind it. When the same record heads the in-flight window at three drops in a row of
--- sessions shorter than STABLE_MS, it is set aside with a log line instead.
+-- behind it. When the same record heads the in-flight window at drops in a row of sessions
+-- shorter than STABLE_MS, the next session sends it alone (self.probe) before anything else;
+-- only when the connection drops again with it alone in flight, within PROBE_MS of sending
+-- it, is it set aside: written to
+-- <state-dir>/set-aside.jsonl with an error log line, so a link that merely flaps (or another
+-- client kicking this one) cannot make a healthy record disappear.
 function M:set_aside_poison(back, was_online)
   local head = back[1]
   local lasted = self.sched.now() - (self.connected_at or 0)
   if not (was_online and head and lasted < STABLE_MS) then
-    self.suspect, self.suspect_hits = nil, 0
+    self.suspect, self.suspect_hits, self.probe = nil, 0, nil
+    return back
+  end
+  -- while probing, a drop counts only when the suspect was alone in flight and the server
+  -- closed soon after it arrived (ThingsBoard closes as it parses the payload)
+  if self.probe and not (#back == 1 and head.seq == self.probe and self.sched.now() - (head.sent_at or 0) <= PROBE_MS) then
     return back
   end
   if self.suspect == head.seq then   -- by seq: a durable outbox reads records back as new tables
@@ -301,14 +311,38 @@ function M:set_aside_poison(back, was_online)
   else
     self.suspect, self.suspect_hits = head.seq, 1
   end
-  if self.suspect_hits < (self.config.poison_drops or 3) then return back end
-  self.log.error("set aside a %s record of %d bytes: the server closed the connection %d times while it was in flight (%s)",
-    head.kind or "queued", #head.payload, self.suspect_hits, head.payload:sub(1, 120))
+  local limit = self.config.poison_drops or 3
+  if self.suspect_hits < limit then
+    if self.suspect_hits == limit - 1 then self.probe = head.seq end
+    return back
+  end
+  self.log.error("set aside a %s record of %d bytes: the server closed the connection %d times while it was in flight, " ..
+    "the last time alone (%s)%s", head.kind or "queued", #head.payload, self.suspect_hits, head.payload:sub(1, 120),
+    self:keep_set_aside(head))
   self.outbox:ack(head)
   self.stats.set_aside = (self.stats.set_aside or 0) + 1
-  self.suspect, self.suspect_hits = nil, 0
+  self.suspect, self.suspect_hits, self.probe = nil, 0, nil
   table.remove(back, 1)
   return back
+end
+
+-- keep_set_aside(rec) -> text for the log line: where the record was kept, or why not
+function M:keep_set_aside(rec)
+  local dir = self.config.state_dir
+  if not dir or self.config.memory_outbox then return "; not kept: no state directory in use" end
+  local path = dir .. "/set-aside.jsonl"
+  local line, err = self.json_encode({at = self.clock and self.clock() or nil, topic = rec.topic, kind = rec.kind, payload = rec.payload})
+  if not line then return "; not kept: " .. tostring(err) end
+  local f
+  f, err = self.core.mkdirs(dir, 448)
+  if f then f, err = io.open(path, "a") end
+  if f then
+    local ok, werr = f:write(line, "\n")
+    f:close()
+    if ok then return "; kept in " .. path end
+    err = werr
+  end
+  return "; could not keep it in " .. path .. ": " .. tostring(err)
 end
 
 -- A server that keeps closing a freshly accepted session usually means a second client uses
@@ -428,7 +462,8 @@ end
 function M:flush()
   if not self.ready or self.flush_timer or self.closing then return end
   local conn, outbox, now = self.conn, self.outbox, self.sched.now()
-  while self.inflight_n < self.window do
+  -- a suspected record goes alone (set_aside_poison)
+  while self.inflight_n < (self.probe and 1 or self.window) do
     local rec = outbox:peek()
     if not rec then break end
     -- on the way out only what was already queued at the signal leaves
@@ -452,6 +487,7 @@ function M:flush()
       return
     end
     outbox:pop()
+    rec.sent_at = now
     self.stats.sent = self.stats.sent + 1
     if rec.qos > 0 then
       self.inflight[mid] = rec
@@ -468,6 +504,7 @@ function M:on_puback(mid)
     self.inflight[mid] = nil
     self.inflight_n = self.inflight_n - 1
     self.stats.acked = self.stats.acked + 1
+    if self.suspect == rec.seq then self.suspect, self.suspect_hits, self.probe = nil, 0, nil end
     self.outbox:ack(rec)
     self:flush()
   end
