@@ -272,6 +272,47 @@ describe("firmware over HTTP and software", function()
     assert.equal(img, s:state().image)
   end)
 
+  it("hands accept() and install() every field of the offer", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.firmware{current = {title = "dev", version = "1.0"},
+        accept = function(info) tb.state.accepted = info return true end,
+        install = function(path, info) tb.state.installed = info return true end}
+    ]]))
+    local img = image(1500)
+    local sum = core.hash_hex("SHA384", img)
+    s:offer_firmware({title = "dev", version = "2.0", tag = "dev 2.0", checksum_algorithm = "SHA384"}, img)
+    local want = {title = "dev", version = "2.0", size = 1500, checksum = sum, checksum_algorithm = "SHA384", tag = "dev 2.0"}
+    assert.same(want, s:state().accepted)
+    assert.same(want, s:state().installed)
+    s:offer_firmware({title = "dev", version = "3.0", url = "http://example.invalid/fw3.bin", checksum_algorithm = "MD5",
+      tag = "dev 3.0"}, img)
+    want = {title = "dev", version = "3.0", size = 1500, checksum = core.hash_hex("MD5", img), checksum_algorithm = "MD5",
+      url = "http://example.invalid/fw3.bin", tag = "dev 3.0"}
+    assert.same(want, s:state().accepted)
+    assert.same(want, s:state().installed)
+  end)
+
+  it("keeps the tag that arrives after the rest of the offer (ThingsBoard sends it apart)", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.firmware{current = {title = "dev", version = "1.0"}, chunk_size = 1000,
+        install = function(path, info) tb.state.tag = info.tag return true end}
+    ]]))
+    s:connect()
+    local img = image(3000)
+    s.packages.fw = {bytes = img}
+    local serve = s.serve_chunk
+    s.serve_chunk = function() end   -- the server is slow: nothing comes yet
+    s:push_attributes({fw_title = "dev", fw_version = "2.0", fw_size = #img, fw_checksum_algorithm = "SHA256",
+      fw_checksum = core.hash_hex("SHA256", img), fw_tag = "old tag"})
+    s:advance(100)
+    s:push_attributes({fw_tag = "dev 2.0"})
+    s.serve_chunk = serve
+    s:advance(20000)
+    assert.equal("dev 2.0", s:state().tag)
+  end)
+
   it("runs a software policy beside the firmware one", function()
     local s = testing.load(script([[
       local tb = require "tb"

@@ -178,6 +178,8 @@ function M:evaluate()
       url = server_text(o.url), tag = server_text(o.tag, TEXT_MAX)}
   end
   local job = self.job
+  -- the tag is not part of the package's identity; ThingsBoard may send it separately
+  if job and info and package_key(info) == job.key_text then job.info.tag = info.tag end
   if job and (not info or package_key(info) ~= job.key_text) then
     if job.installing then
       -- the image is verified and install() runs: its result is kept and reported; the new

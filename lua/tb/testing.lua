@@ -286,6 +286,12 @@ function Session:offer_firmware(info, bytes)
     if err then last_error = err end
   end
   self:push_attributes(attrs)
+  -- as ThingsBoard's OTA update: the keys this package has no value for are deleted
+  local gone = {}
+  for _, k in ipairs({"title", "version", "tag", "size", "checksum", "checksum_algorithm", "url"}) do
+    if attrs[p .. k] == nil and self.server.shared[p .. k] ~= nil then gone[#gone + 1] = p .. k end
+  end
+  if #gone > 0 then self:delete_attributes(gone) end
   for _ = 1, 10000 do
     local st = states[#states]
     if st == "UPDATED" or st == "FAILED" or (not updater.job and #states > 0) then break end
