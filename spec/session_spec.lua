@@ -354,6 +354,30 @@ describe("session", function()
     assert.equal(2, s:state().connects)
   end)
 
+  it("exits 3 at the first credentials refusal, or after 5 in a row once it was connected", function()
+    local s = testing.load(script('local tb = require "tb"'), {config = {backoff_min = 100, backoff_max = 200}})
+    s:refuse(5)
+    s:connect()
+    assert.equal(3, s.ctx.fatal and s.ctx.fatal.code)
+    assert.matches("CONNACK 5, not authorized", s.ctx.fatal.message)
+
+    s = testing.load(script('local tb = require "tb"'), {config = {backoff_min = 100, backoff_max = 200}})
+    s:connect()
+    s:refuse(4)
+    s:disconnect("server restart")
+    s:advance(700)             -- a few refusals while the server comes back
+    assert.is_nil(s.ctx.fatal)
+    assert.truthy(s:logged("CONNACK 4, bad user name or password", "error"))
+    s:refuse(nil)
+    s:advance(1000)
+    assert.is_true(s.session:online())
+    s:refuse(5)                -- the run starts again from zero
+    s:disconnect("token revoked")
+    for _ = 1, 20 do s:advance(300) end
+    assert.equal(3, s.ctx.fatal and s.ctx.fatal.code)
+    assert.matches("%(5 times in a row%)", s.ctx.fatal.message)
+  end)
+
   it("warns once when the server keeps closing fresh sessions", function()
     local s = testing.load(script([[ local tb = require "tb" ]]))
     s:connect()

@@ -20,7 +20,7 @@ function M.build(core, config, log)
   ctx.session = session_mod.new{core = core, sched = ctx.sched, log = log, config = config,
     outbox = config.outbox, clock = ctx.clock,
     generation = function() return ctx.current end,
-    on_fatal = function(code, msg) ctx.fatal = {code = code, message = msg} end}
+    on_fatal = function(code, msg) ctx.fatal = ctx.fatal or {code = code, message = msg} end}
   ctx.sched:timer(60000, function() ctx.session.outbox:expire() end, 60000, nil, "outbox expiry")
   ctx.request_timeout = config.request_timeout
   ctx.rpc_timeout = config.rpc_timeout

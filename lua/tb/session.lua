@@ -141,15 +141,23 @@ function M:on_connack(rc)
   if rc ~= 0 then
     local text = CONNACK_TEXT[rc] or ("refused with code " .. rc)
     self.stats.refused = self.stats.refused + 1
-    if (rc == 2 or rc == 4 or rc == 5) and not self.ever_connected then
-      self.on_fatal(3, string.format("ThingsBoard refused the connection: CONNACK %d, %s; check --token or --client-id/--username/--password", rc, text))
-      return
+    if rc == 2 or rc == 4 or rc == 5 then
+      -- once connected, a server that restarts can refuse good credentials for a moment, so
+      -- only a run of refusals ends the agent
+      self.refusals = (self.refusals or 0) + 1
+      local limit = self.ever_connected and (self.config.refusals_to_exit or 5) or 1
+      if self.refusals >= limit then
+        self.on_fatal(3, string.format("ThingsBoard refused the connection: CONNACK %d, %s%s; check --token or --client-id/--username/--password",
+          rc, text, limit > 1 and string.format(" (%d times in a row)", self.refusals) or ""))
+        return
+      end
     end
     self.log.error("ThingsBoard refused the connection: CONNACK %d, %s", rc, text)
     return -- the disconnect event that follows schedules the reconnect
   end
   self.state = "online"
   self.ever_connected = true
+  self.refusals = 0
   if self.stats.dropped > (self.warned_total or 0) then
     self.log.warn("outbox: %d records were dropped in all while offline", self.stats.dropped)
     self.warned_total = self.stats.dropped
