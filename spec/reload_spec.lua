@@ -154,6 +154,23 @@ describe("hot reload", function()
     assert.equal("old", s.rpc_responses[id])
   end)
 
+  it("warns when a replaced version still runs a handler a minute later", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.after(0, function() while true do tb.sleep(1000) end end)
+      tb.on_rpc("slow", function() tb.sleep(5000) return "old" end)
+    ]]))
+    s:rpc("slow")
+    assert.is_true(s:reload([[
+      local tb = require "tb"
+    ]]))
+    s:advance(59000)
+    assert.is_nil(s:logged("still run its code"))
+    s:advance(2000)
+    -- the RPC has finished; the endless loop has not
+    assert.truthy(s:logged("generation 1 was replaced 60 s ago and 1 of its handlers still run its code %(tb%.after handler%)", "warn"))
+  end)
+
   it("reloads modules the script requires from its own directory", function()
     local dir = os.tmpname() .. ".d"
     os.execute("mkdir -p " .. dir)

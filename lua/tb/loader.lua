@@ -130,6 +130,28 @@ function M:load(path, text)
   return gen
 end
 
+-- watch_retired(old): handlers of a replaced version finish on its code; one that never
+-- ends (a loop around tb.sleep) would run the old code forever, so it is named in a warning
+local RETIRED_GRACE_MS = 60000
+function M:watch_retired(old)
+  local sched, log = self.ctx.sched, self.ctx.log
+  sched:system_timer(RETIRED_GRACE_MS, function()
+    local names, n = {}, 0
+    for _, info in pairs(sched.handlers) do
+      if info.gen == old then
+        n = n + 1
+        if #names < 5 then names[#names + 1] = info.name end
+      end
+    end
+    if n > 0 then
+      table.sort(names)
+      log.warn("generation %d was replaced %d s ago and %d of its handlers still run its code (%s): " ..
+        "a loop that never ends keeps the old version alive; prefer tb.every, or end the loop on a tb.state flag",
+        old.id, RETIRED_GRACE_MS // 1000, n, table.concat(names, ", "))
+    end
+  end, "retired generation check")
+end
+
 -- commit(gen): makes gen the live generation, retires the previous one and sends what the
 -- new version held back while loading.
 function M:commit(gen)
@@ -139,6 +161,7 @@ function M:commit(gen)
   if old then
     old.retired = true
     ctx.sched:cancel_gen(old)
+    if old.id > 0 then self:watch_retired(old) end
   end
   gen.loading = false
   local held = gen.held
