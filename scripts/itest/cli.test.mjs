@@ -153,3 +153,26 @@ test('the command line wins over environment variables', async (t) => {
   await server.waitFor('v1/devices/me/telemetry', (m) => tele(m) === '{"booted":true}', 8000);
   assert.equal(agent.log.count(/ (DEBUG|INFO) /), 0, `--log-level warn should win over TB_LOG_LEVEL=debug:\n${agent.log.text()}`);
 });
+
+// The script itself logs the password, raw and inside JSON text (where '"' and '\' are
+// escaped): every form is masked, with MQTT basic credentials (no token) too.
+test('the password is masked in every log line, also as JSON text escapes it', async (t) => {
+  const w = world(t);
+  const PASS = 'pw"with\\quote';
+  const broker = await w.broker({ passwords: { server: 'server-pass', dev1: PASS } });
+  const server = await w.server(broker, { username: 'server', password: 'server-pass' });
+  const agent = await w.agentReady(`
+local tb = require "tb"
+tb.on_connect(function()
+  tb.log.info("RAW %s", os.getenv("PW"))
+  tb.log.info("JSON %s", tb.json.encode({p = os.getenv("PW")}))
+  tb.send_telemetry({logged = true})
+end)
+`, { broker, auth: false, env: { PW: PASS }, args: ['--client-id', 'dev-mask', '--username', 'dev1', '--password', PASS] });
+  await server.waitFor('v1/devices/me/telemetry', () => true, 5000);
+  await agent.waitForLog(/JSON /, 3000);
+  const text = agent.log.text();
+  assert.match(agent.log.find(/RAW /).line, /RAW \*\*\*$/);
+  assert.match(agent.log.find(/JSON /).line, /JSON \{"p":"\*\*\*"\}$/);
+  assert.ok(!text.includes(PASS) && !text.includes('pw\\"with\\\\quote'), `the password leaked:\n${text}`);
+});
