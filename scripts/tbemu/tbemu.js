@@ -5,23 +5,13 @@
  * API and a live web page. Install: `npm ci --prefix scripts`.
  *
  * CLI
- *   node scripts/tbemu/tbemu.js [options]
- *     --mqtt-port N          MQTT port (default 1883; 0 = pick a free port)
- *     --http-port N          HTTP port (default 8080; 0 = pick a free port)
- *     --host H               bind address (default 127.0.0.1)
- *     --device NAME:TOKEN    access-token device (repeatable)
- *     --device-basic NAME:CLIENTID:USERNAME:PASSWORD   MQTT-basic device (fields may be empty)
- *     --package FILE,title=T,version=V[,type=fw|sw][,alg=SHA256][,url=self][,assign=DEV+DEV]
- *     --provision KEY:SECRET[:STRATEGY]   provisioning profile (ALLOW_CREATE_NEW_DEVICES default)
- *     --client-rpc METHOD=JSON            reply for a client-side RPC method
- *     --set KEY=VALUE        config value, e.g. --set rpcMinTimeoutMs=100 (see DEFAULT_CONFIG in lib/emu.js)
- *     --config FILE.json     {devices:[{name,token|clientId,userName,password,gateway}],
- *                             packages:[{file,title,version,type,checksumAlgorithm,url,assign:[..]}],
- *                             provisionProfiles:[..], clientRpc:{m:{response,delayMs}}, config:{..}}
- *     --data-dir DIR         persist state there (default: memory only)
- *     --quiet                no human log lines on stderr
+ *   node scripts/tbemu/tbemu.js [options]      options: `--help`, or OPTIONS below
  *   When ready, prints exactly one line on stdout: {"ready":true,"mqtt":<port>,"http":<port>}
- *   SIGTERM / SIGINT stop it cleanly (exit 0).
+ *   SIGTERM / SIGINT stop it cleanly (exit 0). A bad command line exits 2 with one line on stderr.
+ *   --config FILE.json: {devices:[{name,token|clientId,userName,password,gateway}],
+ *     packages:[{file,title,version,type,checksumAlgorithm,checksum,tag,url,fileName,assign:[..]}] (file
+ *     relative to FILE.json), provisionProfiles:[..], clientRpc:{m:{response,delayMs}}, sessionLimits:{..},
+ *     config:{..}}; command-line options are added to it (--set overrides config).
  *
  * HTTP, ThingsBoard paths (X-Authorization accepted, never required)
  *   POST /api/auth/login                                  → {"token","refreshToken"}
@@ -56,48 +46,135 @@
  */
 import fs from 'node:fs'
 import path from 'node:path'
-import { Emu } from './lib/emu.js'
+import { ALGORITHMS, normType } from './lib/firmware.js'
 
+// One line on stderr, exit 2.
 function usage (msg) {
-  process.stderr.write(`tbemu: ${msg}\nsee the comment block at the top of ${process.argv[1]}\n`)
+  process.stderr.write(`tbemu: ${msg} (see tbemu.js --help)\n`)
   process.exit(2)
 }
 
+const port = (flag, v) => {
+  if (!/^\d+$/.test(v) || Number(v) > 65535) usage(`${flag} needs a port number 0..65535, got "${v}"`)
+  return Number(v)
+}
+const keyValue = (flag, v, what) => {
+  const k = v.indexOf('=')
+  if (k < 1) usage(`${flag} ${what}: "${v}" has no ${what.split('=')[0]}=`)
+  return [v.slice(0, k), v.slice(k + 1)]
+}
+
+// --package FILE,KEY=VALUE,...: the keys it accepts (alg = checksumAlgorithm).
+const PACKAGE_KEYS = {
+  title: 'package title (required)',
+  version: 'package version (required)',
+  type: 'fw|sw|FIRMWARE|SOFTWARE (default fw)',
+  alg: `checksum algorithm: ${ALGORITHMS.join('|')} (default SHA256); also checksumAlgorithm=`,
+  checksumAlgorithm: null,
+  checksum: 'checksum stored verbatim instead of the computed one',
+  tag: 'fw_tag/sw_tag (default "TITLE VERSION")',
+  url: 'self (tbemu serves FILE over HTTP: a URL package) or an external URL (FILE may be empty)',
+  fileName: 'file name (default: FILE\'s base name)',
+  contentType: 'content type (default application/octet-stream)',
+  assign: 'DEV[+DEV...]: assign the package to these devices at start'
+}
+function parsePackage (flag, v) {
+  const [file, ...kv] = v.split(',')
+  const p = { file: file ? path.resolve(file) : '' } // relative to the current directory
+  for (const x of kv) {
+    const [k, val] = keyValue(flag, x, 'KEY=VALUE')
+    if (!Object.hasOwn(PACKAGE_KEYS, k)) usage(`${flag}: unknown key "${k}" (keys: ${Object.keys(PACKAGE_KEYS).join(', ')})`)
+    p[k] = val
+  }
+  if (p.alg) p.checksumAlgorithm = p.alg
+  delete p.alg
+  if (!p.title || !p.version) usage(`${flag} needs title= and version=: ${v}`)
+  if (!p.file && !p.url) usage(`${flag} needs a FILE or url=: ${v}`)
+  if (!p.file && p.url === 'self') usage(`${flag}: url=self needs a FILE: ${v}`)
+  if (p.file && !fs.statSync(p.file, { throwIfNoEntry: false })?.isFile()) usage(`${flag}: no such file ${p.file}`)
+  try { normType(p.type) } catch (e) { usage(`${flag}: ${e.message}`) }
+  if (p.checksumAlgorithm && !ALGORITHMS.includes(p.checksumAlgorithm.toUpperCase())) usage(`${flag}: alg must be one of ${ALGORITHMS.join(', ')}`)
+  p.assign = p.assign ? p.assign.split('+').filter(Boolean) : []
+  return p
+}
+
+// Every option the command line accepts: flags, value syntax (none = a switch), help line, effect.
+// `--help` is generated from this table.
+const OPTIONS = [
+  { flags: ['--mqtt-port'], arg: 'N', help: 'MQTT port (default 1883; 0 = pick a free port)', set: (o, v, f) => { o.mqttPort = port(f, v) } },
+  { flags: ['--http-port'], arg: 'N', help: 'HTTP port: REST, /emu API, web page (default 8080; 0 = pick a free port)', set: (o, v, f) => { o.httpPort = port(f, v) } },
+  { flags: ['--host'], arg: 'H', help: 'bind address for both ports (default 127.0.0.1)', set: (o, v) => { o.host = v } },
+  {
+    flags: ['--device'], arg: 'NAME:TOKEN', help: 'access-token device (repeatable)',
+    set: (o, v, f) => { const k = v.indexOf(':'); if (k < 1) usage(`${f} NAME:TOKEN, got "${v}"`); o.devices.push({ name: v.slice(0, k), token: v.slice(k + 1) }) }
+  },
+  {
+    flags: ['--device-basic'], arg: 'NAME:CLIENTID:USERNAME:PASSWORD', help: 'MQTT-basic device, fields after NAME may be empty (repeatable)',
+    set: (o, v, f) => { const [name, clientId, userName, password] = v.split(':'); if (!name) usage(`${f} NAME:CLIENTID:USERNAME:PASSWORD, got "${v}"`); o.devices.push({ name, clientId, userName, password }) }
+  },
+  { flags: ['--package'], arg: 'FILE,title=T,version=V[,KEY=VALUE...]', help: 'upload an OTA package at start (repeatable; keys below)', set: (o, v, f) => { o.packages.push(parsePackage(f, v)) } },
+  {
+    flags: ['--provision'], arg: 'KEY:SECRET[:STRATEGY]', help: 'provisioning profile (STRATEGY default ALLOW_CREATE_NEW_DEVICES; repeatable)',
+    set: (o, v, f) => { const [k, s, st] = v.split(':'); if (!k || !s) usage(`${f} KEY:SECRET[:STRATEGY], got "${v}"`); o.provision.push({ provisionDeviceKey: k, provisionDeviceSecret: s, strategy: st || 'ALLOW_CREATE_NEW_DEVICES' }) }
+  },
+  { flags: ['--client-rpc'], arg: 'METHOD=REPLY', help: 'reply REPLY (sent as is, e.g. JSON) to client-side RPC METHOD (repeatable)', set: (o, v, f) => { const [m, r] = keyValue(f, v, 'METHOD=REPLY'); o.clientRpc[m] = { responseText: r } } },
+  {
+    flags: ['--set'], arg: 'KEY=VALUE', help: 'config value, e.g. rpcMinTimeoutMs=100 (numbers and {..}/[..] JSON parsed; repeatable)',
+    set: (o, v, f) => {
+      const [k, x] = keyValue(f, v, 'KEY=VALUE')
+      if (/^-?\d+(\.\d+)?$/.test(x)) o.set[k] = Number(x)
+      else if (x.startsWith('{') || x.startsWith('[')) { try { o.set[k] = JSON.parse(x) } catch (e) { usage(`${f} ${k}: bad JSON: ${e.message}`) } } else o.set[k] = x
+    }
+  },
+  {
+    flags: ['--config'], arg: 'FILE.json', help: 'devices, packages, provisionProfiles, clientRpc, sessionLimits, config (README)',
+    set: (o, v, f) => { o.configPath = v; try { o.config = JSON.parse(fs.readFileSync(v, 'utf8')) } catch (e) { usage(`${f} ${v}: ${e.message}`) } }
+  },
+  { flags: ['--data-dir'], arg: 'DIR', help: 'persist state in DIR (default: memory only)', set: (o, v) => { o.dataDir = v } },
+  { flags: ['--quiet'], help: 'no log lines on stderr', set: (o) => { o.quiet = true } },
+  { flags: ['-h', '--help'], help: 'print this help and exit', set: (o) => { o.help = true } }
+]
+
+function helpText () {
+  const rows = OPTIONS.map(x => [x.flags.join(', ') + (x.arg ? ' ' + x.arg : ''), x.help])
+  const w = 28
+  const line = ([a, b]) => a.length < w ? `  ${a.padEnd(w)}${b}` : `  ${a}\n  ${''.padEnd(w)}${b}`
+  const keys = Object.entries(PACKAGE_KEYS).filter(([, h]) => h).map(([k, h]) => [k + '=', h])
+  return [
+    'Usage: node scripts/tbemu/tbemu.js [options]',
+    'A local ThingsBoard emulator: the MQTT device API, a REST subset, an /emu control API and a web page.',
+    '',
+    'Options:',
+    ...rows.map(line),
+    '',
+    '--package keys (FILE is relative to the current directory; no commas in values):',
+    ...keys.map(line),
+    '',
+    'When ready, prints one line on stdout: {"ready":true,"mqtt":<port>,"http":<port>}.',
+    'SIGTERM / SIGINT stop it (exit 0); a bad command line exits 2.',
+    'HTTP API: the comment at the top of tbemu.js, or scripts/tbemu/README.md.',
+    ''
+  ].join('\n')
+}
+
 function parseArgs (argv) {
-  const o = { host: '127.0.0.1', mqttPort: 1883, httpPort: 8080, devices: [], packages: [], provision: [], clientRpc: {}, set: {}, config: null, dataDir: null, quiet: false }
+  const o = { host: '127.0.0.1', mqttPort: 1883, httpPort: 8080, devices: [], packages: [], provision: [], clientRpc: {}, set: {}, config: null, configPath: null, dataDir: null, quiet: false, help: false }
+  const byFlag = new Map(OPTIONS.flatMap(x => x.flags.map(f => [f, x])))
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]
-    const val = () => { if (i + 1 >= argv.length) usage(`${a} needs a value`); return argv[++i] }
-    switch (a) {
-      case '--mqtt-port': o.mqttPort = Number(val()); break
-      case '--http-port': o.httpPort = Number(val()); break
-      case '--host': o.host = val(); break
-      case '--device': { const v = val(); const k = v.indexOf(':'); if (k < 1) usage('--device NAME:TOKEN'); o.devices.push({ name: v.slice(0, k), token: v.slice(k + 1) }); break }
-      case '--device-basic': { const [name, clientId, userName, password] = val().split(':'); o.devices.push({ name, clientId, userName, password }); break }
-      case '--package': {
-        const [file, ...kv] = val().split(',')
-        const p = { file }
-        for (const x of kv) { const [k, v] = x.split('='); p[k] = v }
-        if (p.alg) p.checksumAlgorithm = p.alg
-        if (p.assign) p.assign = p.assign.split('+')
-        o.packages.push(p); break
-      }
-      case '--provision': { const [k, s, st] = val().split(':'); o.provision.push({ provisionDeviceKey: k, provisionDeviceSecret: s, strategy: st || 'ALLOW_CREATE_NEW_DEVICES' }); break }
-      case '--client-rpc': { const v = val(); const k = v.indexOf('='); o.clientRpc[v.slice(0, k)] = { responseText: v.slice(k + 1) }; break }
-      case '--set': { const v = val(); const k = v.indexOf('='); const x = v.slice(k + 1); o.set[v.slice(0, k)] = /^-?\d+(\.\d+)?$/.test(x) ? Number(x) : (x.startsWith('{') || x.startsWith('[') ? JSON.parse(x) : x); break }
-      case '--config': o.configPath = val(); o.config = JSON.parse(fs.readFileSync(o.configPath, 'utf8')); break
-      case '--data-dir': o.dataDir = val(); break
-      case '--quiet': o.quiet = true; break
-      case '-h': case '--help': usage('help')
-      // falls through
-      default: usage(`unknown option ${a}`)
-    }
+    const opt = byFlag.get(a)
+    if (!opt) usage(`unknown option ${JSON.stringify(a)}`)
+    if (opt.arg && i + 1 >= argv.length) usage(`${a} needs a value: ${a} ${opt.arg}`)
+    opt.set(o, opt.arg ? argv[++i] : undefined, a)
+    if (o.help) break
   }
   return o
 }
 
 async function main () {
   const o = parseArgs(process.argv.slice(2))
+  if (o.help) { process.stdout.write(helpText()); return }
+  const { Emu } = await import('./lib/emu.js') // after the command line: --help and errors stay fast
   const cfg = o.config || {}
   const emu = new Emu({ dataDir: o.dataDir, quiet: o.quiet, config: { ...(cfg.config || {}), ...o.set } })
   if (cfg.sessionLimits) emu.config.sessionLimits = cfg.sessionLimits
@@ -108,6 +185,7 @@ async function main () {
     if (!existing) emu.store.createDevice(d)
   }
   const ports = await emu.start({ host: o.host, mqttPort: o.mqttPort, httpPort: o.httpPort })
+  // config-file packages: FILE relative to the config file; --package FILE: already absolute (cwd)
   const base = o.configPath ? path.dirname(o.configPath) : process.cwd()
   for (const p of [...(cfg.packages || []), ...o.packages]) {
     const data = p.file ? fs.readFileSync(path.resolve(base, p.file)) : null

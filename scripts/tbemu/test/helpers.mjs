@@ -10,8 +10,8 @@ import mqttPacket from 'mqtt-packet'
 export const HERE = path.dirname(fileURLToPath(import.meta.url))
 export const TBEMU = path.join(HERE, '..', 'tbemu.js')
 
-export async function startEmu (args = [], { timeoutMs = 10000 } = {}) {
-  const proc = spawn(process.execPath, [TBEMU, '--mqtt-port', '0', '--http-port', '0', ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+export async function startEmu (args = [], { timeoutMs = 10000, cwd } = {}) {
+  const proc = spawn(process.execPath, [TBEMU, '--mqtt-port', '0', '--http-port', '0', ...args], { stdio: ['ignore', 'pipe', 'pipe'], cwd })
   let stderr = ''
   proc.stderr.on('data', d => { stderr += d; if (process.env.TBEMU_DEBUG) process.stderr.write(d) })
   const ready = await new Promise((resolve, reject) => {
