@@ -9,6 +9,9 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <stdio.h>
+#include <stdint.h>
 #include <curl/curl.h>
 #include <lauxlib.h>
 #include "core.h"
@@ -27,6 +30,7 @@ typedef struct tb_http {
   int checked_status;     /* the response status was looked at */
   int discard;            /* a non-2xx body: not part of the image */
   int too_large;
+  int64_t range_start;    /* start of the last response's Content-Range; -1: none */
   char errbuf[CURL_ERROR_SIZE];
   int active;
 } tb_http;
@@ -166,6 +170,26 @@ static int on_timer(CURLM *m, long timeout_ms, void *userp) {
   return 0;
 }
 
+/* the start of "Content-Range: bytes N-M/T"; a new status line (a redirect) forgets it */
+static size_t on_header(char *data, size_t size, size_t n, void *userp) {
+  tb_http *h = userp;
+  size_t len = size * n;
+  const char *p = data, *end = data + len;
+  if (len >= 5 && strncasecmp(p, "HTTP/", 5) == 0) {
+    h->range_start = -1;
+  } else if (len > 14 && strncasecmp(p, "content-range:", 14) == 0) {
+    p += 14;
+    while (p < end && (*p == ' ' || *p == '\t')) p++;
+    if (end - p > 6 && strncasecmp(p, "bytes ", 6) == 0) {
+      int64_t v = 0;
+      int digits = 0;
+      for (p += 6; p < end && *p >= '0' && *p <= '9' && v < INT64_MAX / 10; p++, digits++) v = v * 10 + (*p - '0');
+      if (digits && p < end && *p == '-') h->range_start = v;
+    }
+  }
+  return len;
+}
+
 static size_t on_write(char *data, size_t size, size_t n, void *userp) {
   tb_http *h = userp;
   size_t len = size * n;
@@ -179,6 +203,10 @@ static size_t on_write(char *data, size_t size, size_t n, void *userp) {
       /* the server ignored our Range: the body is the whole image from byte 0 */
       if (tb_sink_reset(&h->sink) != 0) return 0;
       h->start_offset = 0;
+    } else if (code == 206 && h->range_start != h->start_offset) {
+      snprintf(h->sink.error, sizeof h->sink.error, "the server sent a range starting at byte %lld, not %lld",
+               (long long)h->range_start, (long long)h->start_offset);
+      return 0;
     }
   }
   if (h->discard) return len;
@@ -344,7 +372,17 @@ static int l_http_download(lua_State *L) {
     cu.easy_setopt(h->easy, CURLOPT_SSL_VERIFYPEER, 0L);
     cu.easy_setopt(h->easy, CURLOPT_SSL_VERIFYHOST, 0L);
   }
-  if (h->start_offset > 0) cu.easy_setopt(h->easy, CURLOPT_RESUME_FROM_LARGE, (curl_off_t)h->start_offset);
+  cu.easy_setopt(h->easy, CURLOPT_HEADERFUNCTION, on_header);
+  cu.easy_setopt(h->easy, CURLOPT_HEADERDATA, h);
+  h->range_start = -1;
+  /* CURLOPT_RANGE, not CURLOPT_RESUME_FROM_LARGE: with the latter libcurl fails a 200 answer
+   * (CURLE_RANGE_ERROR, "HTTP server doesn't seem to support byte ranges") before on_write
+   * sees it; this way a 200 restarts the sink from byte 0 and a 206 is checked above */
+  char range[32];
+  if (h->start_offset > 0) {
+    snprintf(range, sizeof range, "%lld-", (long long)h->start_offset);
+    cu.easy_setopt(h->easy, CURLOPT_RANGE, range);
+  }
   if (cu.multi_add_handle(multi, h->easy) != CURLM_OK) {
     http_release(L, h);
     lua_pushnil(L);

@@ -636,6 +636,7 @@ function M:download_http(job)
     job.size = n
     return hex
   end
+  if have > 0 then self.log.info("%s resuming download at byte %d", self.label, have) end
   local range_reset = false
   while true do
     attempts = attempts + 1

@@ -849,3 +849,109 @@ test('tbemu: a .part already complete at a restart is verified without a Range r
   assert.deepEqual(seen, [null], `requests (Range headers): ${JSON.stringify(seen)}`)
   assert.ok(a2.log.find(/firmware download already complete on disk \(120000 bytes\); verifying it/), a2.log.tail(20))
 })
+
+// partSize(agent, version) -> bytes in the agent's dev-<version>.part (-1: no such file)
+function partSize (agent, version) {
+  try { return fs.statSync(path.join(agent.stateDir, 'firmware', `dev-${version}.part`)).size } catch { return -1 }
+}
+
+test('tbemu: an HTTP server that ignores Range (200 with the whole image to a resume) still ends UPDATED with the exact image', async (t) => {
+  const emu = await emuWorld(t)
+  const agent = emuAgent(t, emu, 'dev1')
+  await agent.waitFor(/session ready/, 8000)
+  const image = randomImage(200 * 1024, 54)
+  const CUT = 70000
+  const HEAD = 20000 // what the second response sends before pausing: less than what is on disk
+  const seen = [] // Range header of every request
+  let shrunkTo = null // the .part size seen while the second response was paused
+  const base = await serve(t, async (req, res) => {
+    seen.push(req.headers.range || null)
+    if (seen.length === 1) {
+      // the first response is cut part-way: the connection destroyed after CUT bytes
+      res.writeHead(200, { 'content-length': image.length })
+      res.write(image.subarray(0, CUT), () => setTimeout(() => res.socket.destroy(), 50))
+      return
+    }
+    // any later request: Range ignored, 200 with the whole image from byte 0, paused after
+    // HEAD bytes until the agent's .part file shows it started over (bounded; given up when
+    // the agent drops the connection)
+    let closed = false
+    res.on('close', () => { closed = true })
+    res.writeHead(200, { 'content-length': image.length })
+    res.write(image.subarray(0, HEAD))
+    const deadline = Date.now() + ms(3000)
+    while (!closed && Date.now() < deadline && partSize(agent, '24.0') !== HEAD) await sleep(10)
+    if (shrunkTo === null) shrunkTo = partSize(agent, '24.0')
+    if (!closed) res.end(image.subarray(HEAD))
+  })
+  const mark = agent.log.mark()
+  const pkg = await upload(emu, image, { title: 'dev', version: '24.0', checksumAlgorithm: 'SHA256', url: `${base}/fw.bin` })
+  const since = Date.now()
+  await emu.post('/emu/devices/dev1/assign', { packageId: pkg.id })
+  // the final state, or (fast) the sign that libcurl refused the 200 instead of the agent taking it
+  const REFUSED = /doesn't seem to support byte ranges|Cannot resume/
+  let r
+  await waitUntil(async () => {
+    if (agent.log.find(REFUSED, mark)) return true
+    r = await deviceStates(emu, emu.ids.dev1, 'fw', since)
+    return ['UPDATED', 'FAILED'].includes(r.states[r.states.length - 1])
+  }, 15000, 'fw_state UPDATED or FAILED')
+  assert.equal(agent.log.find(REFUSED, mark), null, 'the 200 answer to the Range request must restart the download from byte 0 ' +
+    '(src/http.c on_write), not fail the attempt; Range headers ' + JSON.stringify(seen) + '\n' + agent.log.tail(10))
+  assert.deepEqual(r.states, FULL, `fw_error ${r.error}; Range headers ${JSON.stringify(seen)}\n${agent.log.tail(20)}`)
+  assert.equal(seen.length, 2, `requests (Range headers): ${JSON.stringify(seen)}`)
+  assert.equal(seen[0], null, 'the first request is a plain GET')
+  const m = /^bytes=(\d+)-$/.exec(seen[1] || '')
+  assert.ok(m && Number(m[1]) > 0 && Number(m[1]) <= CUT, `the second request asks for the rest with Range: ${seen[1]}`)
+  // the sink was reset on the 200: the .part went from the resumed offset back to the bytes of
+  // the new response (appending would have left it at offset + HEAD)
+  assert.equal(shrunkTo, HEAD, `.part size while the 200 to the Range request was paused (resumed at ${m && m[1]})`)
+  assert.ok(agent.log.find(/firmware download interrupted: .*; resuming/, mark), agent.log.tail(20))
+  assert.equal(agent.log.find(/refused the resume|larger than/, mark), null, agent.log.tail(20))
+  assert.ok(agent.installed('fw', '24.0').equals(image), 'the installed image is the exact image')
+  assert.equal(await latest(emu, emu.ids.dev1, 'current_fw_version'), '24.0')
+})
+
+test('tbemu: agent kill -9 mid HTTP download, restarted with the same --state-dir, resumes with Range and ends UPDATED', async (t) => {
+  const emu = await emuWorld(t)
+  const dir = tmpdir('tbota-httpkill-')
+  const image = randomImage(200 * 1024, 55)
+  const SENT = 90000
+  const seen = [] // Range header of every request
+  const base = await serve(t, (req, res) => {
+    seen.push(req.headers.range || null)
+    if (seen.length === 1) {
+      // part of the image, then the response stalls (never ends) until the agent is killed
+      res.writeHead(200, { 'content-length': image.length })
+      res.write(image.subarray(0, SENT))
+      return
+    }
+    const m = /^bytes=(\d+)-$/.exec(req.headers.range || '')
+    const from = m ? Number(m[1]) : 0
+    if (from >= image.length) { res.writeHead(416, { 'content-range': `bytes */${image.length}` }); res.end(); return }
+    res.writeHead(from ? 206 : 200, { 'content-length': image.length - from, ...(from ? { 'content-range': `bytes ${from}-${image.length - 1}/${image.length}` } : {}) })
+    res.end(image.subarray(from))
+  })
+  const a1 = emuAgent(t, emu, 'dev1', { dir })
+  await a1.waitFor(/session ready/, 8000)
+  const pkg = await upload(emu, image, { title: 'dev', version: '25.0', checksumAlgorithm: 'SHA256', url: `${base}/fw.bin` })
+  const since = Date.now()
+  await emu.post('/emu/devices/dev1/assign', { packageId: pkg.id })
+  await waitUntil(() => partSize(a1, '25.0') === SENT, 10000, `${SENT} bytes in the .part file`)
+  const { signal } = await a1.kill('SIGKILL')
+  assert.equal(signal, 'SIGKILL')
+  const onDisk = partSize(a1, '25.0')
+  assert.equal(onDisk, SENT, 'the partial download survives the kill')
+  const a2 = emuAgent(t, emu, 'dev1', { dir })
+  const r = await waitFinal(emu, emu.ids.dev1, 'fw', since, 15000)
+  assert.equal(r.states[r.states.length - 1], 'UPDATED', `states ${r.states}, fw_error ${r.error}; Range headers ${JSON.stringify(seen)}\n${a2.log.tail(20)}`)
+  assert.equal(seen.length, 2, `requests (Range headers): ${JSON.stringify(seen)}`)
+  assert.equal(seen[0], null, 'the first agent starts with a plain GET')
+  const m = /^bytes=(\d+)-$/.exec(seen[1] || '')
+  assert.ok(m, `the restarted agent resumes with Range: ${seen[1]}`)
+  const from = Number(m[1])
+  assert.ok(from > 0 && from <= onDisk && from >= onDisk - 64 * 1024, `Range starts at byte ${from}, ${onDisk} bytes were on disk`)
+  assert.ok(a2.installed('fw', '25.0').equals(image), 'the resumed image is the exact image')
+  assert.equal(await latest(emu, emu.ids.dev1, 'current_fw_version'), '25.0')
+  assert.deepEqual(firmwareFiles(a2), [], 'nothing left in the firmware state dir')
+})
