@@ -24,6 +24,7 @@ typedef struct {
   int registered;     /* in loop.c's source list */
   int connected;
   int reported;       /* a "disconnect" event went out for this connection */
+  char tls_why[200];  /* libmosquitto's error lines of this attempt ("host name verification failed") */
 } tb_mqtt;
 
 static lua_Integer next_conn_id = 1;
@@ -43,11 +44,37 @@ static void push_simple(const char *kind, lua_Integer id, lua_Integer b, lua_Int
 
 static void on_connect(struct mosquitto *m, void *ud, int rc, int flags,
                        const mosquitto_property *props) {
-  (void)m; (void)props;
+  (void)props;
   tb_mqtt *c = ud;
   if (rc == 0) c->connected = 1;
+  /* the log callback only serves the handshake (on_log): once connected it would format a
+   * line for every packet */
+  if (rc == 0) mosquitto_log_callback_set(m, NULL);
   c->last_in = tb_loop_now();
   push_simple("connect", c->id, rc, flags);
+}
+
+/* libmosquitto tells why a TLS handshake failed only through its log callback (its return
+ * code is just MOSQ_ERR_TLS, and it has emptied OpenSSL's error queue): keep the error lines,
+ * e.g. "host name verification failed." then "OpenSSL Error[0]: ...certificate verify failed".
+ * Set from connect until CONNACK only (on_connect removes it). */
+static void on_log(struct mosquitto *m, void *ud, int level, const char *s) {
+  (void)m;
+  tb_mqtt *c = ud;
+  if (level != MOSQ_LOG_ERR) return;
+  if (!strncmp(s, "Error: ", 7)) s += 7;
+  size_t n = strlen(c->tls_why);
+  if (n + 3 < sizeof c->tls_why)
+    snprintf(c->tls_why + n, sizeof c->tls_why - n, "%s%s", n ? "; " : "", s);
+}
+
+/* the reason text for rc: libmosquitto's own words for a TLS failure, else its strerror */
+static const char *why_text(tb_mqtt *c, int rc, char *buf, size_t size) {
+  if (rc == MOSQ_ERR_TLS && c->tls_why[0]) {
+    snprintf(buf, size, "TLS error: %s", c->tls_why);
+    return buf;
+  }
+  return rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc);
 }
 
 static void on_disconnect(struct mosquitto *m, void *ud, int rc, const mosquitto_property *p) {
@@ -61,7 +88,8 @@ static void on_disconnect(struct mosquitto *m, void *ud, int rc, const mosquitto
   e->a = c->id;
   e->b = rc;
   /* errno explains MOSQ_ERR_ERRNO; capture it now, it is gone by dispatch time */
-  const char *why = rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc);
+  char buf[256];
+  const char *why = why_text(c, rc, buf, sizeof buf);
   tb_event_set_s1(e, why, strlen(why));
   tb_loop_push(e);
 }
@@ -129,7 +157,8 @@ static void report_silent_close(tb_mqtt *c, int rc) {
     ERR_error_string_n(ssl, buf, sizeof buf);
     snprintf(why, sizeof why, "TLS error: %s", buf);
   } else {
-    snprintf(why, sizeof why, "%s", rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc ? rc : MOSQ_ERR_CONN_LOST));
+    char buf[256];
+    snprintf(why, sizeof why, "%s", why_text(c, rc ? rc : MOSQ_ERR_CONN_LOST, buf, sizeof buf));
   }
   ERR_clear_error();
   tb_event *e = tb_event_new("disconnect");
@@ -243,6 +272,7 @@ static int l_mqtt_connect(lua_State *L) {
    * until the server's delayed ACK (~40 ms per round trip) */
   mosquitto_int_option(c->mosq, MOSQ_OPT_TCP_NODELAY, 1);
   mosquitto_max_inflight_messages_set(c->mosq, (unsigned)max_inflight);
+  mosquitto_log_callback_set(c->mosq, on_log);
   mosquitto_connect_v5_callback_set(c->mosq, on_connect);
   mosquitto_disconnect_v5_callback_set(c->mosq, on_disconnect);
   mosquitto_publish_v5_callback_set(c->mosq, on_publish);
@@ -261,8 +291,12 @@ static int l_mqtt_connect(lua_State *L) {
   }
   rc = mosquitto_connect_async(c->mosq, host, (int)port, keepalive);
   if (rc) {
+    char buf[256];
+    const char *why = why_text(c, rc, buf, sizeof buf);
     conn_release(c);
-    return fail(L, "connect failed", rc);
+    lua_pushnil(L);
+    lua_pushfstring(L, "connect failed: %s", why);
+    return 2;
   }
   c->next_misc = tb_loop_now() + 1000;
   c->last_in = tb_loop_now();

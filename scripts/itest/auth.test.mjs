@@ -2,6 +2,7 @@
 // certificates, CONNACK refusals told apart, and secrets kept out of every log line.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { world, makeCerts, tmpdir, delay, ms, tele } from './lib.mjs';
 
 const SCRIPT = `
@@ -147,6 +148,57 @@ test('TLS: a server certificate from another CA is refused with a clear log line
   assert.equal(agent.log.count(/connected to/), 0, agent.log.text());
   assert.ok(!broker.log.find(/New client connected .*tok-/), 'no MQTT session must start');
 });
+
+// Right CA, wrong name: the broker's certificate is signed by the very CA the agent trusts
+// (--cafile) but names "other.example", not the host the agent dials. Chain verification alone
+// would accept it; the host name check (libmosquitto does it unless tls_insecure is set) must
+// refuse it. The control is the same broker setup with a certificate from that CA naming the host.
+for (const host of ['127.0.0.1', 'localhost']) {
+  test(`TLS: a certificate from the trusted CA naming another host is refused (--host ${host})`, async (t) => {
+    const w = world(t);
+    const c = getCerts();
+    const other = makeCerts(tmpdir('tbitest-certs-'), { ca: c, serverName: 'other.example' });
+    // the fixture is what the test claims: a valid server certificate from the trusted CA,
+    // for other.example and not for the host dialled
+    const verify = (...a) => execFileSync('openssl', ['verify', '-CAfile', c.ca, '-purpose', 'sslserver', ...a, other.serverCert],
+      { stdio: ['ignore', 'pipe', 'pipe'] });
+    verify('-verify_hostname', 'other.example');
+    assert.throws(() => verify(...(host === 'localhost' ? ['-verify_hostname', host] : ['-verify_ip', host])), 'the name must not match');
+    const broker = await w.broker({ tls: other });
+    const server = await w.server(broker);
+    const agent = await w.agent(SCRIPT, {
+      port: broker.tlsPort, token: TOKEN,
+      args: ['--host', host, '--cafile', c.ca, '--backoff-min', '200', '--backoff-max', '400'],
+    });
+    // each attempt fails at once with a WARN naming TLS and is retried: three within seconds
+    const re = / (WARN|ERROR) .*(connection to|cannot connect to) .*TLS error: host name verification failed/;
+    let from = 0;
+    for (let k = 1; k <= 3; k++) {
+      await agent.waitForLog(re, 6000, from).catch((e) => { throw new Error(`TLS failure #${k} not reported: ${e.message}\n${agent.log.text()}`); });
+      from = agent.log.find(re, from).index + 1;
+    }
+    await delay(ms(500));
+    assert.ok(agent.running(), 'a refused certificate is retried, not fatal');
+    assert.equal(server.all('v1/devices/me/telemetry').length, 0, 'no telemetry may reach the broker');
+    assert.equal(agent.log.count(/connected to/), 0, agent.log.text());
+    // the agent aborts the handshake itself (an alert), so no MQTT CONNECT (with the token) is sent
+    assert.ok(broker.log.find(/OpenSSL Error.*alert/), `the agent did not abort the handshake:\n${broker.log.text()}`);
+    assert.ok(!broker.log.text().includes(TOKEN), `an MQTT session with the token started:\n${broker.log.text()}`);
+  });
+
+  test(`TLS: control — a certificate from the same CA naming ${host} connects (--host ${host})`, async (t) => {
+    const w = world(t);
+    const c = getCerts();
+    const named = makeCerts(tmpdir('tbitest-certs-'), { ca: c, serverName: host });
+    const broker = await w.broker({ tls: named });
+    const server = await w.server(broker);
+    const agent = await w.agentReady(SCRIPT, { port: broker.tlsPort, token: TOKEN, args: ['--host', host, '--cafile', c.ca] });
+    const m = await server.waitFor('v1/devices/me/telemetry', () => true, 5000);
+    assert.equal(tele(m), '{"hello":1}');
+    assert.equal((await server.rpc('ping')).text, '"pong"');
+    assert.equal(agent.log.count(/ (WARN|ERROR) /), 0, agent.log.text());
+  });
+}
 
 test('X.509 client certificate with a token alongside', async (t) => {
   const w = world(t);

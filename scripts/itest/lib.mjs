@@ -139,27 +139,44 @@ class Lines {
 // ------------------------------------------------------------------------------------------
 // certificates
 
-// makeCerts(dir) -> paths of a CA, a server certificate for 127.0.0.1/localhost, a client
+// makeCerts(dir, opts) -> paths of a CA, a server certificate for 127.0.0.1/localhost, a client
 // certificate, and an unrelated second CA (for "wrong CA" tests). Generated at test time.
-export function makeCerts(dir) {
+//   opts.serverName = 'other.example' | ['other.example', '10.1.2.3']
+//                            the names the server certificate carries instead: CN = the first,
+//                            subjectAltName = all of them (IP: for an address, else DNS:)
+//   opts.ca = certs          sign with the CA of an earlier makeCerts result (same ca/otherCa
+//                            files) instead of making new ones, for "right CA, wrong name" tests
+export function makeCerts(dir, opts = {}) {
   const p = (f) => path.join(dir, f);
   const ossl = (...args) => execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
   const ca = (name) => {
     ossl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', `/CN=${name}`,
       '-keyout', p(`${name}.key`), '-out', p(`${name}.crt`));
   };
-  ca('ca');
-  ca('otherca');
-  fs.writeFileSync(p('server.ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n');
+  let caCrt = p('ca.crt'), caKey = p('ca.key'), otherCa = p('otherca.crt');
+  if (opts.ca) {
+    ({ ca: caCrt, caKey, otherCa } = opts.ca);
+  } else {
+    ca('ca');
+    ca('otherca');
+  }
+  let serverCn = 'localhost', serverSan = 'IP:127.0.0.1,DNS:localhost';
+  if (opts.serverName) {
+    const names = [].concat(opts.serverName);
+    serverCn = names[0];
+    serverSan = names.map((n) => (net.isIP(n) ? `IP:${n}` : `DNS:${n}`)).join(',');
+  }
+  fs.writeFileSync(p('server.ext'), `subjectAltName=${serverSan}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n`);
   fs.writeFileSync(p('client.ext'), 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n');
-  for (const [name, cn] of [['server', 'localhost'], ['client', 'tb-device-1']]) {
+  for (const [name, cn] of [['server', serverCn], ['client', 'tb-device-1']]) {
     ossl('req', '-newkey', 'rsa:2048', '-nodes', '-subj', `/CN=${cn}`, '-keyout', p(`${name}.key`), '-out', p(`${name}.csr`));
-    ossl('x509', '-req', '-in', p(`${name}.csr`), '-CA', p('ca.crt'), '-CAkey', p('ca.key'), '-CAcreateserial',
-      '-days', '2', '-extfile', p(`${name}.ext`), '-out', p(`${name}.crt`));
+    // the serial file stays in dir (a new one starts at a random serial), even with opts.ca
+    ossl('x509', '-req', '-in', p(`${name}.csr`), '-CA', caCrt, '-CAkey', caKey, '-CAserial', p('ca.srl'),
+      '-CAcreateserial', '-days', '2', '-extfile', p(`${name}.ext`), '-out', p(`${name}.crt`));
   }
   return {
-    ca: p('ca.crt'), otherCa: p('otherca.crt'), serverCert: p('server.crt'), serverKey: p('server.key'),
-    clientCert: p('client.crt'), clientKey: p('client.key'), clientCn: 'tb-device-1',
+    ca: caCrt, caKey, otherCa, serverCert: p('server.crt'), serverKey: p('server.key'),
+    serverCn, serverSan, clientCert: p('client.crt'), clientKey: p('client.key'), clientCn: 'tb-device-1',
   };
 }
 
