@@ -32,11 +32,11 @@ local OPTIONS = {
   {"memory-outbox", "TB_MEMORY_OUTBOX", "flag", false, "keep queued data in memory only (lost on restart)"},
   {"payload-limit", "TB_PAYLOAD_LIMIT", "int", 65536, "largest MQTT message in bytes"},
   {"max-inflight", "TB_MAX_INFLIGHT", "int", 100, "QoS 1 messages awaiting PUBACK at once"},
-  {"rate-limits", "TB_RATE_LIMITS", "string", nil, "pace publishes, e.g. 20:1,600:60"},
+  {"rate-limits", "TB_RATE_LIMITS", "rates", nil, "pace publishes, e.g. 20:1,600:60"},
   {"no-session-limits", "TB_NO_SESSION_LIMITS", "flag", false, "do not ask the server for getSessionLimits"},
   {"backoff-min", "TB_BACKOFF_MIN", "int", 1000, "first reconnect delay in ms"},
   {"backoff-max", "TB_BACKOFF_MAX", "int", 60000, "longest reconnect delay in ms"},
-  {"handler-budget", "TB_HANDLER_BUDGET", "int", 1000, "ms a handler may run without yielding"},
+  {"handler-budget", "TB_HANDLER_BUDGET", "int", 1000, "ms a handler may run without yielding (0: no limit)"},
   {"request-timeout", "TB_REQUEST_TIMEOUT", "int", 10000, "default timeout of request_attributes in ms"},
   {"rpc-timeout", "TB_RPC_TIMEOUT", "int", 60000, "default timeout of rpc_call in ms"},
   {"shutdown-timeout", "TB_SHUTDOWN_TIMEOUT", "int", 3000, "ms to finish in-flight messages on SIGTERM"},
@@ -71,23 +71,30 @@ local function convert(o, raw, source)
   elseif kind == "file" then
     local f = io.open(raw, "rb")
     if not f then return bad("a readable file") end
+    local _, rerr = f:read(0)   -- a directory opens, but reading it fails ("Is a directory")
     f:close()
+    if rerr then return bad("a readable file") end
     return raw
   elseif kind == "flag" then
     if raw == true or raw == "1" or raw == "true" or raw == "yes" then return true end
     if raw == "0" or raw == "false" or raw == "no" or raw == "" then return false end
     return bad("1 or 0")
   elseif kind == "int" then
-    local n = math.tointeger(tonumber(raw))
+    -- digits only: tonumber would also take "1e3", "0x10" and " 16 "
+    local n = type(raw) == "string" and raw:match("^%d+$") and math.tointeger(tonumber(raw))
     if not n or n < 0 then return bad("a non-negative integer") end
     return n
   elseif kind == "port" then
-    local n = math.tointeger(tonumber(raw))
+    local n = type(raw) == "string" and raw:match("^%d+$") and math.tointeger(tonumber(raw))
     if not n or n < 1 or n > 65535 then return bad("a port number from 1 to 65535") end
     return n
   elseif kind == "qos" then
     if raw == "0" or raw == "1" then return tonumber(raw) end
     return bad("0 or 1 (ThingsBoard answers QoS 2 like QoS 1, which breaks clients)")
+  elseif kind == "rates" then
+    local ok, err = require("tb.limits").parse(raw)
+    if not ok then return nil, source .. ": " .. err end
+    return raw
   elseif kind == "level" then
     if raw == "debug" or raw == "info" or raw == "warn" or raw == "error" then return raw end
     return bad("debug, info, warn or error")
@@ -115,7 +122,10 @@ function M.parse(argv, getenv)
       elseif value == nil then
         i = i + 1
         value = argv[i]
-        if value == nil then return nil, "--" .. name .. " needs a value" end
+        -- "--token --host h" is a forgotten value, not the token "--host" (--opt=--x still works)
+        if value == nil or by_name[value:match("^%-%-([%w%-]+)") or ""] then
+          return nil, "--" .. name .. " needs a value"
+        end
       end
       local v, err = convert(o, value, "--" .. name)
       if v == nil then return nil, err end
@@ -182,6 +192,9 @@ function M.config(o, script)
     return nil, "--keepalive must be 0 (off) or 5 to 65535 seconds"
   end
   if c.outbox_limit < 1 then return nil, "--outbox-limit must be at least 1" end
+  for _, k in ipairs({"outbox-max-bytes", "outbox-max-age", "fw-chunk-timeout", "request-timeout", "rpc-timeout"}) do
+    if o[k] < 1 then return nil, "--" .. k .. " must be at least 1" end
+  end
   if c.max_inflight < 1 or c.max_inflight > 65535 then return nil, "--max-inflight must be 1 to 65535" end
   if c.payload_limit < 64 then return nil, "--payload-limit must be at least 64 bytes" end
   if c.backoff_min < 1 or c.backoff_max < c.backoff_min then
