@@ -66,6 +66,26 @@ describe("hot reload", function()
     assert.equal("UPDATED", r.states[#r.states])
   end)
 
+  it("hands the current shared attributes to a reload that brings the first on_attributes or tb.firmware", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("ver", function() return 1 end)
+    ]]))
+    local img = string.rep("z", 1500)
+    s.packages.fw = {bytes = img}
+    s:set_attributes{shared = {target = 21, fw_title = "dev", fw_version = "2.0", fw_size = #img,
+      fw_checksum_algorithm = "SHA256", fw_checksum = require("tb.core").hash_hex("SHA256", img)}}
+    s:connect()
+    assert.is_true(s:reload([[
+      local tb = require "tb"
+      tb.on_attributes(function(c) tb.state.target = c.target end)
+      tb.firmware{current = {title = "dev", version = "1.0"}, install = function() tb.state.installed = true return true end}
+    ]]))
+    s:advance(1000)
+    assert.equal(21, s:state().target)
+    assert.is_true(s:state().installed)
+  end)
+
   it("rejects a version that fails to load and keeps the old one, sending nothing of it", function()
     local s = testing.load(script([[
       local tb = require "tb"

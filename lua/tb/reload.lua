@@ -103,6 +103,11 @@ function M:reload(reason)
   end
   ctx.loader:commit(gen)
   self:watch_modules(gen)
+  local session = ctx.session
+  if session.wants_attributes(gen) and not session.wants_attributes(live) and session.ready then
+    -- nothing fetched them at connect: the new handlers and policies get them now
+    self.sched:spawn("current attributes", function() session:fetch_current() end)
+  end
   self.reloads = self.reloads + 1
   local took = since and (self.sched.now() - since) or 0
   self.log.info("reloaded %s: generation %d live (%s, %d ms after the change)", live.path, gen.id, reason, took)

@@ -188,19 +188,9 @@ function M:connect_sequence(conn_id)
   self.ready = true
   self:flush()
   local gen = self.generation()
-  local need_attrs = #gen.attr_handlers > 0 or gen.firmware ~= nil or gen.software ~= nil
-  if need_attrs then
-    self.fetching_current = true
-    local res, err = self:request_attributes({}, self.config.request_timeout or 10000)
-    self.fetching_current = false
+  if M.wants_attributes(gen) then
+    self:fetch_current(alive)
     if not alive() then return end
-    if res then
-      -- the whole current set, even when empty: what is missing from it was deleted while
-      -- the agent was away (the firmware updaters drop a withdrawn offer on that)
-      self:dispatch_attributes(res.shared or {}, {}, "current")
-    else
-      self.log.warn("could not fetch current shared attributes: %s", err)
-    end
   end
   for _, fn in ipairs(self.listeners.connect) do fn() end
   for _, fn in ipairs(gen.connect_handlers) do
@@ -210,6 +200,28 @@ function M:connect_sequence(conn_id)
   local mid = self.conn:subscribe(T_RPC_REQ .. "+", 1)
   if mid then self.sched:wait("sub:" .. conn_id .. ":" .. mid, 10000) end
   if alive() then self.log.debug("session ready") end
+end
+
+-- wants_attributes(gen) -> true when the version reacts to shared attributes
+function M.wants_attributes(gen)
+  return #gen.attr_handlers > 0 or gen.firmware ~= nil or gen.software ~= nil
+end
+
+-- fetch_current([alive]): the current shared attributes, handed to the listeners and the
+-- handlers as a whole set: at connect, and after a reload that brought the first
+-- on_attributes, tb.firmware or tb.software
+function M:fetch_current(alive)
+  self.fetching_current = true
+  local res, err = self:request_attributes({}, self.config.request_timeout or 10000)
+  self.fetching_current = false
+  if alive and not alive() then return end
+  if res then
+    -- the whole current set, even when empty: what is missing from it was deleted while
+    -- the agent was away (the firmware updaters drop a withdrawn offer on that)
+    self:dispatch_attributes(res.shared or {}, {}, "current")
+  else
+    self.log.warn("could not fetch current shared attributes: %s", err)
+  end
 end
 
 -- getSessionLimits (TB >= 3.8): adopt the server's rate limits at 80 % before a backlog drains.
