@@ -274,6 +274,26 @@ describe("session", function()
     assert.same({time = 42}, s:state().b)
   end)
 
+  it("runs tb.exec as the agent does: output, exit status, output limit and timeout", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("go", function()
+        tb.state.ok = tb.exec({"/bin/echo", "hi"})
+        tb.state.fail = {tb.exec("echo first; echo last; exit 3")}
+        tb.state.cut = tb.exec("head -c 5000 /dev/zero | tr '\\0' x", {output_limit = 100})
+        tb.state.slow = {tb.exec("sleep 3", {timeout = 200})}
+        return true
+      end)
+    ]]))
+    s:connect()
+    s:rpc("go")
+    s:advance(300)
+    assert.equal("hi\n", s:state().ok)
+    assert.same({nil, "exit 3: last", 3, "first\nlast\n"}, s:state().fail)
+    assert.equal(string.rep("x", 100), s:state().cut)
+    assert.same({nil, "timeout"}, s:state().slow)
+  end)
+
   it("requests attributes with comma-joined keys and returns both sections", function()
     local s = testing.load(script([[
       local tb = require "tb"

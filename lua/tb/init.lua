@@ -232,7 +232,8 @@ function M.bind(ctx, gen)
     end
     typecheck(opts, 2, "exec", "table")
     sched:check_yieldable("tb.exec")
-    local id, err = core.spawn(argv, opts.output_limit or 65536)
+    -- the timeout goes along for tb.testing's core, which runs the command at once
+    local id, err = core.spawn(argv, opts.output_limit or 65536, opts.timeout or 600000)
     if not id then return nil, err end
     local code, sig, output = sched:wait("exec:" .. id, opts.timeout or 600000)
     if code == nil then

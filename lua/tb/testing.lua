@@ -30,15 +30,21 @@ local function fake_core(s)
   core.log_secret = function() end
   core.mask = function(x) return x end
   core.signals_open = function() return true end
-  -- tb.exec runs the command for real (synchronously) and reports it as the agent would
-  core.spawn = function(argv)
+  -- tb.exec runs the command for real (synchronously) and reports it as the agent would: the
+  -- output cut at output_limit, and a command still running after timeout_ms (real time) is
+  -- killed and reported as nothing, so tb.exec gives "timeout" once the clock is advanced
+  core.spawn = function(argv, output_limit, timeout_ms)
     s.next_child = (s.next_child or 0) + 1
     local quoted = {}
     for i, a in ipairs(argv) do quoted[i] = "'" .. a:gsub("'", "'\\''") .. "'" end
-    local p = io.popen(table.concat(quoted, " ") .. " 2>&1 </dev/null", "r")
+    local cmd = table.concat(quoted, " ")
+    if timeout_ms then cmd = string.format("timeout -s KILL %.3f %s", timeout_ms / 1000, cmd) end
+    local p = io.popen(cmd .. " 2>&1 </dev/null", "r")
     local out = p:read("a")
     local _, how, code = p:close()
     s.commands[#s.commands + 1] = argv
+    out = out:sub(1, output_limit or 65536)
+    if timeout_ms and how == "exit" and code == 137 then return s.next_child end
     if how == "signal" then s:queue("exit", s.next_child, -1, code, out)
     else s:queue("exit", s.next_child, code, 0, out) end
     return s.next_child

@@ -258,3 +258,54 @@ tb.on_attributes(function(changes, deleted) tb.log.info("ATTR %s", tb.json.encod
 
 // keep lua() referenced for ad-hoc debugging of eval snippets
 void lua; void delay;
+
+// tb.exec through the real binary (src/proc.c): output, exit status, signals, the timeout and
+// the output limit, and the loop keeps serving while a command runs.
+describe('tb.exec (one agent)', () => {
+  const w = world({ after });
+  let server;
+  before(async () => {
+    const broker = await w.broker();
+    server = await w.server(broker);
+    await w.agentReady(EVAL_SCRIPT, { broker });
+  });
+  // run(args) -> {out, err, code, output} of tb.exec(args), false where nil
+  const run = async (args) => (await evalLua(server, `local out, err, code, output = tb.exec(${args})
+    return {out = out or false, err = err or false, code = code or false, output = output or false}`, { timeout: 10000 })).json;
+
+  test('output of a command (argv table and shell string, stderr included)', async () => {
+    assert.equal((await run('{"/bin/echo", "a b", "c"}')).out, 'a b c\n');
+    assert.equal((await run('"echo hi; echo err >&2"')).out, 'hi\nerr\n');
+  });
+
+  test('a failing command: nil, "exit N: last line", N, output', async () => {
+    assert.deepEqual(await run('"echo first; echo last; exit 3"'), { out: false, err: 'exit 3: last', code: 3, output: 'first\nlast\n' });
+  });
+
+  test('a command killed by a signal, and one that does not exist', async () => {
+    const r = await run('"kill -TERM $$"');
+    assert.equal(r.out, false);
+    assert.equal(r.err, 'signal 15');
+    const missing = await run('{"/nonexistent/tool"}');
+    assert.equal(missing.out, false);
+    assert.match(String(missing.err), /nonexistent|No such file|exit 127/);
+  });
+
+  test('the timeout kills the command; the output limit cuts what is kept', async () => {
+    const t0 = Date.now();
+    const r = await run('"sleep 5", {timeout = 300}');
+    assert.deepEqual([r.out, r.err], [false, 'timeout']);
+    assert.ok(Date.now() - t0 < ms(3000), `tb.exec timeout took ${Date.now() - t0} ms`);
+    const cut = await run('"head -c 100000 /dev/zero | tr \'\\\\0\' x", {output_limit = 1000}');
+    assert.equal(cut.out, 'x'.repeat(1000));
+  });
+
+  test('the agent keeps answering while a command runs', async () => {
+    const slow = run('"sleep 1; echo done"');
+    await delay(ms(100));
+    const t0 = Date.now();
+    assert.deepEqual((await server.rpc('ping')).json, { pong: true });
+    assert.ok(Date.now() - t0 < ms(500), 'an RPC waited for the command');
+    assert.equal((await slow).out, 'done\n');
+  });
+});
