@@ -232,7 +232,7 @@ function M.main(argv)
   local config
   config, err = M.config(parsed.options, parsed.script)
   if not config then return fail(2, err) end
-  M.register_secrets(core, log, config)
+  M.register_secrets(core, config)
   local code, msg = require("tb.agent").run(core, config, log)
   if code ~= 0 then
     return fail(code, core.mask(msg or "stopped"))
@@ -240,15 +240,13 @@ function M.main(argv)
   return 0
 end
 
--- register_secrets(core, log, config): the token and the password are masked in every log
--- line, also as they look inside JSON text (a password with '"' or '\' is escaped there)
-function M.register_secrets(core, log, config)
+-- register_secrets(core, config): the token and the password are masked in every log line,
+-- also as they look inside JSON text (a password with '"' or '\' is escaped there). One or
+-- two characters are not masked (core.log_secret): that would garble every line.
+function M.register_secrets(core, config)
   for _, what in ipairs({"token", "password"}) do
     local secret = config[what]
     if type(secret) == "string" and secret ~= "" then
-      if #secret < 3 then
-        log.warn("the %s is shorter than 3 characters and cannot be masked in log lines", what)
-      end
       core.log_secret(secret)
       local quoted = core.json_encode(secret)
       if quoted and quoted:sub(2, -2) ~= secret then core.log_secret(quoted:sub(2, -2)) end
