@@ -17,7 +17,19 @@
 //  6. two agents with the same token: tbemu closes the older session; each agent prints one clear
 //     warning about another session using the same credentials (not silent reconnects forever);
 //  7. telemetry over the payload limit is refused at the call with nil, err, never reaches the
-//     server, and the agent stays connected; a payload exactly at the limit goes through.
+//     server, and the agent stays connected; a payload exactly at the limit goes through;
+//  8. claiming: tb.claim's secret and expiry stored by tbemu, a second claim while one holds
+//     ignored, tb.claim{} a valid request; the customer's claim over REST (wrong secret fails,
+//     right one succeeds, then CLAIMED) when tbemu serves POST /api/customer/device/{name}/claim
+//     (skipped until it does);
+//  9. tbemu drops the session (/emu/devices/{name}/disconnect): the agent reconnects by itself,
+//     subscribes again, fetches the shared attributes set while it was away, subscribes to RPC
+//     last; an RPC asked for while it was away is delivered after that and answered;
+// 10. the offline outbox: records held unacknowledged by /emu/pause and records sent while
+//     disconnected arrive after the reconnect first, in order, each stored with the time the
+//     script sent it;
+// 11. SIGTERM while /emu/pause holds the PUBACKs: exit 0 after --shutdown-timeout; a restart on
+//     the same --state-dir delivers all of it once.
 //
 // Every wait is bounded (scaled for sanitizer builds: TBAGENT=build-asan/tbagent); ITEST_VERBOSE=1
 // echoes agent logs, TBEMU_DEBUG=1 tbemu's.
@@ -494,5 +506,346 @@ describe('tbemu: credentials, CONNACK refusals, one session per device', () => {
     assert.ok(a.running() && b.running());
     const connects = (await events(emu, 'dup')).filter((e) => e.type === 'connected' && e.ts >= t0).length;
     assert.ok(connects <= 5 * 2 * 2 + 2, `${connects} connects in 5 s: the reconnects are not backed off`);
+  });
+});
+
+// ------------------------------------------------------------------------------------------
+// items 8-11: claiming, a dropped session, the offline outbox and SIGTERM with PUBACKs held,
+// each test with its own device and agent on one tbemu
+
+// sentLines(agent, re, from) -> the parsed "key=value" fields of the agent's log lines matching re
+function sentLines(agent, re, from = 0) {
+  return agent.log.lines.slice(from).filter((l) => re.test(l)).map((l) => {
+    const f = {};
+    for (const m of l.matchAll(/(\w+)=(\S+)/g)) f[m[1]] = /^-?\d+$/.test(m[2]) ? Number(m[2]) : m[2];
+    return f;
+  });
+}
+
+// eventsSince(emu, dev, seq, type) -> tbemu's events of the device after seq (of that type)
+async function eventsSince(emu, dev, seq, type) {
+  return (await events(emu, dev)).filter((e) => e.seq > seq && (!type || e.type === type));
+}
+
+// series(emu, dev, key) -> every stored sample of key, oldest first
+async function series(emu, dev, key) {
+  const v = await timeseries(emu, dev, key, `&startTs=0&endTs=${Date.now() + 60000}&orderBy=ASC&limit=100000`);
+  return v[key] || [];
+}
+
+// The device script of items 8-11: SCRIPT (eval, greet, the ATTR log line) plus connect and
+// disconnect log lines, a telemetry producer started and stopped over RPC (item 10) and a
+// burst sent from a shared attribute, which tbemu can push while it reads nothing (item 11).
+const SESSION_SCRIPT = SCRIPT + `
+tb.on_connect(function() tb.log.info("ON_CONNECT connected=%s", tostring(tb.connected())) end)
+tb.on_disconnect(function(reason) tb.log.info("ON_DISCONNECT %s", tostring(reason)) end)
+tb.on_rpc("produce", function(p)
+  if tb.state.producer then tb.state.producer:cancel() end
+  tb.state.producer = tb.every(p.every, function()
+    local n = (tb.state.n or 0) + 1
+    tb.state.n = n
+    local a = tb.now()
+    local ok, err = tb.send_telemetry({cseq = n})
+    local b = tb.now()
+    local queued, inflight = tb.backlog()
+    tb.log.info("SENT cseq=%d ok=%s err=%s a=%d b=%d online=%s queued=%d inflight=%d",
+      n, tostring(ok), tostring(err), a, b, tostring(tb.connected()), queued, inflight)
+  end)
+  return true
+end)
+tb.on_rpc("stopProducing", function()
+  tb.state.producer:cancel()
+  return tb.state.n
+end)
+tb.on_attributes(function(changes)
+  local n = changes.burst
+  if math.type(n) ~= "integer" then return end
+  local a = tb.now()
+  for i = 1, n do
+    assert(tb.send_telemetry({tseq = i}))
+    tb.sleep(3)   -- distinct timestamps: the server keeps one sample per key and ts
+  end
+  local queued, inflight = tb.backlog()
+  tb.log.info("BURST n=%d a=%d b=%d queued=%d inflight=%d online=%s", n, a, tb.now(), queued, inflight, tostring(tb.connected()))
+end)
+`;
+
+describe('tbemu: claiming, a dropped session, the offline outbox, SIGTERM with PUBACKs held', () => {
+  let emu;
+  after(() => emu && emu.halt());
+  before(async () => {
+    emu = await startTbemu(['claimer', 'rc', 'offline', 'term']);
+  });
+
+  // --- 8 -----------------------------------------------------------------------------------
+  test('8. tb.claim reaches tbemu: secret and expiry stored; a second claim while one holds is ignored; tb.claim{} is a valid request', async (t) => {
+    const w = world(t);
+    await w.agentReady(SESSION_SCRIPT, { port: emu.mqttPort, token: 'claimer-token', name: 'tbagent-claimer' });
+    const wire = async () => (await messages(emu, 'claimer', '?dir=up&topic=v1/devices/me/claim')).map((m) => m.payload);
+    const seq0 = await lastSeq(emu, 'claimer');
+
+    // a short claim: stored with the secret and requestedAt + durationMs as its expiry
+    let t0 = Date.now();
+    let r = await evalLua(emu, 'claimer', 'return tb.claim{secret_key = "first-key", duration_ms = 700}');
+    assert.equal(r.text, 'true');
+    const first = await waitUntil(async () => (await summary(emu, 'claimer')).claim, 5000, 'the first claim stored');
+    let t1 = Date.now();
+    assert.equal(first.secretKey, 'first-key');
+    assert.equal(first.durationMs, 700);
+    assert.equal(first.expiresAt - first.requestedAt, 700);
+    assert.ok(first.requestedAt >= t0 && first.requestedAt <= t1, `requestedAt ${first.requestedAt} not in [${t0}, ${t1}]`);
+    assert.deepEqual((await wire()).map(canon), [canon('{"durationMs":700,"secretKey":"first-key"}')]);
+
+    // while it holds, another claim is ignored (putIfAbsent), as ThingsBoard does
+    let seq = await lastSeq(emu, 'claimer');
+    r = await evalLua(emu, 'claimer', 'return tb.claim{secret_key = "second-key", duration_ms = 60000}');
+    assert.equal(r.text, 'true');
+    await waitUntil(async () => (await eventsSince(emu, 'claimer', seq, 'claim-ignored')).length === 1, 5000, 'tbemu to ignore the second claim');
+    assert.deepEqual((await summary(emu, 'claimer')).claim, first);
+
+    // once it expired, a new claim replaces it
+    await delay(Math.max(0, first.expiresAt - Date.now()) + 50);
+    t0 = Date.now();
+    r = await evalLua(emu, 'claimer', 'return tb.claim{secret_key = "s3cr3t", duration_ms = 60000}');
+    assert.equal(r.text, 'true');
+    const third = await waitUntil(async () => {
+      const c = (await summary(emu, 'claimer')).claim;
+      return c && c.secretKey === 's3cr3t' ? c : null;
+    }, 5000, 'the claim after expiry stored');
+    t1 = Date.now();
+    assert.equal(third.durationMs, 60000);
+    assert.equal(third.expiresAt - third.requestedAt, 60000);
+    assert.ok(third.requestedAt >= t0 && third.requestedAt <= t1);
+
+    // tb.claim{} (both fields optional) is a JSON object on the wire, which the server takes
+    seq = await lastSeq(emu, 'claimer');
+    r = await evalLua(emu, 'claimer', 'return tb.claim{}');
+    assert.equal(r.text, 'true');
+    await waitUntil(async () => (await eventsSince(emu, 'claimer', seq, 'claim-ignored')).length === 1, 5000, 'tbemu to take (and ignore) the empty claim');
+    assert.equal((await wire()).at(-1), '{}');
+    assert.deepEqual((await summary(emu, 'claimer')).claim, third);
+
+    // no claim closed the session; the agent is still answering
+    assert.deepEqual((await eventsSince(emu, 'claimer', seq0)).filter((e) => /closed|disconnected|connected/.test(e.type)), []);
+    assert.equal((await twoway(emu, 'claimer', 'greet', { name: 'claimer' })).text, '"hello claimer"');
+  });
+
+  test('8. the customer\'s claim over REST: a wrong secret fails, the right one succeeds, then the device is claimed', async (t) => {
+    // ThingsBoard: POST /api/customer/device/{deviceName}/claim {"secretKey"} -> 200
+    // {"device":{..},"response":"SUCCESS"}; 400 "FAILURE" for a wrong secret or an expired or
+    // missing claim (a wrong secret also evicts the claim); 400 "CLAIMED" once claimed
+    const path = '/api/customer/device/claimer/claim';
+    const probe = await emu.api('POST', path, { secretKey: 'wrong-secret' });
+    if (probe.status === 404 && /Not found: \/api\/customer\//.test(probe.text)) {
+      t.skip('tbemu has no POST /api/customer/device/{deviceName}/claim');
+      return;
+    }
+    const w = world(t);
+    await w.agentReady(SESSION_SCRIPT, { port: emu.mqttPort, token: 'claimer-token', name: 'tbagent-claimer2' });
+    assert.equal(probe.status, 400, probe.text);
+    assert.equal(probe.json, 'FAILURE');
+    // the wrong secret evicted the claim: the device claims again, the right secret succeeds
+    assert.equal((await evalLua(emu, 'claimer', 'return tb.claim{secret_key = "s3cr3t", duration_ms = 60000}')).text, 'true');
+    await waitUntil(async () => (await summary(emu, 'claimer')).claim, 5000, 'the claim stored again');
+    const ok = await emu.api('POST', path, { secretKey: 's3cr3t' });
+    assert.equal(ok.status, 200, ok.text);
+    assert.equal(ok.json.response, 'SUCCESS');
+    assert.equal(ok.json.device.name, 'claimer');
+    assert.ok(ok.json.device.customerId && ok.json.device.customerId.id !== '13814000-1dd2-11b2-8080-808080808080', 'the device has no customer');
+    const again = await emu.api('POST', path, { secretKey: 's3cr3t' });
+    assert.equal(again.status, 400, again.text);
+    assert.equal(again.json, 'CLAIMED');
+  });
+
+  // --- 9 -----------------------------------------------------------------------------------
+  test('9. tbemu drops the session: the agent reconnects, subscribes again, gets the shared attributes set meanwhile, RPC last and working', async (t) => {
+    const w = world(t);
+    let r = await emu.api('POST', `/api/plugins/telemetry/DEVICE/${emu.ids.rc}/attributes/SHARED_SCOPE`, { target: 20 });
+    assert.equal(r.status, 200, r.text);
+    // a long first backoff (1125-1875 ms with jitter) leaves time to change things meanwhile
+    const agent = await w.agentReady(SESSION_SCRIPT, {
+      port: emu.mqttPort, token: 'rc-token', name: 'tbagent-rc',
+      args: ['--log-level', 'debug', '--backoff-min', '1500', '--backoff-max', '3000'],
+    });
+    await agent.waitForLog(/ATTR changes\[target=20:integer\] deleted\[\]$/, 3000);
+    const seq0 = await lastSeq(emu, 'rc');
+    const mark = agent.mark();
+
+    r = await emu.api('POST', '/emu/devices/rc/disconnect');
+    assert.equal(r.status, 200, r.text);
+    assert.deepEqual(r.json, { disconnected: true });
+    await waitUntil(async () => (await eventsSince(emu, 'rc', seq0, 'disconnected')).length, 3000, 'tbemu to see the session gone');
+    await agent.waitForLog(/connection lost/, 3000, mark);
+    await agent.waitForLog(/ON_DISCONNECT /, 3000, mark);
+
+    // while it is away: a shared attribute changes and a two-way RPC is asked for
+    r = await emu.api('POST', `/api/plugins/telemetry/DEVICE/${emu.ids.rc}/attributes/SHARED_SCOPE`, { target: 21, mode: 'away' });
+    assert.equal(r.status, 200, r.text);
+    const pending = twoway(emu, 'rc', 'greet', { name: 'offline' });
+    const away = await eventsSince(emu, 'rc', seq0);
+    assert.equal(away.filter((e) => e.type === 'connected').length, 0, 'the agent was back before the changes: the test proves nothing');
+    assert.equal((await summary(emu, 'rc')).connected, false);
+
+    // it comes back by itself
+    await agent.waitForLog(/reconnecting in \d/, 3000, mark);
+    const back = await waitUntil(async () => (await eventsSince(emu, 'rc', seq0, 'connected'))[0], 8000, 'the agent to reconnect');
+    await agent.waitForLog(/session ready/, 8000, mark);
+    await agent.waitForLog(/ON_CONNECT connected=true/, 3000, mark);
+
+    // subscribed again to everything (tbemu keeps no subscriptions), the RPC topic last
+    const subs = await eventsSince(emu, 'rc', back.seq, 'subscribed');
+    const topics = subs.map((e) => e.topic);
+    for (const tp of ['v1/devices/me/attributes', 'v1/devices/me/attributes/response/+', 'v1/devices/me/rpc/response/+', 'v1/devices/me/rpc/request/+']) {
+      assert.ok(topics.includes(tp), `not subscribed again to ${tp}: ${topics}`);
+    }
+    const rpcSub = subs.find((e) => e.topic === 'v1/devices/me/rpc/request/+');
+    assert.equal(subs.at(-1), rpcSub, `the RPC subscription is not the last: ${topics}`);
+
+    // the current shared attributes fetched before it, and handed to on_attributes
+    const up = (await messages(emu, 'rc', '?dir=up')).filter((m) => m.seq > back.seq);
+    const attrReq = up.find((m) => m.topic.startsWith('v1/devices/me/attributes/request/'));
+    assert.ok(attrReq, 'no attribute request after the reconnect');
+    assert.equal(attrReq.payload, '{}');
+    assert.ok(attrReq.seq < rpcSub.seq, 'the attribute request came after the RPC subscription');
+    const limitsReq = up.find((m) => m.topic.startsWith('v1/devices/me/rpc/request/') && /getSessionLimits/.test(m.payload));
+    assert.ok(limitsReq && limitsReq.seq < rpcSub.seq, 'getSessionLimits was not asked before the RPC subscription');
+    await agent.waitForLog(/ATTR changes\[mode="away":string,target=21:integer\] deleted\[\]$/, 3000, mark);
+    const pushes = (await messages(emu, 'rc', '?dir=down&topic=v1/devices/me/attributes')).filter((m) => m.seq > seq0 && m.topic === 'v1/devices/me/attributes');
+    assert.deepEqual(pushes, [], 'tbemu pushed the change to a session that was gone');
+
+    // the RPC asked for while away is delivered once the RPC subscription is there, and answered
+    const res = await pending;
+    assert.equal(res.status, 200, res.text);
+    assert.equal(res.text, '"hello offline"');
+    const delivered = (await eventsSince(emu, 'rc', back.seq, 'rpc-delivered'))[0];
+    assert.ok(delivered && delivered.seq > rpcSub.seq, 'the pending RPC went down before the RPC subscription');
+    // and a new one works as before
+    assert.equal((await twoway(emu, 'rc', 'greet', { name: 'again' })).text, '"hello again"');
+    assert.equal(agent.log.count(/connection lost/, mark), 1, agent.log.tail(30));
+  });
+
+  // --- 10 ----------------------------------------------------------------------------------
+  test('10. offline outbox: telemetry sent while tbemu holds PUBACKs and while disconnected arrives after the reconnect, in order, with the time it was sent', async (t) => {
+    const w = world(t);
+    const agent = await w.agentReady(SESSION_SCRIPT, {
+      port: emu.mqttPort, token: 'offline-token', name: 'tbagent-offline',
+      args: ['--log-level', 'debug', '--backoff-min', '1500', '--backoff-max', '3000'],
+    });
+    const SENT = /SENT cseq=/;
+    assert.equal((await twoway(emu, 'offline', 'produce', { every: 100 })).text, 'true');
+    await waitUntil(async () => (await series(emu, 'offline', 'cseq')).length >= 3, 5000, 'the first samples stored');
+
+    // 1. tbemu reads nothing: the records go out but stay unacknowledged
+    let paused = false;
+    t.after(async () => { if (paused) await emu.post('/emu/resume'); });
+    await emu.post('/emu/pause');
+    paused = true;
+    const pmark = agent.mark();
+    await delay(150);   // what tbemu was parsing when paused is done with
+    const storedAtPause = (await series(emu, 'offline', 'cseq')).length;
+    await waitUntil(() => sentLines(agent, SENT, pmark).length >= 6, 5000, 'six records sent while paused');
+    const storedAtDrop = await series(emu, 'offline', 'cseq');
+    assert.equal(storedAtDrop.length, storedAtPause, 'tbemu stored data while paused');
+    const lastAcked = Number(storedAtDrop.at(-1).value);
+    const held = sentLines(agent, SENT).filter((l) => l.cseq > lastAcked);
+    assert.ok(held.length >= 4 && held.every((l) => l.online === 'true' && l.ok === 'true'), `held: ${JSON.stringify(held)}`);
+    assert.ok(held.at(-1).inflight >= 3, `records awaiting PUBACK: ${held.at(-1).inflight}`);
+
+    // 2. the session drops with them in flight (what tbemu never read is gone with it)
+    const seq0 = await lastSeq(emu, 'offline');
+    const dmark = agent.mark();
+    assert.deepEqual(await emu.post('/emu/devices/offline/disconnect'), { disconnected: true });
+    await emu.post('/emu/resume');
+    paused = false;
+    await agent.waitForLog(/connection lost/, 3000, dmark);
+    await waitUntil(() => sentLines(agent, SENT, dmark).filter((l) => l.online === 'false').length >= 5, 5000, 'five records sent while offline');
+
+    // 3. back: the held and the queued records go out first, in order
+    const back = await waitUntil(async () => (await eventsSince(emu, 'offline', seq0, 'connected'))[0], 8000, 'the agent to reconnect');
+    await agent.waitForLog(/session ready/, 8000, dmark);
+    const rmark = agent.mark();
+    await waitUntil(() => sentLines(agent, SENT, rmark).filter((l) => l.online === 'true').length >= 3, 5000, 'records sent after the reconnect');
+    const stop = await twoway(emu, 'offline', 'stopProducing');
+    assert.equal(stop.status, 200, stop.text);
+    const n = Number(stop.text);
+    const stored = await waitUntil(async () => {
+      const s = await series(emu, 'offline', 'cseq');
+      return s.length >= n ? s : null;
+    }, 8000, `all ${n} records stored`);
+
+    // every record once, in order, each with the time the script sent it (not when it arrived)
+    assert.deepEqual(stored.map((e) => Number(e.value)), Array.from({ length: n }, (_, i) => i + 1));
+    const sent = new Map(sentLines(agent, SENT).map((l) => [l.cseq, l]));
+    for (const e of stored) {
+      const l = sent.get(Number(e.value));
+      assert.ok(l && l.ok === 'true', `cseq ${e.value} not sent by the script`);
+      assert.ok(e.ts >= l.a && e.ts <= l.b, `cseq ${e.value}: stored ts ${e.ts} is not the time it was sent (${l.a}..${l.b})`);
+    }
+    for (let i = 1; i < stored.length; i++) assert.ok(stored[i].ts > stored[i - 1].ts, 'timestamps not increasing');
+
+    // the records held by the pause and sent during the outage are the first to arrive after
+    // the reconnect, in order; the first of them waited the whole outage (backoff >= 1125 ms)
+    const lastOffline = sentLines(agent, SENT, dmark).filter((l) => l.online === 'false').at(-1).cseq;
+    const late = Array.from({ length: lastOffline - lastAcked }, (_, i) => lastAcked + 1 + i);
+    const up = (await messages(emu, 'offline', '?dir=up&topic=v1/devices/me/telemetry')).filter((m) => m.seq > back.seq);
+    const upSeqs = up.map((m) => JSON.parse(m.payload).values?.cseq);
+    assert.deepEqual(upSeqs.slice(0, late.length), late, 'what waited is not what went out first after the reconnect');
+    const first = JSON.parse(up[0].payload);
+    assert.equal(first.ts, stored[late[0] - 1].ts);
+    assert.ok(up[0].ts - first.ts >= 1000, `cseq ${late[0]}: sent at ${first.ts}, received at ${up[0].ts}`);
+    assert.ok(up.every((m) => m.ts >= back.ts));
+    assert.equal(agent.log.count(/connection lost/), 1);
+  });
+
+  // --- 11 ----------------------------------------------------------------------------------
+  test('11. SIGTERM while tbemu holds the PUBACKs: exit 0 after --shutdown-timeout; a restart on the same state dir delivers them', async (t) => {
+    const w = world(t);
+    const a = await w.agentReady(SESSION_SCRIPT, {
+      port: emu.mqttPort, token: 'term-token', name: 'tbagent-term',
+      args: ['--log-level', 'debug', '--shutdown-timeout', '1500'],
+    });
+    let paused = false;
+    t.after(async () => { if (paused) await emu.post('/emu/resume'); });
+    await emu.post('/emu/pause');
+    paused = true;
+    // tbemu still writes: the shared attribute reaches the agent, whose handler sends 20 records
+    const r = await emu.api('POST', `/api/plugins/telemetry/DEVICE/${emu.ids.term}/attributes/SHARED_SCOPE`, { burst: 20 });
+    assert.equal(r.status, 200, r.text);
+    await a.waitForLog(/BURST n=20 /, 5000);
+    const burst = sentLines(a, /BURST n=20 /)[0];
+    assert.equal(burst.inflight, 20, `records awaiting PUBACK: ${burst.inflight}`);
+
+    const t0 = Date.now();
+    a.signal('SIGTERM');
+    const { code, signal } = await a.waitExit(8000);
+    const took = Date.now() - t0;
+    assert.equal(signal, null);
+    assert.equal(code, 0, a.log.tail(20));
+    assert.ok(took >= 1400, `exited after ${took} ms, before --shutdown-timeout 1500`);
+    assert.ok(took < 1500 + ms(3000), `exited after ${took} ms`);
+    assert.ok(a.log.find(/shutting down with 20 records unacknowledged/), a.log.tail(20));
+    assert.deepEqual(await series(emu, 'term', 'tseq'), [], 'tbemu stored data while paused');
+
+    // tbemu never read the PUBLISHes (nor the DISCONNECT): drop that session, then read again
+    const seq0 = await lastSeq(emu, 'term');
+    await emu.post('/emu/devices/term/disconnect');
+    await emu.post('/emu/resume');
+    paused = false;
+    assert.deepEqual(await series(emu, 'term', 'tseq'), []);
+
+    // the same state dir: the outbox on disk goes out first
+    const restarted = Date.now();
+    const b = await w.agent('local tb = require "tb"\n', { port: emu.mqttPort, token: 'term-token', name: 'tbagent-term2', dir: a.dir });
+    await b.waitForLog(/outbox: 20 records kept from before the restart go out first/, 5000);
+    const stored = await waitUntil(async () => {
+      const s = await series(emu, 'term', 'tseq');
+      return s.length >= 20 ? s : null;
+    }, 8000, 'the 20 records stored after the restart');
+    assert.deepEqual(stored.map((e) => Number(e.value)), Array.from({ length: 20 }, (_, i) => i + 1));
+    for (const e of stored) assert.ok(e.ts >= burst.a && e.ts <= burst.b, `tseq ${e.value}: ts ${e.ts} is not when it was sent (${burst.a}..${burst.b})`);
+    const up = (await messages(emu, 'term', '?dir=up&topic=v1/devices/me/telemetry')).filter((m) => m.seq > seq0);
+    assert.equal(up.length, 20, 'each record arrived once');
+    assert.ok(up.every((m) => m.ts >= restarted));
+    assert.ok(b.running());
   });
 });
