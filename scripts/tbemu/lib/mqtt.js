@@ -429,6 +429,7 @@ export class MqttSide {
     return () => {
       if (durationMs <= 0) durationMs = this.emu.config.claimDurationMs
       const now = Date.now()
+      if (dev.customerId) { this.store.event(dev, 'claim-refused', {}); return } // claimed: the server does not cache it
       if (dev.claim && dev.claim.expiresAt > now) { this.store.event(dev, 'claim-ignored', {}); return } // putIfAbsent
       dev.claim = { secretKey, durationMs, requestedAt: now, expiresAt: now + durationMs }
       this.store.changed('claim', dev, dev.claim)

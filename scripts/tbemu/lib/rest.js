@@ -72,6 +72,7 @@ export class RestSide {
     return {
       id: { entityType: 'DEVICE', id: dev.id }, createdTime: dev.createdTime,
       tenantId: { entityType: 'TENANT', id: '13814000-1dd2-11b2-8080-808080808080' },
+      customerId: { entityType: 'CUSTOMER', id: dev.customerId || '13814000-1dd2-11b2-8080-808080808080' },
       name: dev.name, type: dev.type, label: null, deviceProfileId: { entityType: 'DEVICE_PROFILE', id: '5d8c5d90-0000-11ee-8080-808080808080' },
       additionalInfo: { gateway: dev.gateway }
     }
@@ -112,6 +113,36 @@ export class RestSide {
       return { data: all.slice(page * size, page * size + size).map(d => this.tbDevice(d)), totalPages: Math.ceil(all.length / size), totalElements: all.length, hasNext: (page + 1) * size < all.length }
     })
     this.on('GET', '/api/device/:id', ({ params }) => this.tbDevice(dev(params.id)))
+    // Claiming by a customer (protocol.md 4.8; DeviceController.claimDevice and
+    // ClaimDevicesServiceImpl.claimDevice): 200 {"device","response":"SUCCESS"}; 400 "FAILURE"
+    // for no claim, an expired one or a wrong secret (which also drops the claim, as the
+    // server evicts it); 400 "CLAIMED" once the device belongs to a customer.
+    this.on('POST', '/api/customer/device/:name/claim', async ({ params, json }) => {
+      const d = store.byName(params.name)
+      if (!d) throw httpError(404, 'Requested item wasn\'t found!')
+      const b = await json()
+      const v = isObj(b) && b.has('secretKey') ? b.get('secretKey') : null
+      const secret = v === null || v === undefined ? '' : (v instanceof JNum ? v.text : String(v))
+      const fail = (r) => ({ status: 400, body: JSON.stringify(r) })
+      const c = d.claim
+      if (!c) return fail(d.customerId ? 'CLAIMED' : 'FAILURE')
+      d.claim = null
+      if (Date.now() > c.expiresAt || secret !== c.secretKey) {
+        store.event(d, 'claim-failed', {}); store.changed('claim', d, null)
+        return fail('FAILURE')
+      }
+      if (d.customerId) { store.changed('claim', d, null); return fail('CLAIMED') }
+      d.customerId = '23a4bc10-0000-11ee-8080-808080808080'
+      store.event(d, 'claimed', { customerId: d.customerId }); store.changed('claim', d, null)
+      return { status: 200, body: stringify({ device: this.tbDevice(d), response: 'SUCCESS' }) }
+    })
+    this.on('DELETE', '/api/customer/device/:name/claim', ({ params }) => {
+      const d = store.byName(params.name)
+      if (!d) throw httpError(404, 'Requested item wasn\'t found!')
+      d.customerId = null; d.claim = null
+      store.event(d, 'reclaimed', {}); store.changed('claim', d, null)
+      return ''
+    })
     this.on('GET', '/api/device/:id/credentials', ({ params }) => {
       const c = dev(params.id).credentials
       return c.credentialsType === 'ACCESS_TOKEN'

@@ -39,7 +39,7 @@ export class Store extends EventEmitter {
     const dev = {
       id: id || randomUUID(), name, type, gateway: !!gateway, createdTime: Date.now(), credentials,
       telemetry: new Map(), attributes: { CLIENT_SCOPE: new Map(), SHARED_SCOPE: new Map(), SERVER_SCOPE: new Map() },
-      log: [], events: [], rpcSeq: 0, claim: null, ota: { FIRMWARE: null, SOFTWARE: null },
+      log: [], events: [], rpcSeq: 0, claim: null, customerId: null, ota: { FIRMWARE: null, SOFTWARE: null },
       // runtime only
       session: null, rpcPending: new Map(), otaCacheGen: 0
     }
@@ -154,7 +154,7 @@ export class Store extends EventEmitter {
       provisionProfiles: this.provisionProfiles,
       devices: [...this.devices.values()].map(d => ({
         id: d.id, name: d.name, type: d.type, gateway: d.gateway, createdTime: d.createdTime, credentials: d.credentials,
-        telemetry: mapObj(d.telemetry), rpcSeq: d.rpcSeq, claim: d.claim, ota: d.ota, log: d.log, events: d.events,
+        telemetry: mapObj(d.telemetry), rpcSeq: d.rpcSeq, claim: d.claim, customerId: d.customerId || null, ota: d.ota, log: d.log, events: d.events,
         attributes: Object.fromEntries(SCOPES.map(s => [s, mapObj(d.attributes[s])]))
       })),
       packages: [...this.packages.values()].map(p => ({ ...p, data: undefined, hasData: !!p.data }))
