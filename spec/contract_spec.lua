@@ -500,6 +500,129 @@ for _, kind in ipairs{"fake", "real"} do
       end)
     end)
 
+    describe("firmware", function()
+      -- install() keeps what it got (the image as hex, and info) for the "installed" RPC
+      local script = [[
+        local tb = require "tb"
+        local function hex(b) return (b:gsub(".", function(c) return string.format("%02x", c:byte()) end)) end
+        tb.firmware{
+          current = {title = "pump", version = "1.0"},
+          chunk_size = 1024,
+          accept = function(info) return info.title == "pump" end,
+          install = function(path, info)
+            local f = assert(io.open(path, "rb"))
+            local b = f:read("a")
+            f:close()
+            tb.state.installed = {hex = hex(b), n = #b, title = info.title, version = info.version,
+              size = info.size, checksum = info.checksum, checksum_algorithm = info.checksum_algorithm,
+              url_type = type(info.url)}
+            return true
+          end,
+        }
+        tb.on_rpc("installed", function() return tb.state.installed or {none = true} end)
+      ]]
+
+      -- 2500 bytes, every byte value: three 1024-byte chunks, the last one short
+      local t = {}
+      for i = 0, 2499 do t[#t + 1] = string.char((i * 7 + 3) % 256) end
+      local image = table.concat(t)
+      local function hex(b) return (b:gsub(".", function(c) return string.format("%02x", c:byte()) end)) end
+      local sha256 = require("tb.core").hash_hex("SHA256", image)
+
+      local function fw_states_sent()
+        local out = {}
+        for _, p in ipairs(d:sent("v1/devices/me/telemetry")) do
+          local values = p.values or p
+          if values.fw_state ~= nil then out[#out + 1] = values.fw_state end
+        end
+        return out
+      end
+
+      it("updates over MQTT through every state; install() gets the exact bytes and the info", function()
+        start(script)
+        local r = d:offer_firmware({title = "pump", version = "2.0", checksum_algorithm = "SHA256"}, image)
+        assert_same({state = "UPDATED", states = {"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}},
+          r, "offer_firmware result")
+        assert_same({hex = hex(image), n = 2500, title = "pump", version = "2.0", size = 2500, checksum = sha256,
+          checksum_algorithm = "SHA256", url_type = "nil"}, (rpc("installed")), "what install() got")
+        assert_same({"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"},
+          d:wait_for(function() local l = fw_states_sent() return #l >= 5 and l end, 3000), "fw_state on the wire")
+      end)
+
+      it("fails with checksum mismatch when the image does not match fw_checksum", function()
+        start(script)
+        local r = d:offer_firmware({title = "pump", version = "2.1", checksum = string.rep("ab", 32)}, image)
+        assert_same("FAILED", r.state, "final state")
+        assert_same({"DOWNLOADING", "DOWNLOADED", "FAILED"}, r.states, "states")
+        assert.is_string(r.error)
+        assert.truthy(r.error:find("checksum mismatch", 1, true), r.error)
+        assert_same({none = true}, (rpc("installed")), "install() did not run")
+      end)
+
+      it("leaves no state when accept() returns false", function()
+        start(script)
+        local r = d:offer_firmware({title = "other", version = "2.0"}, image)
+        assert_same({states = {}}, r, "declined offer")
+        assert_same({none = true}, (rpc("installed")), "install() did not run")
+        assert_same({}, fw_states_sent(), "no fw_state on the wire")
+      end)
+
+      it("updates from fw_url over HTTP with the exact bytes", function()
+        start(script)
+        local r = d:offer_firmware({title = "pump", version = "3.0", url = "http://files.test/pump-3.0.bin"}, image)
+        assert_same({state = "UPDATED", states = {"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}},
+          r, "offer_firmware result")
+        assert_same({hex = hex(image), n = 2500, title = "pump", version = "3.0", size = 2500, checksum = sha256,
+          checksum_algorithm = "SHA256", url_type = "string"}, (rpc("installed")), "what install() got")
+      end)
+      -- the fake checks with tb.core's hashes, the real side with tbemu's (node's crypto and
+      -- its own CRC32/MurmurHash3) in ThingsBoard's text encoding
+      it("verifies every checksum algorithm of ThingsBoard", function()
+        start(script)
+        for i, alg in ipairs{"MD5", "SHA256", "SHA384", "SHA512", "CRC32", "MURMUR3_32", "MURMUR3_128"} do
+          local r = d:offer_firmware({title = "pump", version = "4." .. i, checksum_algorithm = alg}, image)
+          assert_same({state = "UPDATED", states = {"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}},
+            r, alg .. " update")
+          local got = rpc("installed")
+          assert_same(alg, got.checksum_algorithm, alg .. ": info.checksum_algorithm")
+          assert_same(hex(image), got.hex, alg .. ": the bytes")
+        end
+      end)
+    end)
+
+    describe("hot reload", function()
+      local v1 = [[
+        local tb = require "tb"
+        tb.state.loads = (tb.state.loads or 0) + 1
+        tb.on_rpc("version", function() return {v = 1, loads = tb.state.loads} end)
+        tb.on_rpc("inc", function() tb.state.n = (tb.state.n or 0) + 1 return tb.state.n end)
+      ]]
+
+      it("swaps an RPC handler and keeps tb.state", function()
+        start(v1)
+        assert_same({v = 1, loads = 1}, (rpc("version")), "first version")
+        assert_same(1, (rpc("inc")), "state before the reload")
+        assert_same({true}, {d:reload(v1:gsub("v = 1", "v = 2"))}, "reload")
+        assert_same({v = 2, loads = 2}, (rpc("version")), "new handler, tb.state kept")
+        assert_same(2, (rpc("inc")), "tb.state.n kept")
+      end)
+
+      it("rejects a version that raises; the old handler keeps answering", function()
+        start(v1)
+        assert_same(1, (rpc("inc")), "state before the reload")
+        local ok, err = d:reload([[
+          local tb = require "tb"
+          tb.on_rpc("version", function() return {v = 3} end)
+          error("broken version")
+        ]])
+        assert.is_nil(ok)
+        assert.is_string(err)
+        assert.truthy(err:find("broken version", 1, true), err)
+        assert_same({v = 1, loads = 1}, (rpc("version")), "old handler")
+        assert_same(2, (rpc("inc")), "tb.state kept")
+      end)
+    end)
+
     describe("timers and tb.state", function()
       it("runs an every timer until it cancels itself, and after once", function()
         start([[

@@ -272,7 +272,7 @@ function Session:offer_firmware(info, bytes)
   ensure_online(self)
   local kind = info.kind or "fw"
   local p = kind .. "_"
-  local alg = info.checksum_algorithm or "SHA256"
+  local alg = (info.checksum_algorithm or "SHA256"):upper()   -- ThingsBoard keeps it upper case
   assert(ALGORITHMS[alg:upper()], "unknown checksum algorithm " .. alg)
   local checksum = info.checksum or assert(self.core.hash_hex(alg, bytes))
   self.packages[kind] = {bytes = bytes, url = info.url, expire_at = info.expire_at_chunk}
@@ -291,13 +291,21 @@ function Session:offer_firmware(info, bytes)
     states[#states + 1] = state
     if err then last_error = err end
   end
-  self:push_attributes(attrs)
-  -- as ThingsBoard's OTA update: the keys this package has no value for are deleted
+  -- as ThingsBoard's OTA update: one push with the package's keys, then at once a second
+  -- with the keys it has no value for deleted (both queued before the agent runs)
   local gone = {}
   for _, k in ipairs({"title", "version", "tag", "size", "checksum", "checksum_algorithm", "url"}) do
     if attrs[p .. k] == nil and self.server.shared[p .. k] ~= nil then gone[#gone + 1] = p .. k end
   end
-  if #gone > 0 then self:delete_attributes(gone) end
+  ensure_online(self)
+  for k, v in pairs(attrs) do self.server.shared[k] = v end
+  self:queue("message", self.session.conn_id, 1, 0, "v1/devices/me/attributes", assert(self.core.json_encode(attrs)))
+  if #gone > 0 then
+    for _, k in ipairs(gone) do self.server.shared[k] = nil end
+    self:queue("message", self.session.conn_id, 1, 0, "v1/devices/me/attributes",
+      assert(self.core.json_encode({deleted = setmetatable(gone, self.core.json_array_mt)})))
+  end
+  self:pump()
   for _ = 1, 10000 do
     local st = states[#states]
     if st == "UPDATED" or st == "FAILED" or (not updater.job and #states > 0) then break end
@@ -435,7 +443,8 @@ function Session:reload(text)
     f:close()
   end
   self.reloader = self.reloader or reload.new(self.ctx)
-  local ok, err = self.reloader:reload("tb.testing")
+  -- new text is a file change (skipped when it is the same, as the agent does); none is SIGHUP
+  local ok, err = self.reloader:reload(text and "file change" or "tb.testing")
   self:pump()
   return ok, err
 end

@@ -5,7 +5,8 @@
 --   local server = drivers.new("fake" | "real")   -- real: starts one tbemu (node) for the block
 --   local d = server:start(script_text, {shared = {...}})
 --                                         -- a fresh device; the script runs and is connected
---                                         -- (real: the agent logged "session ready")
+--                                         -- (real: the agent logged "session ready"; it runs
+--                                         -- with hot reload on, for d:reload)
 --   d:rpc(method, params [, {timeout = ms}]) -> decoded | nil, raw text | nil, status
 --                                         -- nil when no response came (one-way): the fake
 --                                         -- waits (virtual time) up to the timeout, the real
@@ -18,6 +19,21 @@
 --   d:sent(topic) -> the decoded payloads the agent published on topic (the wire)
 --   d:wait_for(fn, ms) -> fn()'s first truthy value | nil when ms ran out (fake: virtual ms)
 --   d:sleep(ms)                           let time pass (fake: advance; real: bounded sleep)
+--   d:offer_firmware(info, bytes) -> {state = last fw_state | nil, states = {...}, error = fw_error | nil}
+--                                         -- info: {title=, version=, checksum_algorithm= (SHA256),
+--                                         -- checksum= (computed when absent), tag=, url=, kind="fw"|"sw"};
+--                                         -- assigns the package and waits until the agent reports
+--                                         -- UPDATED or FAILED, or declines it (no state; real:
+--                                         -- also no state within 5-6 s, e.g. the version is
+--                                         -- already current: the fake knows at once). fake:
+--                                         -- Session:offer_firmware (url is served by the fake);
+--                                         -- real: uploaded to tbemu (any url -> url=self, served by
+--                                         -- tbemu's HTTP, so install() sees tbemu's URL), assigned,
+--                                         -- states read from what the agent published
+--   d:reload(text) -> true | nil, err     -- hot reload with the script rewritten. fake:
+--                                         -- Session:reload; real: the file is replaced (rename)
+--                                         -- and the agent's log says "reloaded ...: generation N
+--                                         -- live" (true) or "reload rejected: err (...)" (nil, err)
 --   d:stop()
 --   server:close()                        stops every process this module started
 --
@@ -228,6 +244,15 @@ end
 
 function Fake:sleep(ms) self.s:advance(ms) end
 
+function Fake:offer_firmware(info, bytes)
+  local r = self.s:offer_firmware(info, bytes)
+  return {state = r.state, states = r.states, error = r.error}
+end
+
+function Fake:reload(text)
+  return self.s:reload(text)
+end
+
 function Fake:stop()
   if self.dir then execute("rm -rf " .. shq(self.dir)) self.dir = nil end
 end
@@ -252,8 +277,9 @@ local function need(ok, what)
   if not ok then error("contract (real): " .. what, 3) end
 end
 
--- http(server, method, path, body_table_or_nil, timeout_ms) -> status, body text
-function RealServer:http(method, path, body, timeout_ms)
+-- http(server, method, path, body_table_or_nil, timeout_ms [, content_type]) -> status, body
+-- text; a string body goes as it is (binary-safe), with content_type (JSON when not given)
+function RealServer:http(method, path, body, timeout_ms, content_type)
   local n = self.seq + 1
   self.seq = n
   local out = self.dir .. "/http." .. n .. ".out"
@@ -262,7 +288,8 @@ function RealServer:http(method, path, body, timeout_ms)
   if body ~= nil then
     local inp = self.dir .. "/http." .. n .. ".in"
     write_file(inp, type(body) == "string" and body or assert(encode(body)))
-    args[#args + 1] = "-H 'Content-Type: application/json' --data-binary @" .. shq(inp)
+    args[#args + 1] = "-H " .. shq("Content-Type: " .. (content_type or "application/json")) ..
+      " --data-binary @" .. shq(inp)
   end
   args[#args + 1] = shq(self.base .. path)
   local p = popen(table.concat(args, " ") .. " 2>/dev/null")
@@ -299,9 +326,11 @@ function RealServer:start(script, opts)
   d.dir = mktemp_dir("tbcontract-real-")
   local path = d.dir .. "/script.lua"
   write_file(path, script)
+  d.path = path
   d.log = d.dir .. "/agent.log"
+  -- reload on (no --no-reload), as d:reload needs: the agent watches d.dir for *.lua changes
   d.pid = spawn(table.concat({shq(agent_path(self.root)), "run", shq(path), "--host 127.0.0.1",
-    "--port", self.mqtt, "--token", shq(token), "--no-reload", "--log-level debug",
+    "--port", self.mqtt, "--token", shq(token), "--log-level debug",
     "--state-dir", shq(d.dir .. "/state")}, " "), d.log, nil, d.dir)
   -- ready: the agent finished its connect sequence (subscribed to RPC last)
   local dl = deadline(10000)
@@ -401,6 +430,99 @@ function Real:sent(topic)
     if m.topic == topic then out[#out + 1] = assert(decode(m.payload)) end
   end
   return out
+end
+
+local function urlencode(v)
+  return (tostring(v):gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end))
+end
+
+-- last_seq() -> the sequence number of the newest message in tbemu's log of this device
+function Real:last_seq()
+  local seq = 0
+  for _, m in ipairs(self.server:json("GET", "/emu/devices/" .. self.name .. "/messages") or {}) do
+    if m.seq > seq then seq = m.seq end
+  end
+  return seq
+end
+
+-- offer_firmware(info, bytes): upload to tbemu, assign, then follow the fw_state (sw_state)
+-- telemetry the agent publishes until UPDATED or FAILED, or until the agent logs that the
+-- script declined the package (no state then), or 5-6 s pass with no state (nothing taken up).
+-- Bounded by 20 s.
+function Real:offer_firmware(info, bytes)
+  assert(type(info) == "table" and info.title and info.version, "offer_firmware needs {title=, version=}")
+  need(info.size == nil and info.expire_at_chunk == nil,
+    "offer_firmware: size= and expire_at_chunk= are fake-only (tbemu computes the size)")
+  bytes = bytes or ""
+  local kind = info.kind or "fw"
+  local q = {"title=" .. urlencode(info.title), "version=" .. urlencode(info.version), "type=" .. kind,
+    "checksumAlgorithm=" .. urlencode(info.checksum_algorithm or "SHA256"),
+    -- an empty tag is none (tbemu's default tag is "title version"; the fake sends none)
+    "tag=" .. urlencode(info.tag or "")}
+  if info.checksum then q[#q + 1] = "checksum=" .. urlencode(info.checksum) end
+  if info.url then q[#q + 1] = "url=self" end
+  local status, text = self.server:http("POST", "/emu/packages?" .. table.concat(q, "&"), bytes, 10000,
+    "application/octet-stream")
+  if status ~= 200 then error(string.format("tbemu package upload -> HTTP %d %s", status, text), 2) end
+  local pkg = assert(decode(text))
+  local since = self:last_seq()
+  local log_from = #(read_file(self.log) or "")
+  self.server:json("POST", "/emu/devices/" .. self.name .. "/assign", {packageId = pkg.id})
+  local p = kind .. "_"
+  local states, last_error = {}, nil
+  local seen = since
+  local dl, idle = deadline(20000), deadline(5000)
+  while true do
+    local declined = (read_file(self.log) or ""):find("declined by the script", log_from + 1, true)
+    local msgs = self.server:json("GET", "/emu/devices/" .. self.name .. "/messages?dir=up&since=" .. seen ..
+      "&topic=v1/devices/me/telemetry") or {}
+    for _, m in ipairs(msgs) do
+      if m.seq > seen then seen = m.seq end
+      local payload = m.topic == "v1/devices/me/telemetry" and decode(m.payload)
+      local entries = type(payload) == "table" and (payload[1] and payload or {payload}) or {}
+      for _, e in ipairs(entries) do
+        local values = e.values or e
+        if values[p .. "state"] ~= nil then
+          states[#states + 1] = values[p .. "state"]
+          if values[p .. "error"] ~= nil then last_error = values[p .. "error"] end
+        end
+      end
+    end
+    local st = states[#states]
+    if st == "UPDATED" or st == "FAILED" or (declined and #states == 0) then break end
+    -- no state at all after 5-6 s (idle counts wall seconds only): the agent took nothing up (the offered version is current,
+    -- or it failed before); the fake answers that at once
+    if #states == 0 and idle.left() <= 0 then break end
+    if dl.left() <= 0 then
+      error(string.format("offer_firmware: no UPDATED/FAILED within 20 s (states so far: %s); agent log:\n%s",
+        table.concat(states, ", "), self:log_tail()), 2)
+    end
+    dl.sleep(25)
+  end
+  return {state = states[#states], states = states, error = last_error}
+end
+
+-- reload(text) -> true | nil, err: the script file is replaced by a rename (the agent sees
+-- IN_MOVED_TO), then the agent's log decides: "reloaded ...: generation N live" -> true,
+-- "reload rejected: err (generation N keeps running)" -> nil, err; "reload skipped: no
+-- loaded file changed" (the same text again) -> true. Bounded by 10 s.
+function Real:reload(text)
+  local log_from = #(read_file(self.log) or "")
+  local tmp = self.dir .. "/script.lua.new"
+  write_file(tmp, text)
+  assert(os.rename(tmp, self.path))
+  local dl = deadline(10000)
+  while true do
+    local log = (read_file(self.log) or ""):sub(log_from + 1)
+    if log:find("reloaded [^\n]*: generation %d+ live") or log:find("reload skipped: no loaded file changed", 1, true) then
+      return true
+    end
+    local err = log:match("reload rejected: ([^\n]-) %(generation %d+ keeps running%)")
+    if err then return nil, err end
+    if not pid_alive(self.pid) then error("tbagent exited during a reload; log:\n" .. self:log_tail(), 2) end
+    if dl.left() <= 0 then error("reload: no verdict in the agent's log within 10 s; log:\n" .. self:log_tail(), 2) end
+    dl.sleep(20)
+  end
 end
 
 function Real:stop()
