@@ -183,7 +183,7 @@ describe("firmware over MQTT", function()
     end
     s:push_attributes({fw_title = "dev", fw_version = "2.0", fw_size = #img, fw_checksum_algorithm = "SHA256",
       fw_checksum = core.hash_hex("SHA256", img)})
-    s:advance(50)
+    s:advance(150)
     assert.equal(4000, core.file_size(dir .. "/firmware/dev-2.0.part"))
     -- the new session finds the package still assigned, as the server keeps it
     local s2 = load(1000, {state_dir = dir})
@@ -313,6 +313,16 @@ describe("firmware over HTTP and software", function()
     assert.equal("dev 2.0", s:state().tag)
   end)
 
+  it("takes ThingsBoard's two-message assignment as one offer (no start from the old fw_url)", function()
+    local s = load(1000)
+    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/old.bin"}, image(5000))
+    assert.equal("UPDATED", r.state)
+    -- the next package comes over MQTT: its keys first, then fw_url deleted in a second message
+    r = s:offer_firmware({title = "dev", version = "3.0"}, image(3000))
+    assert.same({"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}, r.states)
+    assert.equal(image(3000), s:state().image)
+  end)
+
   it("runs a software policy beside the firmware one", function()
     local s = testing.load(script([[
       local tb = require "tb"
@@ -427,6 +437,7 @@ describe("firmware and software together, server text and a changing offer", fun
     s.packages.fw = {bytes = image(3000)}
     s.serve_chunk = function() end   -- the server answers with an error instead
     s:push_attributes(attrs("fw", {title = "dev", version = "2.0"}, image(3000)))
+    s:advance(150)   -- the offer settles (tb.firmware waits for deletions after a push)
     s:queue("message", s.session.conn_id, 1, 0, "v2/fw/error", "NOT\255\254\n\27[31m" .. ("E"):rep(100 * 1024))
     s:pump()
     local states, err = states_of(s, "fw")
@@ -507,7 +518,7 @@ describe("firmware offers that change while the agent is away, retries and progr
     s.packages.fw = {bytes = img}
     serve_only(s, 3)
     s:push_attributes(offer_attrs({title = "dev", version = "2.0"}, img))
-    s:advance(50)
+    s:advance(150)
     assert.equal(3000, core.file_size(dir .. "/firmware/dev-2.0.part"))
     s:disconnect()
     s.server.shared = {}          -- unassigned while the agent cannot hear the deletion
@@ -526,7 +537,7 @@ describe("firmware offers that change while the agent is away, retries and progr
     local old = image(3000)
     s.http_files["http://example.invalid/old.bin"] = old
     s:push_attributes(offer_attrs({title = "dev", version = "bad", url = "http://example.invalid/old.bin"}, old))
-    s:advance(50)
+    s:advance(150)
     s:disconnect()
     -- a binary package replaces it while the agent is offline: no fw_url any more
     local img = image(4500)
@@ -556,7 +567,7 @@ describe("firmware offers that change while the agent is away, retries and progr
     s.packages.fw = {bytes = img}
     serve_only(s, 4)
     s:push_attributes(offer_attrs({title = "dev", version = "2.0"}, img))
-    s:advance(50)
+    s:advance(150)
     assert.equal(4000, core.file_size(dir .. "/firmware/dev-2.0.part"))
     local s2 = load(1000, {state_dir = dir})
     local img3 = image(2500)
@@ -577,7 +588,7 @@ describe("firmware offers that change while the agent is away, retries and progr
     s.packages.fw = {bytes = img}
     serve_only(s, 4)
     s:push_attributes(offer_attrs({title = "dev", version = "2.0"}, img))
-    s:advance(50)
+    s:advance(150)
     assert.is_true(exists(dir .. "/firmware/job.json"))
     local s2 = load(1000, {state_dir = dir})
     s2:connect()

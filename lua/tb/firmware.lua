@@ -47,6 +47,9 @@ end
 
 -- sanitize(s) -> a file name part: letters, digits, '.', '_' and '-' only, no leading dot
 -- (so never "." or ".."), at most 80 bytes
+-- a pushed offer waits this long for the deletions ThingsBoard sends right after it
+local OFFER_SETTLE_MS = 100
+
 local function sanitize(s)
   s = tostring(s):gsub("[^%w%._%-]", "_"):gsub("^%.+", "_"):sub(1, 80)
   return s ~= "" and s or "_"
@@ -153,7 +156,16 @@ function M:on_attributes(changes, deleted, why)
       touched = true
     end
   end
-  if touched then self:evaluate() end
+  if not touched then return end
+  if why == "current" then return self:evaluate() end
+  -- ThingsBoard sends an assignment as two messages back to back: the package's keys, then
+  -- the keys it has no value for deleted (fw_url after a URL package). Acting on the first
+  -- alone would start the new version from the old URL, so a push settles for a moment.
+  if self.settle_timer then self.settle_timer:cancel() end
+  self.settle_timer = self.sched:system_timer(OFFER_SETTLE_MS, function()
+    self.settle_timer = nil
+    self:evaluate()
+  end, self.label .. " offer")
 end
 
 local function package_key(info)

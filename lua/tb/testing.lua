@@ -259,6 +259,8 @@ function Session:serve_chunk(conn_id, kind, req, idx, payload)
   self:queue("message", conn_id, 1, 0, "v2/" .. kind .. "/response/" .. req .. "/chunk/" .. idx, chunk)
 end
 
+local OFFER_SETTLE_MS = 150   -- over tb.firmware's 100 ms settle after a pushed offer
+
 local ALGORITHMS = {MD5 = true, SHA256 = true, SHA384 = true, SHA512 = true, CRC32 = true,
   MURMUR3_32 = true, MURMUR3_128 = true}
 
@@ -306,6 +308,7 @@ function Session:offer_firmware(info, bytes)
       assert(self.core.json_encode({deleted = setmetatable(gone, self.core.json_array_mt)})))
   end
   self:pump()
+  self:advance(OFFER_SETTLE_MS)   -- the agent waits that long for deletions after a push
   for _ = 1, 10000 do
     local st = states[#states]
     if st == "UPDATED" or st == "FAILED" or (not updater.job and #states > 0) then break end
