@@ -580,6 +580,25 @@ describe("firmware offers that change while the agent is away, retries and progr
     assert.truthy(s2:logged("removed the partial download of dev 2.0: no longer offered"))
   end)
 
+  it("keeps the partial download while the current offer is not known yet (no connection)", function()
+    local dir = os.tmpname() .. ".state"
+    local img = image(10000)
+    local s = load(1000, {state_dir = dir})
+    s:connect()
+    s.packages.fw = {bytes = img}
+    serve_only(s, 4)
+    s:push_attributes(offer_attrs({title = "dev", version = "2.0"}, img))
+    s:advance(150)
+    assert.is_true(exists(dir .. "/firmware/dev-2.0.part"))
+    -- restarted while the broker is unreachable, then the script is edited: a reload looks at
+    -- the (still empty) offer before any current set came
+    local s2 = load(1000, {state_dir = dir})
+    assert.is_true(s2:reload(POLICY:format(1000) .. "\n-- edited\n"))
+    s2:advance(1000)
+    assert.is_true(exists(dir .. "/firmware/dev-2.0.part"))
+    assert.is_true(exists(dir .. "/firmware/job.json"))
+  end)
+
   it("removes the partial download left by a stopped agent when nothing is offered any more", function()
     local dir = os.tmpname() .. ".state"
     local img = image(10000)

@@ -460,6 +460,29 @@ describe("session", function()
     assert.truthy(s:logged("set aside a telemetry record .*kept in .*set%-aside%.jsonl", "error"))
   end)
 
+  it("stops suspecting a record that left the outbox otherwise (full outbox): the window reopens", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      for i = 1, 5 do tb.send_telemetry{seq = i} end
+    ]]), {memory_outbox = true, config = {backoff_min = 1000, backoff_max = 2000, outbox_limit = 5}})
+    s.hold_acks = true
+    s:connect()
+    s:advance(300)
+    s:disconnect("link lost")       -- seq 1 heads the in-flight window: suspected once
+    s:advance(3000)
+    s:advance(300)
+    s:disconnect("link lost")       -- twice: it would go alone next time...
+    for i = 1, 5 do s.ctx.current.api.send_telemetry{extra = i} end   -- ...but the full outbox drops it
+    s.hold_acks = false
+    s:advance(60000)
+    assert.equal(0, s.session.outbox:count())
+    s.hold_acks = true
+    for i = 1, 50 do s.ctx.current.api.send_telemetry{more = i} end
+    s:advance(10)
+    assert.is_nil(s.session.probe)
+    assert.equal(math.min(50, s.session.window), s.session.inflight_n)
+  end)
+
   it("sets nothing aside when the link drops on its own, PUBACKs lost, sessions short", function()
     local s = testing.load(script([[
       local tb = require "tb"

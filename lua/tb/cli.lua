@@ -71,9 +71,14 @@ local function convert(o, raw, source)
   elseif kind == "file" then
     local f = io.open(raw, "rb")
     if not f then return bad("a readable file") end
-    local _, rerr = f:read(0)   -- a directory opens, but reading it fails ("Is a directory")
     f:close()
-    if rerr then return bad("a readable file") end
+    -- a directory opens too; "dir/." exists only for one (nothing is read: a pipe such as
+    -- --key <(decrypt key.pem) keeps its contents for libmosquitto)
+    local d = io.open(raw .. "/.", "rb")
+    if d then
+      d:close()
+      return bad("a readable file")
+    end
     return raw
   elseif kind == "flag" then
     if raw == true or raw == "1" or raw == "true" or raw == "yes" then return true end

@@ -148,7 +148,7 @@ function M:on_attributes(changes, deleted, why)
       touched = true
     end
   end
-  if why == "current" then touched = true end
+  if why == "current" then touched, self.current_seen = true, true end
   for _, key in ipairs(deleted) do
     local k = key:sub(#p + 1)
     if key:sub(1, #p) == p then
@@ -206,7 +206,9 @@ function M:evaluate()
     self.log.info("%s %s %s withdrawn or replaced; abandoning its download", self.label, job.info.title, job.info.version)
     self:cancel_job()
   end
-  if not info and not self.job and o.title == nil and o.version == nil then self:discard_saved() end
+  -- only a whole current set (after a connect) says nothing is offered any more; before the
+  -- first one arrives, an empty offer is just not known yet
+  if not info and not self.job and o.title == nil and o.version == nil and self.current_seen then self:discard_saved() end
   if not info or self.job then return end
   local cur = self:current()
   if info.title == cur.title and info.version == cur.version then return end
@@ -679,10 +681,13 @@ function M:download_http(job)
     local etext = tostring(result.error)
     if CURL_TLS_VERIFY[code] then etext = "TLS verification failed: " .. etext end
     local err = string.format("%s%s", etext, status > 0 and (" (HTTP " .. status .. ")") or "")
-    if status == 416 and not range_reset then
-      -- the server will not serve the rest of what is on disk: start again from byte 0
+    local misranged = etext:find("range starting at byte", 1, true)
+    if (status == 416 or misranged) and not range_reset then
+      -- the server will not serve the rest of what is on disk (or serves another range of
+      -- it): start again from byte 0, once
       range_reset = true
-      self.log.warn("%s server refused the resume (HTTP 416); downloading again from byte 0", self.label)
+      self.log.warn("%s server refused the resume (%s); downloading again from byte 0", self.label,
+        misranged and printable(etext, TEXT_MAX) or "HTTP 416")
       os.remove(job.part)
       attempts = attempts - 1
     else

@@ -482,7 +482,12 @@ end
 function M:flush()
   if not self.ready or self.flush_timer or self.closing then return end
   local conn, outbox, now = self.conn, self.outbox, self.sched.now()
-  -- a suspected record goes alone (set_aside_poison)
+  -- a suspected record goes alone (set_aside_poison); one that left the outbox otherwise
+  -- (dropped by its bounds, expired) is no longer suspected
+  if self.probe and self.inflight_n == 0 then
+    local head = outbox:peek()
+    if not head or head.seq ~= self.probe then self.suspect, self.suspect_hits, self.probe = nil, 0, nil end
+  end
   while self.inflight_n < (self.probe and 1 or self.window) do
     local rec = outbox:peek()
     if not rec then break end

@@ -955,3 +955,41 @@ test('tbemu: agent kill -9 mid HTTP download, restarted with the same --state-di
   assert.equal(await latest(emu, emu.ids.dev1, 'current_fw_version'), '25.0')
   assert.deepEqual(firmwareFiles(a2), [], 'nothing left in the firmware state dir')
 })
+
+test('tbemu: a resume answered with a 206 that starts at another byte is refused, and the download starts over from byte 0 once', async (t) => {
+  const emu = await emuWorld(t)
+  const agent = emuAgent(t, emu, 'dev1')
+  await agent.waitFor(/session ready/, 8000)
+  const image = randomImage(200 * 1024, 56)
+  const CUT = 70000
+  const seen = [] // Range header of every request
+  const base = await serve(t, (req, res) => {
+    seen.push(req.headers.range || null)
+    if (seen.length === 1) {
+      res.writeHead(200, { 'content-length': image.length })
+      res.write(image.subarray(0, CUT), () => setTimeout(() => res.socket.destroy(), 50))
+      return
+    }
+    const m = /^bytes=(\d+)-$/.exec(req.headers.range || '')
+    if (m) {
+      // a server (a CDN) that aligns ranges: it answers from the 64 KiB boundary below
+      const from = Number(m[1]) - (Number(m[1]) % 65536)
+      res.writeHead(206, { 'content-length': image.length - from, 'content-range': `bytes ${from}-${image.length - 1}/${image.length}` })
+      res.end(image.subarray(from))
+      return
+    }
+    res.writeHead(200, { 'content-length': image.length })
+    res.end(image)
+  })
+  const mark = agent.log.mark()
+  const pkg = await upload(emu, image, { title: 'dev', version: '25.0', checksumAlgorithm: 'SHA256', url: `${base}/fw.bin` })
+  const since = Date.now()
+  await emu.post('/emu/devices/dev1/assign', { packageId: pkg.id })
+  const r = await waitFinal(emu, emu.ids.dev1, 'fw', since, 20000)
+  assert.deepEqual(r.states, FULL, `fw_error ${r.error}; Range headers ${JSON.stringify(seen)}\n${agent.log.tail(20)}`)
+  assert.equal(seen.length, 3, `requests (Range headers): ${JSON.stringify(seen)}`)
+  assert.deepEqual([seen[0], seen[2]], [null, null], 'the first request and the fresh one after the refusal are plain GETs')
+  assert.match(seen[1] || '', /^bytes=\d+-$/)
+  assert.ok(agent.log.find(/refused the resume \(the server sent a range starting at byte \d+, not \d+\); downloading again from byte 0/, mark), agent.log.tail(20))
+  assert.ok(agent.installed('fw', '25.0').equals(image), 'the installed image is the exact image')
+})
