@@ -230,10 +230,11 @@ static lua_Integer opt_int(lua_State *L, int t, const char *key, lua_Integer def
   return v;
 }
 
-static int fail(lua_State *L, const char *what, int rc) {
+/* nil, "what: reason" (why_text's reason) */
+static int fail(lua_State *L, tb_mqtt *c, const char *what, int rc) {
+  char buf[256];
   lua_pushnil(L);
-  if (rc == MOSQ_ERR_ERRNO) lua_pushfstring(L, "%s: %s", what, strerror(errno));
-  else lua_pushfstring(L, "%s: %s", what, mosquitto_strerror(rc));
+  lua_pushfstring(L, "%s: %s", what, why_text(c, rc, buf, sizeof buf));
   return 2;
 }
 
@@ -266,7 +267,7 @@ static int l_mqtt_connect(lua_State *L) {
   c->id = next_conn_id++;
   c->keepalive = keepalive;
   c->mosq = mosquitto_new(client_id && *client_id ? client_id : NULL, true, c);
-  if (!c->mosq) return fail(L, "cannot create MQTT client", MOSQ_ERR_ERRNO);
+  if (!c->mosq) return fail(L, c, "cannot create MQTT client", MOSQ_ERR_ERRNO);
   mosquitto_int_option(c->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
   /* an RPC answer is a PUBACK then a small PUBLISH: without this, Nagle holds the second
    * until the server's delayed ACK (~40 ms per round trip) */
@@ -281,22 +282,19 @@ static int l_mqtt_connect(lua_State *L) {
   int rc;
   if (username || password) {
     rc = mosquitto_username_pw_set(c->mosq, username ? username : "", password);
-    if (rc) return fail(L, "bad credentials", rc);
+    if (rc) return fail(L, c, "bad credentials", rc);
   }
   if (cafile || capath || cert || tls) {
     if (!cafile && !capath) mosquitto_int_option(c->mosq, MOSQ_OPT_TLS_USE_OS_CERTS, 1);
     rc = mosquitto_tls_set(c->mosq, cafile, capath, cert, key, NULL);
-    if (rc) return fail(L, "TLS setup failed", rc);
+    if (rc) return fail(L, c, "TLS setup failed", rc);
     if (insecure) mosquitto_tls_insecure_set(c->mosq, true);
   }
   rc = mosquitto_connect_async(c->mosq, host, (int)port, keepalive);
   if (rc) {
-    char buf[256];
-    const char *why = why_text(c, rc, buf, sizeof buf);
+    int n = fail(L, c, "connect failed", rc);   /* before the release: it reads c->tls_why */
     conn_release(c);
-    lua_pushnil(L);
-    lua_pushfstring(L, "connect failed: %s", why);
-    return 2;
+    return n;
   }
   c->next_misc = tb_loop_now() + 1000;
   c->last_in = tb_loop_now();
@@ -331,7 +329,7 @@ static int l_publish(lua_State *L) {
   if (qos < 0 || qos > 1) return luaL_argerror(L, 4, "QoS must be 0 or 1 (ThingsBoard answers QoS 2 like QoS 1)");
   int mid = 0;
   int rc = mosquitto_publish(c->mosq, &mid, topic, (int)len, payload, qos, false);
-  if (rc) return fail(L, "publish failed", rc);
+  if (rc) return fail(L, c, "publish failed", rc);
   lua_pushinteger(L, mid);
   return 1;
 }
@@ -343,7 +341,7 @@ static int l_subscribe(lua_State *L) {
   int qos = (int)luaL_optinteger(L, 3, 1);
   int mid = 0;
   int rc = mosquitto_subscribe(c->mosq, &mid, topic, qos);
-  if (rc) return fail(L, "subscribe failed", rc);
+  if (rc) return fail(L, c, "subscribe failed", rc);
   lua_pushinteger(L, mid);
   return 1;
 }

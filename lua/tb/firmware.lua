@@ -45,14 +45,21 @@ function M.new(kind, ctx)
   return self
 end
 
+-- a pushed offer waits this long for the deletions ThingsBoard sends right after it
+-- (tb.testing advances its clock by it after an offer)
+local OFFER_SETTLE_MS = 100
+M.OFFER_SETTLE_MS = OFFER_SETTLE_MS
+
 -- sanitize(s) -> a file name part: letters, digits, '.', '_' and '-' only, no leading dot
 -- (so never "." or ".."), at most 80 bytes
--- a pushed offer waits this long for the deletions ThingsBoard sends right after it
-local OFFER_SETTLE_MS = 100
-
 local function sanitize(s)
   s = tostring(s):gsub("[^%w%._%-]", "_"):gsub("^%.+", "_"):sub(1, 80)
   return s ~= "" and s or "_"
+end
+
+-- file_base(dir, title, version) -> the path of a package's files without .part / .bin
+local function file_base(dir, title, version)
+  return dir .. "/" .. sanitize(title) .. "-" .. sanitize(version)
 end
 M.sanitize = sanitize
 
@@ -208,7 +215,9 @@ function M:evaluate()
   end
   -- only a whole current set (after a connect) says nothing is offered any more; before the
   -- first one arrives, an empty offer is just not known yet
-  if not info and not self.job and o.title == nil and o.version == nil and self.current_seen then self:discard_saved() end
+  if not info and not self.job and o.title == nil and o.version == nil and self.current_seen then
+    self:discard_saved(read_json(self.core, self.dir .. "/job.json"))
+  end
   if not info or self.job then return end
   local cur = self:current()
   if info.title == cur.title and info.version == cur.version then return end
@@ -236,7 +245,7 @@ function M:settle_interrupted()
   end
   if not saved.installing then return end
   local title, version = tostring(saved.title), tostring(saved.version)
-  os.remove(self.dir .. "/" .. sanitize(title) .. "-" .. sanitize(version) .. ".bin")
+  os.remove(file_base(self.dir, title, version) .. ".bin")
   local policy = self:policy()
   local cur = policy and policy.current or {}
   if cur.title == saved.title and cur.version == saved.version then
@@ -253,15 +262,14 @@ function M:settle_interrupted()
     title, version, tostring(cur.title), tostring(cur.version)))
 end
 
--- discard_saved([keep_key]): the partial download a stopped agent left for a package that is
--- no longer offered (job.json names it) is removed with its job.json
-function M:discard_saved(keep_key)
-  local saved = read_json(self.core, self.dir .. "/job.json")
-  if not saved or (keep_key and saved.key == keep_key) then return end
+-- discard_saved(saved): the files a stopped agent left for a package that is no longer
+-- offered (saved: its job.json, as read) are removed with that job.json
+function M:discard_saved(saved)
+  if not saved then return end
   if saved.title ~= nil and saved.version ~= nil then
-    local name = self.dir .. "/" .. sanitize(tostring(saved.title)) .. "-" .. sanitize(tostring(saved.version))
-    os.remove(name .. ".bin")
-    if os.remove(name .. ".part") then
+    local base = file_base(self.dir, tostring(saved.title), tostring(saved.version))
+    os.remove(base .. ".bin")
+    if os.remove(base .. ".part") then
       self.log.info("%s removed the partial download of %s %s: no longer offered", self.label,
         printable(tostring(saved.title), TEXT_MAX), printable(tostring(saved.version), TEXT_MAX))
     end
@@ -283,9 +291,9 @@ function M:cancel_job()
 end
 
 function M:start_job(info)
-  local name = sanitize(info.title) .. "-" .. sanitize(info.version)
+  local base = file_base(self.dir, info.title, info.version)
   local job = {info = info, key_text = package_key(info), key = {}, states = {}, label = self.label,
-    part = self.dir .. "/" .. name .. ".part", image = self.dir .. "/" .. name .. ".bin", chunks = {}}
+    part = base .. ".part", image = base .. ".bin", chunks = {}}
   self.job = job
   self.sched:spawn(self.label .. " update", {fn = function() self:run_job(job) end,
     on_error = function(e)
@@ -396,7 +404,7 @@ function M:run_job(job)
   -- a partial download of this same package survives a restart; anything else is stale
   local saved = read_json(self.core, self.dir .. "/job.json")
   if not (saved and saved.key == job.key_text) then
-    self:discard_saved(job.key_text)
+    self:discard_saved(saved)
     os.remove(job.part)
   end
   self:write_json("job.json", {key = job.key_text, title = info.title, version = info.version})

@@ -80,21 +80,24 @@ function M:reload(reason)
   local live = ctx.current
   local since = self.first_change
   self.first_change = nil
-  local changed = false
-  for path, text in pairs(sources(live)) do
-    if read(path) ~= text then changed = true break end
+  -- the script is read once: to see whether it changed, then to load it
+  local text = read(live.path)
+  local changed = text ~= live.text
+  if not changed then
+    for path, was in pairs(sources(live)) do
+      if path ~= live.path and read(path) ~= was then changed = true break end
+    end
   end
   if not changed and reason == "file change" then
     self.log.debug("reload skipped: no loaded file changed")
     return true
   end
   local gen, err
-  local text = read(live.path)
   if text and not text:find("%S") then
     -- an empty script would retire every handler: far more likely a save caught midway
     err = live.path .. ": the file is empty"
   else
-    gen, err = ctx.loader:load(live.path)
+    gen, err = ctx.loader:load(live.path, text)
   end
   if not gen then
     self.rejected = self.rejected + 1

@@ -318,7 +318,7 @@ function M:set_aside_poison(back, was_online)
   local head = back[1]
   local lasted = self.sched.now() - (self.connected_at or 0)
   if not (was_online and head and lasted < STABLE_MS) then
-    self.suspect, self.suspect_hits, self.probe = nil, 0, nil
+    self:clear_suspect()
     return back
   end
   -- while probing, a drop counts only when the suspect was alone in flight and the server
@@ -341,9 +341,14 @@ function M:set_aside_poison(back, was_online)
     self:keep_set_aside(head))
   self.outbox:ack(head)
   self.stats.set_aside = (self.stats.set_aside or 0) + 1
-  self.suspect, self.suspect_hits, self.probe = nil, 0, nil
+  self:clear_suspect()
   table.remove(back, 1)
   return back
+end
+
+-- clear_suspect(): no record is suspected any more; the window is whole again
+function M:clear_suspect()
+  self.suspect, self.suspect_hits, self.probe = nil, 0, nil
 end
 
 -- keep_set_aside(rec) -> text for the log line: where the record was kept, or why not
@@ -486,7 +491,7 @@ function M:flush()
   -- (dropped by its bounds, expired) is no longer suspected
   if self.probe and self.inflight_n == 0 then
     local head = outbox:peek()
-    if not head or head.seq ~= self.probe then self.suspect, self.suspect_hits, self.probe = nil, 0, nil end
+    if not head or head.seq ~= self.probe then self:clear_suspect() end
   end
   while self.inflight_n < (self.probe and 1 or self.window) do
     local rec = outbox:peek()
@@ -529,7 +534,7 @@ function M:on_puback(mid)
     self.inflight[mid] = nil
     self.inflight_n = self.inflight_n - 1
     self.stats.acked = self.stats.acked + 1
-    if self.suspect == rec.seq then self.suspect, self.suspect_hits, self.probe = nil, 0, nil end
+    if self.suspect == rec.seq then self:clear_suspect() end
     self.outbox:ack(rec)
     self:flush()
   end

@@ -14,12 +14,13 @@ local BATCH = 256
 function M.open(o)
   local db, err = o.core.store_open(o.path)
   if not db then return nil, err end
-  local self = setmetatable({db = db, log = o.log, clock = o.clock, limit = o.limit or 100000,
-    max_bytes = o.max_bytes or 64 * 1024 * 1024, max_age_ms = o.max_age_ms or 7 * 86400000,
+  local limit, max_bytes = o.limit or 100000, o.max_bytes or 64 * 1024 * 1024
+  local max_age_ms = o.max_age_ms or 7 * 86400000
+  local self = setmetatable({db = db, log = o.log, clock = o.clock, limit = limit,
+    max_bytes = max_bytes, max_age_ms = max_age_ms,
     cursor = 0, buffer = {}, head = 1, dropped = 0, expired = 0, durable = true, uncommitted = {},
-    fallback = nil}, M)
-  self.fallback = memory.new{limit = self.limit, max_bytes = self.max_bytes, max_age_ms = self.max_age_ms,
-    clock = o.clock, log = o.log}
+    -- where records go when the disk fails, under the same bounds
+    fallback = memory.new{limit = limit, max_bytes = max_bytes, max_age_ms = max_age_ms, clock = o.clock, log = o.log}}, M)
   local n, bytes, _, _, in_flight, newest = db:stats()
   self.n, self.bytes, self.pending, self.last_seq = n, bytes, n, newest
   self.possible_duplicates = in_flight

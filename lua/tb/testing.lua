@@ -5,6 +5,7 @@
 local agent = require "tb.agent"
 local reload = require "tb.reload"
 local logmod = require "tb.log"
+local firmware = require "tb.firmware"
 
 local M = {}
 
@@ -259,7 +260,18 @@ function Session:serve_chunk(conn_id, kind, req, idx, payload)
   self:queue("message", conn_id, 1, 0, "v2/" .. kind .. "/response/" .. req .. "/chunk/" .. idx, chunk)
 end
 
-local OFFER_SETTLE_MS = 150   -- over tb.firmware's 100 ms settle after a pushed offer
+-- queue_push / queue_delete: the server's attribute push and deletion, queued for the agent
+-- (the caller pumps; offer_firmware queues both before the agent runs)
+local function queue_push(s, changes)
+  for k, v in pairs(changes) do s.server.shared[k] = v end
+  s:queue("message", s.session.conn_id, 1, 0, "v1/devices/me/attributes", assert(s.core.json_encode(changes)))
+end
+
+local function queue_delete(s, keys)
+  for _, k in ipairs(keys) do s.server.shared[k] = nil end
+  s:queue("message", s.session.conn_id, 1, 0, "v1/devices/me/attributes",
+    assert(s.core.json_encode({deleted = setmetatable(keys, s.core.json_array_mt)})))
+end
 
 local ALGORITHMS = {MD5 = true, SHA256 = true, SHA384 = true, SHA512 = true, CRC32 = true,
   MURMUR3_32 = true, MURMUR3_128 = true}
@@ -275,7 +287,7 @@ function Session:offer_firmware(info, bytes)
   local kind = info.kind or "fw"
   local p = kind .. "_"
   local alg = (info.checksum_algorithm or "SHA256"):upper()   -- ThingsBoard keeps it upper case
-  assert(ALGORITHMS[alg:upper()], "unknown checksum algorithm " .. alg)
+  assert(ALGORITHMS[alg], "unknown checksum algorithm " .. alg)
   local checksum = info.checksum or assert(self.core.hash_hex(alg, bytes))
   self.packages[kind] = {bytes = bytes, url = info.url, expire_at = info.expire_at_chunk}
   local attrs = {[p .. "title"] = info.title, [p .. "version"] = info.version}
@@ -299,16 +311,10 @@ function Session:offer_firmware(info, bytes)
   for _, k in ipairs({"title", "version", "tag", "size", "checksum", "checksum_algorithm", "url"}) do
     if attrs[p .. k] == nil and self.server.shared[p .. k] ~= nil then gone[#gone + 1] = p .. k end
   end
-  ensure_online(self)
-  for k, v in pairs(attrs) do self.server.shared[k] = v end
-  self:queue("message", self.session.conn_id, 1, 0, "v1/devices/me/attributes", assert(self.core.json_encode(attrs)))
-  if #gone > 0 then
-    for _, k in ipairs(gone) do self.server.shared[k] = nil end
-    self:queue("message", self.session.conn_id, 1, 0, "v1/devices/me/attributes",
-      assert(self.core.json_encode({deleted = setmetatable(gone, self.core.json_array_mt)})))
-  end
+  queue_push(self, attrs)
+  if #gone > 0 then queue_delete(self, gone) end
   self:pump()
-  self:advance(OFFER_SETTLE_MS)   -- the agent waits that long for deletions after a push
+  self:advance(firmware.OFFER_SETTLE_MS)   -- the agent waits that long for deletions after a push
   for _ = 1, 10000 do
     local st = states[#states]
     if st == "UPDATED" or st == "FAILED" or (not updater.job and #states > 0) then break end
@@ -382,18 +388,14 @@ end
 -- push_attributes(changes) / delete_attributes(keys): shared attribute updates.
 function Session:push_attributes(changes)
   ensure_online(self)
-  for k, v in pairs(changes) do self.server.shared[k] = v end
-  self:queue("message", self.session.conn_id, 1, 0, "v1/devices/me/attributes",
-    assert(self.core.json_encode(changes)))
+  queue_push(self, changes)
   self:pump()
   return self
 end
 
 function Session:delete_attributes(keys)
   ensure_online(self)
-  for _, k in ipairs(keys) do self.server.shared[k] = nil end
-  self:queue("message", self.session.conn_id, 1, 0, "v1/devices/me/attributes",
-    assert(self.core.json_encode({deleted = setmetatable(keys, self.core.json_array_mt)})))
+  queue_delete(self, keys)
   self:pump()
   return self
 end
