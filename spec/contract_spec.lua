@@ -528,6 +528,7 @@ for _, kind in ipairs{"fake", "real"} do
       local image = table.concat(t)
       local function hex(b) return (b:gsub(".", function(c) return string.format("%02x", c:byte()) end)) end
       local sha256 = require("tb.core").hash_hex("SHA256", image)
+      local UPDATED = {state = "UPDATED", states = {"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}}
 
       local function fw_states_sent()
         local out = {}
@@ -541,12 +542,11 @@ for _, kind in ipairs{"fake", "real"} do
       it("updates over MQTT through every state; install() gets the exact bytes and the info", function()
         start(script)
         local r = d:offer_firmware({title = "pump", version = "2.0", checksum_algorithm = "SHA256"}, image)
-        assert_same({state = "UPDATED", states = {"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}},
-          r, "offer_firmware result")
+        assert_same(UPDATED, r, "offer_firmware result")
         assert_same({hex = hex(image), n = 2500, title = "pump", version = "2.0", size = 2500, checksum = sha256,
           checksum_algorithm = "SHA256", url_type = "nil"}, (rpc("installed")), "what install() got")
-        assert_same({"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"},
-          d:wait_for(function() local l = fw_states_sent() return #l >= 5 and l end, 3000), "fw_state on the wire")
+        assert_same(UPDATED.states, d:wait_for(function() local l = fw_states_sent() return #l >= 5 and l end, 3000),
+          "fw_state on the wire")
       end)
 
       it("fails with checksum mismatch when the image does not match fw_checksum", function()
@@ -570,8 +570,7 @@ for _, kind in ipairs{"fake", "real"} do
       it("updates from fw_url over HTTP with the exact bytes", function()
         start(script)
         local r = d:offer_firmware({title = "pump", version = "3.0", url = "http://files.test/pump-3.0.bin"}, image)
-        assert_same({state = "UPDATED", states = {"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}},
-          r, "offer_firmware result")
+        assert_same(UPDATED, r, "offer_firmware result")
         assert_same({hex = hex(image), n = 2500, title = "pump", version = "3.0", size = 2500, checksum = sha256,
           checksum_algorithm = "SHA256", url_type = "string"}, (rpc("installed")), "what install() got")
       end)
@@ -581,8 +580,7 @@ for _, kind in ipairs{"fake", "real"} do
         start(script)
         for i, alg in ipairs{"MD5", "SHA256", "SHA384", "SHA512", "CRC32", "MURMUR3_32", "MURMUR3_128"} do
           local r = d:offer_firmware({title = "pump", version = "4." .. i, checksum_algorithm = alg}, image)
-          assert_same({state = "UPDATED", states = {"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}},
-            r, alg .. " update")
+          assert_same(UPDATED, r, alg .. " update")
           local got = rpc("installed")
           assert_same(alg, got.checksum_algorithm, alg .. ": info.checksum_algorithm")
           assert_same(hex(image), got.hex, alg .. ": the bytes")

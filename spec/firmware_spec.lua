@@ -510,15 +510,22 @@ describe("firmware offers that change while the agent is away, retries and progr
     end
   end
 
-  it("abandons a download whose package was unassigned while the agent was offline", function()
-    local dir = os.tmpname() .. ".state"
+  -- stopped_download(n, dir) -> s, img: dev 2.0 (10 000 bytes in 1000-byte chunks) offered
+  -- and downloaded only as far as n chunks, with its state in dir
+  local function stopped_download(n, dir)
     local img = image(10000)
     local s = load(1000, {state_dir = dir})
     s:connect()
     s.packages.fw = {bytes = img}
-    serve_only(s, 3)
+    serve_only(s, n)
     s:push_attributes(offer_attrs({title = "dev", version = "2.0"}, img))
     s:advance(150)
+    return s, img
+  end
+
+  it("abandons a download whose package was unassigned while the agent was offline", function()
+    local dir = os.tmpname() .. ".state"
+    local s = stopped_download(3, dir)
     assert.equal(3000, core.file_size(dir .. "/firmware/dev-2.0.part"))
     s:disconnect()
     s.server.shared = {}          -- unassigned while the agent cannot hear the deletion
@@ -561,13 +568,7 @@ describe("firmware offers that change while the agent is away, retries and progr
 
   it("removes the partial download of an earlier package when another one is offered after a restart", function()
     local dir = os.tmpname() .. ".state"
-    local img = image(10000)
-    local s = load(1000, {state_dir = dir})
-    s:connect()
-    s.packages.fw = {bytes = img}
-    serve_only(s, 4)
-    s:push_attributes(offer_attrs({title = "dev", version = "2.0"}, img))
-    s:advance(150)
+    stopped_download(4, dir)
     assert.equal(4000, core.file_size(dir .. "/firmware/dev-2.0.part"))
     local s2 = load(1000, {state_dir = dir})
     local img3 = image(2500)
@@ -582,13 +583,7 @@ describe("firmware offers that change while the agent is away, retries and progr
 
   it("keeps the partial download while the current offer is not known yet (no connection)", function()
     local dir = os.tmpname() .. ".state"
-    local img = image(10000)
-    local s = load(1000, {state_dir = dir})
-    s:connect()
-    s.packages.fw = {bytes = img}
-    serve_only(s, 4)
-    s:push_attributes(offer_attrs({title = "dev", version = "2.0"}, img))
-    s:advance(150)
+    stopped_download(4, dir)
     assert.is_true(exists(dir .. "/firmware/dev-2.0.part"))
     -- restarted while the broker is unreachable, then the script is edited: a reload looks at
     -- the (still empty) offer before any current set came
@@ -601,13 +596,7 @@ describe("firmware offers that change while the agent is away, retries and progr
 
   it("removes the partial download left by a stopped agent when nothing is offered any more", function()
     local dir = os.tmpname() .. ".state"
-    local img = image(10000)
-    local s = load(1000, {state_dir = dir})
-    s:connect()
-    s.packages.fw = {bytes = img}
-    serve_only(s, 4)
-    s:push_attributes(offer_attrs({title = "dev", version = "2.0"}, img))
-    s:advance(150)
+    stopped_download(4, dir)
     assert.is_true(exists(dir .. "/firmware/job.json"))
     local s2 = load(1000, {state_dir = dir})
     s2:connect()

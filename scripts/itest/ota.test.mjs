@@ -756,6 +756,12 @@ function throwawayCa (dir) {
 }
 
 // serve(t, handler, tls) -> base URL of a server on 127.0.0.1 (closed after the test)
+// cutAfter(res, image, n): a 200 for the whole image whose connection is destroyed after n bytes
+function cutAfter (res, image, n) {
+  res.writeHead(200, { 'content-length': image.length })
+  res.write(image.subarray(0, n), () => setTimeout(() => res.socket.destroy(), 50))
+}
+
 async function serve (t, handler, tls) {
   const srv = tls ? https.createServer({ key: fs.readFileSync(tls.key), cert: fs.readFileSync(tls.cert) }, handler) : http.createServer(handler)
   await new Promise((resolve) => srv.listen(0, '127.0.0.1', resolve))
@@ -866,12 +872,7 @@ test('tbemu: an HTTP server that ignores Range (200 with the whole image to a re
   let shrunkTo = null // the .part size seen while the second response was paused
   const base = await serve(t, async (req, res) => {
     seen.push(req.headers.range || null)
-    if (seen.length === 1) {
-      // the first response is cut part-way: the connection destroyed after CUT bytes
-      res.writeHead(200, { 'content-length': image.length })
-      res.write(image.subarray(0, CUT), () => setTimeout(() => res.socket.destroy(), 50))
-      return
-    }
+    if (seen.length === 1) return cutAfter(res, image, CUT) // the first response is cut part-way
     // any later request: Range ignored, 200 with the whole image from byte 0, paused after
     // HEAD bytes until the agent's .part file shows it started over (bounded; given up when
     // the agent drops the connection)
@@ -965,11 +966,7 @@ test('tbemu: a resume answered with a 206 that starts at another byte is refused
   const seen = [] // Range header of every request
   const base = await serve(t, (req, res) => {
     seen.push(req.headers.range || null)
-    if (seen.length === 1) {
-      res.writeHead(200, { 'content-length': image.length })
-      res.write(image.subarray(0, CUT), () => setTimeout(() => res.socket.destroy(), 50))
-      return
-    }
+    if (seen.length === 1) return cutAfter(res, image, CUT)
     const m = /^bytes=(\d+)-$/.exec(req.headers.range || '')
     if (m) {
       // a server (a CDN) that aligns ranges: it answers from the 64 KiB boundary below

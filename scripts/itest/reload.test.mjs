@@ -30,6 +30,19 @@ function save(file, text, how) {
   }
 }
 
+// start(t, script, args) -> {w, broker, server, agent, dir, file}: a broker, a server and an
+// agent running <dir>/device.lua, written as script first (file watch on unless args say)
+async function start(t, script, args = ['--no-reload=0']) {
+  const w = world(t);
+  const broker = await w.broker();
+  const server = await w.server(broker);
+  const dir = tmpdir('tbitest-reload-');
+  const file = path.join(dir, 'device.lua');
+  fs.writeFileSync(file, script);
+  const agent = await w.agentReady(file, { dir, broker, args });
+  return { w, broker, server, agent, dir, file };
+}
+
 async function untilVersion(server, v, budgetMs) {
   const t0 = Date.now();
   for (;;) {
@@ -41,13 +54,7 @@ async function untilVersion(server, v, budgetMs) {
 }
 
 test('many reloads under QoS 1 telemetry and RPCs: nothing lost, session never interrupted', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  const dir = tmpdir('tbitest-reload-');
-  const file = path.join(dir, 'device.lua');
-  fs.writeFileSync(file, version(1));
-  const agent = await w.agentReady(file, { dir, broker, args: ['--no-reload=0'] });
+  const { server, agent, file } = await start(t, version(1));
   await untilVersion(server, 1, 3000);
   const reloads = 20;
   const latencies = [];
@@ -82,13 +89,7 @@ test('many reloads under QoS 1 telemetry and RPCs: nothing lost, session never i
 });
 
 test('a version that fails to load (raises, syntax error, endless top level) is rejected, sends nothing, and the old one keeps answering', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  const dir = tmpdir('tbitest-reload-');
-  const file = path.join(dir, 'device.lua');
-  fs.writeFileSync(file, version(1, { sending: false }));
-  const agent = await w.agentReady(file, { dir, broker, args: ['--no-reload=0'] });
+  const { server, agent, file } = await start(t, version(1, { sending: false }));
   const from = server.mark();
   save(file, 'local tb = require "tb"\ntb.send_telemetry{rejected = true}\ntb.on_rpc("ver", function() return 2 end)\nerror("half-written")\n', 'rename');
   await agent.waitForLog(/reload rejected: .*device\.lua:4: half-written/, 3000);
@@ -107,13 +108,7 @@ test('a version that fails to load (raises, syntax error, endless top level) is 
 });
 
 test('a slow truncate-and-write save loads once, when the file is closed; an emptied file is refused', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  const dir = tmpdir('tbitest-reload-');
-  const file = path.join(dir, 'device.lua');
-  fs.writeFileSync(file, version(1, { sending: false }));
-  const agent = await w.agentReady(file, { dir, broker, args: ['--no-reload=0'] });
+  const { server, agent, file } = await start(t, version(1, { sending: false }));
   const mark = agent.mark();
   const text = version(2, { sending: false });
   const fd = fs.openSync(file, 'w');
@@ -131,13 +126,7 @@ test('a slow truncate-and-write save loads once, when the file is closed; an emp
 });
 
 test('SIGHUP reloads, and an unchanged save is skipped', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  const dir = tmpdir('tbitest-reload-');
-  const file = path.join(dir, 'device.lua');
-  fs.writeFileSync(file, version(1, { sending: false }));
-  const agent = await w.agentReady(file, { dir, broker });   // --no-reload: no file watch
+  const { w, broker, server, agent, file } = await start(t, version(1, { sending: false }), []);   // --no-reload: no file watch
   fs.writeFileSync(file, version(2, { sending: false }));
   await delay(ms(300));
   assert.equal((await server.rpc('ver')).json, 1, 'reloaded without a watch');
