@@ -3,6 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import path from 'node:path';
 import { world, makeCerts, tmpdir, delay, ms, tele } from './lib.mjs';
 
 const SCRIPT = `
@@ -100,6 +101,23 @@ test('wrong password: exit 3, password not printed', async (t) => {
   const { code } = await agent.waitExit(10000);
   assert.equal(code, 3, agent.log.text());
   assert.ok(!agent.log.text().includes(PASS), agent.log.text());
+});
+
+test('credentials refused after a working session: 5 refusals in a row, then exit 3', async (t) => {
+  const w = world(t);
+  const broker = await w.broker({ passwords: { dev1: 'right' } });
+  const agent = await w.agent(SCRIPT, {
+    broker, auth: false, args: ['--username', 'dev1', '--password', 'right', '--no-session-limits'],
+  });
+  await agent.waitForLog(/connected to/, 8000);
+  // the password changes on the server (a restart with a new password file)
+  execFileSync('mosquitto_passwd', ['-b', path.join(broker.dir, 'passwd'), 'dev1', 'changed'], { stdio: 'ignore' });
+  await broker.stop();
+  await broker.start();
+  const { code } = await agent.waitExit(20000);
+  assert.equal(code, 3, agent.log.text());
+  assert.equal(agent.log.count(/ERROR ThingsBoard refused the connection: CONNACK [45]/), 4, agent.log.text());
+  assert.match(agent.log.lines.filter((l) => l.trim()).at(-1), /CONNACK [45], .*\(5 times in a row\)/);
 });
 
 test('the token never reaches a log line at debug level during a whole session', async (t) => {

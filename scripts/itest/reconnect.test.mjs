@@ -128,6 +128,19 @@ test('offline: send_telemetry/send_attributes succeed, everything arrives in ord
   assert.ok(agent.running());
 });
 
+test('offline with --memory-outbox --outbox-max-bytes 200: the oldest are dropped by bytes too', async (t) => {
+  const { server, agent, from } = await offlineRun(t, 12, ['--memory-outbox', '--outbox-max-bytes', '200']);
+  await server.waitFor('v1/devices/me/attributes', (m) => m.text === '{"offline":true}', 10000, from);
+  await delay(ms(500));
+  const got = server.all(T, from).filter((m) => tele(m) !== '{"online":true}');
+  const bytes = got.reduce((n, m) => n + m.text.length, 0);
+  const seqs = got.map((m) => (m.json.values ?? m.json).seq);
+  assert.ok(seqs.length > 0 && seqs.length < 12, `kept ${seqs}`);
+  assert.deepEqual(seqs, Array.from({ length: seqs.length }, (_, i) => 13 - seqs.length + i), 'the newest are kept, in order');
+  assert.ok(bytes <= 200, `${bytes} bytes of telemetry kept`);
+  assert.ok(agent.log.find(/WARN outbox full \(limit \d+ records, 200 bytes\)/), agent.log.text());
+});
+
 test('offline with --outbox-limit 5: the oldest are dropped and a warning counts them', async (t) => {
   const { server, agent, from } = await offlineRun(t, 12, ['--outbox-limit', '5']);
   // 12 telemetry + 1 attributes through a 5-record outbox: the 8 oldest are dropped
