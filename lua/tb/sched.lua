@@ -218,6 +218,18 @@ function M:spawn(name, fn, ...)
   return co
 end
 
+-- call(name, fn, ...) -> true, results... | false, err: the one way agent code calls user code
+-- that is not a handler of its own (a firmware policy's accept, install and progress, which run
+-- inside the update's handler). An error is reported as a handler's is (file:line, traceback)
+-- and returned, so the caller decides what it means (err: the message's first line).
+function M:call(name, fn, ...)
+  local res = table.pack(xpcall(fn, traceback, ...))
+  if res[1] then return unpack(res, 1, res.n) end
+  report(self, {name = name}, res[2])
+  local first = type(res[2]) == "string" and res[2]:match("^[^\n]*") or tostring(res[2])
+  return false, first
+end
+
 -- current() -> info of the running handler, or nil outside handlers (top level, loop).
 function M:current()
   local co, main = co_running()
