@@ -7,7 +7,7 @@ local api = require "tb"
 local firmware = require "tb.firmware"
 local reload = require "tb.reload"
 local router = require "tb.router"
-local store = require "tb.store"
+local sqlite_outbox = require "tb.sqlite_outbox"
 
 local M = {}
 
@@ -37,7 +37,7 @@ end
 
 -- open_outbox(core, config, log, path) -> the durable outbox, or nil (logged) to stay in memory
 function M.open_outbox(core, config, log, path)
-  local box, err = store.open{core = core, path = path, log = log, limit = config.outbox_limit,
+  local box, err = sqlite_outbox.open{core = core, path = path, log = log, limit = config.outbox_limit,
     max_bytes = config.outbox_max_bytes, max_age_ms = config.outbox_max_age and config.outbox_max_age * 1000,
     clock = config.clock or core.wall}
   if not box then

@@ -6,7 +6,7 @@
 -- Invariants: records leave the outbox only on PUBACK (QoS 1); a connection loss puts every
 -- unacknowledged record back at the front, in order; nothing the server could disconnect
 -- for (QoS 2, invalid JSON, oversize) is ever queued.
-local outbox_mod = require "tb.outbox"
+local memory_outbox = require "tb.memory_outbox"
 local limits = require "tb.limits"
 local logmod = require "tb.log"
 local drops = require "tb.drops"
@@ -31,7 +31,7 @@ function M.new(o)
   local self = setmetatable({
     core = o.core, sched = o.sched, log = o.log, config = c, generation = o.generation,
     on_fatal = o.on_fatal or function() end,
-    outbox = o.outbox or outbox_mod.new{limit = c.outbox_limit or 10000, max_bytes = c.outbox_max_bytes,
+    outbox = o.outbox or memory_outbox.new{limit = c.outbox_limit or 10000, max_bytes = c.outbox_max_bytes,
       max_age_ms = c.outbox_max_age and c.outbox_max_age * 1000, clock = o.clock, log = o.log},
     json_encode = o.core.json_encode, json_decode = o.core.json_decode,
     state = "offline", conn = nil, conn_id = nil,
