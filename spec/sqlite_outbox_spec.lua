@@ -150,10 +150,33 @@ describe("durable outbox", function()
     box:commit()
     box:ack(box:pop())
     box:pop(); box:pop()          -- two in flight, unacknowledged
+    box:push(rec(7))              -- the next handler run's records carry the mark to disk
     box:commit()
-    box.db:close()
+    box.db:close()                -- a crash: nothing more is written
     local again, logs = open(path)
     assert.equal(2, again.possible_duplicates)
-    assert.matches("5 records kept from before the restart go out first %(2 were in flight", logs[1])
+    assert.matches("6 records kept from before the restart go out first %(2 were in flight", logs[1])
+  end)
+
+  it("gathers acknowledgements: on disk with the next records, after a second, or at close", function()
+    local path, now = tmpdb(), 1000
+    local box = open(path, {clock = function() return now end})
+    local calls = counted(box)
+    for i = 1, 3 do box:push(rec(i)) end
+    box:commit()
+    assert.equal(1, calls.commit)
+    box:ack(box:pop())
+    box:commit()                  -- the loop's commit: one ack alone waits
+    assert.equal(1, calls.commit)
+    assert.equal(1000, box:idle_commit_in())
+    now = now + 1000
+    assert.equal(0, box:idle_commit_in())
+    box:commit()
+    assert.equal(2, calls.commit)
+    assert.is_nil(box:idle_commit_in())
+    box:ack(box:pop())
+    box:close()                   -- a clean stop writes every acknowledgement
+    local again = open(path)
+    assert.equal(1, again:count())
   end)
 end)

@@ -84,8 +84,9 @@ function M.run(core, config, log)
       exit_code, exit_message = ctx.fatal.code, ctx.fatal.message
       break
     end
-    local due = sched:next_due()
-    core.poll(due or 3600000, dispatch)
+    local due = sched:next_due() or 3600000
+    local acks_due = session.outbox:idle_commit_in()
+    core.poll(acks_due and acks_due < due and acks_due or due, dispatch)
     sched:run_due()
     session.outbox:commit()
   end

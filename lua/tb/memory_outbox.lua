@@ -69,6 +69,7 @@ end
 function M:ack() end
 function M:commit() end
 function M:close() end
+function M.idle_commit_in() return nil end
 
 -- unshift(records): puts records back at the front, keeping their order (records[1] first).
 -- Used when a connection drops with records in flight: they go out again first.

@@ -338,11 +338,12 @@ function M:submit(topic, payload, kind, points)
   local ok, err = self:check_size(topic, payload)
   if not ok then return nil, err end
   self.seq = self.seq + 1
-  local rec = {topic = topic, payload = payload, qos = self.config.qos or 1, seq = self.seq,
-    kind = kind, points = points or 0, created = self.clock and self.clock() or nil}
+  local qos = self.config.qos or 1
   -- QoS 0 is at most once by the script's choice: online with nothing queued ahead it goes
   -- straight to the socket (the disk is for what has to wait)
-  if rec.qos == 0 and self.outbox:count() == 0 and self:send_now(rec) then return true end
+  if qos == 0 and self.outbox:count() == 0 and self:send_now(topic, payload, kind, points) then return true end
+  local rec = {topic = topic, payload = payload, qos = qos, seq = self.seq,
+    kind = kind, points = points or 0, created = self.clock and self.clock() or nil}
   local dropped = self.outbox:push(rec)
   if dropped > 0 then
     self.stats.dropped = self.stats.dropped + dropped
@@ -375,20 +376,30 @@ function M:warn_dropped()
   end, nil, nil, "outbox warning")
 end
 
--- send_now(rec) -> true when a QoS 0 record went out at once (online, not paced).
-function M:send_now(rec)
+-- send_now(topic, payload, kind, points) -> true when a QoS 0 record went out at once
+-- (online, not paced).
+function M:send_now(topic, payload, kind, points)
   if not self.ready or self.flush_timer or self.closing or self.stop_seq then return false end
-  local now = self.sched.now()
   -- the same pacing as flush (which then waits for the tokens this may have used up)
-  local ok = self.limiter:take(1, now)
-  if ok and rec.kind == "telemetry" then
-    ok = self.tele_limiter:take(1, now)
-    if ok and self.dp_limiter then ok = self.dp_limiter:take(rec.points, now) end
-  end
-  if not ok or not self.conn:publish(rec.topic, rec.payload, 0) then return false end
+  if not self:pace(kind, points) then return false end
+  if not self.conn:publish(topic, payload, 0) then return false end
   self.stats.sent = self.stats.sent + 1
   self.stats.acked = self.stats.acked + 1
   return true
+end
+
+-- pace(kind, points [, now]) -> true, or false and the ms to wait: one record within the
+-- message, telemetry-message and data-point rate limits (each takes its tokens)
+function M:pace(kind, points, now)
+  local limiter, tele, dp = self.limiter, self.tele_limiter, self.dp_limiter
+  if limiter.none and tele.none and not dp then return true end
+  now = now or self.sched.now()
+  local ok, wait = limiter:take(1, now)
+  if ok and kind == "telemetry" then
+    ok, wait = tele:take(1, now)
+    if ok and dp then ok, wait = dp:take(points or 0, now) end
+  end
+  return ok, wait
 end
 
 -- commit_and_flush(): what the outbox holds goes to disk, then out as the window allows.
@@ -415,11 +426,7 @@ function M:flush()
     -- on the way out only what was already queued at the signal leaves
     if self.stop_seq and (rec.mem or not outbox.durable) and rec.seq > self.stop_seq then break end
     if self.stop_seq and outbox.durable and not rec.mem and rec.seq > self.stop_disk_seq then break end
-    local ok, wait = self.limiter:take(1, now)
-    if ok and rec.kind == "telemetry" then
-      ok, wait = self.tele_limiter:take(1, now)
-      if ok and self.dp_limiter then ok, wait = self.dp_limiter:take(rec.points, now) end
-    end
+    local ok, wait = self:pace(rec.kind, rec.points, now)
     if not ok then
       self.flush_timer = self.sched:timer(wait, function()
         self.flush_timer = nil

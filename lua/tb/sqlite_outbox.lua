@@ -12,6 +12,10 @@ local M = {}
 M.__index = M
 
 local BATCH = 256
+-- Acknowledgements are not worth a disk write each: one lost in a crash only sends that record
+-- again (QoS 1 is at least once anyway). They are committed with the next records, or when
+-- ACK_COMMIT_N have gathered, or ACK_COMMIT_MS after the first of them (M:idle_commit_in).
+local ACK_COMMIT_N, ACK_COMMIT_MS = 1024, 1000
 
 -- open{core=, path=, limit=, max_bytes=, max_age_ms=, clock=fn, log=} -> store | nil, err
 function M.open(o)
@@ -27,6 +31,7 @@ function M.open(o)
   local n, bytes, _, _, in_flight, newest = db:stats()
   self.n, self.bytes, self.pending, self.last_seq = n, bytes, n, newest
   self.sent_upto, self.sent_committed = 0, 0
+  self.acks, self.first_ack_at = 0, nil
   self.possible_duplicates = in_flight
   if n > 0 then
     self.log.info("outbox: %d records kept from before the restart go out first%s", n,
@@ -137,6 +142,15 @@ function M:ack(rec)
   if rec.mem then return end
   self.db:ack(rec.seq)
   self.n, self.bytes = self.n - 1, self.bytes - #rec.payload
+  self.acks = self.acks + 1
+  self.first_ack_at = self.first_ack_at or self.clock()
+end
+
+-- idle_commit_in() -> ms until gathered acknowledgements are due on disk, or nil (the loop
+-- waits no longer than that, then calls commit)
+function M:idle_commit_in()
+  if self.acks == 0 or self.broken then return nil end
+  return math.max(0, self.first_ack_at + ACK_COMMIT_MS - self.clock())
 end
 
 -- unshift(records): in-flight records go back in front (the connection dropped).
@@ -161,12 +175,18 @@ function M:unshift(records)
   return dropped
 end
 
--- commit() -> true | nil, err: puts the records pushed since the last commit on disk, with
--- the acks and sent marks (tb.session commits when a handler yields or ends, and once per
--- loop iteration). When the disk fails, those records stay in memory and so does all that
--- follows, until a restart.
-function M:commit()
+-- commit([all]) -> true | nil, err: puts the records pushed since the last commit on disk,
+-- with the acks and the sent mark (tb.session commits when a handler yields or ends, the loop
+-- once per iteration). Acks alone wait (ACK_COMMIT_N, ACK_COMMIT_MS) unless all is true.
+-- When the disk fails, those records stay in memory and so does all that follows, until a
+-- restart.
+function M:commit(all)
   if self.broken then return true end
+  if #self.uncommitted == 0 and not all then
+    if self.acks == 0 then return true end
+    if self.acks < ACK_COMMIT_N and self.clock() - self.first_ack_at < ACK_COMMIT_MS then return true end
+  end
+  self.acks, self.first_ack_at = 0, nil
   -- how far records were handed to the connection: after a crash, those still on disk up to
   -- there may reach the server twice (one number per commit, not a mark per record)
   local sent = self.sent_upto > self.sent_committed and self.sent_upto or nil
@@ -188,7 +208,7 @@ function M:commit()
 end
 
 function M:close()
-  self:commit()
+  self:commit(true)
   self.db:close()
 end
 
