@@ -1,9 +1,12 @@
--- tb.store: the durable outbox, with the same interface as tb.outbox (push, peek, pop, ack,
--- unshift, count, commit) over tb.core's SQLite store in the state directory. A record
--- stays on disk until the broker acknowledged it; after a restart what is left goes out
--- first, in order. Records after `cursor` are waiting; those up to it are in flight.
+-- tb.sqlite_outbox: the durable outbox, with the same interface as tb.memory_outbox (push,
+-- peek, pop, ack, unshift, count, commit) over tb.core's SQLite store in the state directory.
+-- A record stays on disk until the broker acknowledged it; after a restart what is left goes
+-- out first, in order. Records after `cursor` are waiting; those up to it are in flight.
+-- SQLite is for durability only: the records in hand are published from memory (`buffer`, a
+-- window of at most BATCH waiting records, always the oldest ones), and read back from disk
+-- only after a restart or when more than that waits (a backlog stays on disk, not in memory).
 -- When the disk fails the records go to a memory outbox instead and the agent keeps going.
-local memory = require "tb.outbox"
+local memory = require "tb.memory_outbox"
 
 local M = {}
 M.__index = M
@@ -23,6 +26,7 @@ function M.open(o)
     fallback = memory.new{limit = limit, max_bytes = max_bytes, max_age_ms = max_age_ms, clock = o.clock, log = o.log}}, M)
   local n, bytes, _, _, in_flight, newest = db:stats()
   self.n, self.bytes, self.pending, self.last_seq = n, bytes, n, newest
+  self.sent_upto, self.sent_committed = 0, 0
   self.possible_duplicates = in_flight
   if n > 0 then
     self.log.info("outbox: %d records kept from before the restart go out first%s", n,
@@ -44,6 +48,9 @@ function M:push(rec)
       rec.seq = seq
       self.last_seq = seq
       self.uncommitted[#self.uncommitted + 1] = rec
+      -- kept in hand when every waiting record is (the window is the oldest ones, in order)
+      local buffered = #self.buffer - self.head + 1
+      if buffered == self.pending and buffered < BATCH then self.buffer[#self.buffer + 1] = rec end
       self.n, self.bytes, self.pending = self.n + 1, self.bytes + #rec.payload, self.pending + 1
       return self:enforce_bounds()
     end
@@ -117,8 +124,9 @@ function M:pop()
     self.buffer[self.head] = nil
     self.head = self.head + 1
     self.cursor = rec.seq
+    if rec.seq > self.sent_upto then self.sent_upto = rec.seq end
     self.pending = self.pending - 1
-    self.db:mark_sent(rec.seq)
+    if self.head > #self.buffer then self.buffer, self.head = {}, 1 end
     return rec
   end
   return self.fallback:pop()
@@ -141,8 +149,13 @@ function M:unshift(records)
   local dropped = 0
   if #mem > 0 then dropped = self.fallback:unshift(mem) end
   if lowest and lowest <= self.cursor then
+    -- the records in hand go back in front of the window, which stays the oldest waiting ones
+    -- (what was acknowledged in between has left the disk too)
+    local back = {}
+    for _, rec in ipairs(records) do if not rec.mem then back[#back + 1] = rec end end
+    for i = self.head, #self.buffer do back[#back + 1] = self.buffer[i] end
+    self.buffer, self.head = back, 1
     self.cursor = lowest - 1
-    self.buffer, self.head = {}, 1
     self.pending = self.pending + (#records - #mem)
   end
   return dropped
@@ -154,7 +167,11 @@ end
 -- follows, until a restart.
 function M:commit()
   if self.broken then return true end
-  local ok, err = self.db:commit()
+  -- how far records were handed to the connection: after a crash, those still on disk up to
+  -- there may reach the server twice (one number per commit, not a mark per record)
+  local sent = self.sent_upto > self.sent_committed and self.sent_upto or nil
+  local ok, err = self.db:commit(sent)
+  if ok and sent then self.sent_committed = sent end
   local batch = self.uncommitted
   self.uncommitted = {}
   if ok then return true end
