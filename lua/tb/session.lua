@@ -38,7 +38,10 @@ function M.new(o)
     inflight = {}, inflight_n = 0, window = c.max_inflight or 100,
     payload_limit = c.payload_limit or 65536,
     seq = 0, next_req = 0, attempts = 0, ever_connected = false,
-    own_requests = {}, listeners = {attributes = {}, message = {}, connect = {}, disconnect = {}, subscriptions = {}},
+    own_requests = {},
+    -- what other parts of the agent follow: attribute pushes, messages no route took,
+    -- connects, disconnects, extra subscriptions, and the script's accepted sends
+    listeners = {attributes = {}, message = {}, connect = {}, disconnect = {}, subscriptions = {}, accepted = {}},
     stats = {sent = 0, acked = 0, dropped = 0, reconnects = 0, refused = 0, set_aside = 0},
     clock = o.clock,
   }, M)

@@ -127,7 +127,10 @@ function M.load(path, opts)
     config.outbox = agent.open_outbox(core, config, s.log, ":memory:")
   end
   local ctx = agent.build(core, config, s.log)
-  ctx.on_send = function(kind, data)
+  -- s.telemetry and s.attributes: what the script's sends were accepted with (the wire also
+  -- carries the agent's own OTA reports, and queued records only once online)
+  local accepted = ctx.session.listeners.accepted
+  accepted[#accepted + 1] = function(kind, data)
     if kind == "telemetry" then
       for _, e in ipairs(data) do s.telemetry[#s.telemetry + 1] = e end
     else
