@@ -87,7 +87,7 @@ static int l_store_open(lua_State *L) {
   struct { sqlite3_stmt **st; const char *sql; } prep[] = {
     {&s->insert, "INSERT INTO outbox(created, topic, payload, qos, kind, points) VALUES(?,?,?,?,?,?)"},
     {&s->next, "SELECT seq, created, topic, payload, qos, kind, points FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"},
-    {&s->del, "DELETE FROM outbox WHERE seq = ?"},
+    {&s->del, "DELETE FROM outbox WHERE seq BETWEEN ? AND ?"},
     {&s->sent_upto, "INSERT INTO meta(k, v) VALUES('sent_upto', ?) ON CONFLICT(k) DO UPDATE SET v = max(v, excluded.v)"},
     {&s->count, "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(seq), 0) FROM outbox"},
     {&s->oldest, "SELECT seq, created FROM outbox ORDER BY seq LIMIT 1"},
@@ -175,21 +175,21 @@ static int l_next(lua_State *L) {
   return 1;
 }
 
-static int run_seq(lua_State *L, tb_store *s, sqlite3_stmt *st, const char *what) {
-  lua_Integer seq = luaL_checkinteger(L, 2);
-  if (batch_begin(s) != SQLITE_OK) return db_error(L, s, what);
-  sqlite3_bind_int64(st, 1, seq);
-  int rc = sqlite3_step(st);
-  sqlite3_reset(st);
-  if (rc != SQLITE_DONE) return db_error(L, s, what);
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-/* store:ack(seq) -> true | nil, err: the broker has it (batched until store:commit()) */
+/* store:ack(first_seq [, last_seq]) -> true | nil, err: the broker has the records from
+ * first_seq to last_seq (one range: acknowledgements mostly come in order); batched until
+ * store:commit() */
 static int l_ack(lua_State *L) {
   tb_store *s = check_store(L);
-  return run_seq(L, s, s->del, "cannot delete record");
+  lua_Integer first = luaL_checkinteger(L, 2);
+  lua_Integer last = luaL_optinteger(L, 3, first);
+  if (batch_begin(s) != SQLITE_OK) return db_error(L, s, "cannot delete record");
+  sqlite3_bind_int64(s->del, 1, first);
+  sqlite3_bind_int64(s->del, 2, last);
+  int rc = sqlite3_step(s->del);
+  sqlite3_reset(s->del);
+  if (rc != SQLITE_DONE) return db_error(L, s, "cannot delete record");
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 /* store:commit([sent_upto]) -> true | nil, err: ends the batch of inserts and acks, with the

@@ -421,8 +421,9 @@ function M:flush()
   if not self.ready or self.flush_timer or self.closing then return end
   local conn, outbox, now = self.conn, self.outbox, self.sched.now()
   -- a suspected record goes alone (tb.drops)
-  if self.inflight_n == 0 then self.drops:before_flush(outbox:peek()) end
-  local window = self.drops:window(self.window)
+  local drops = self.drops
+  if drops.probe and self.inflight_n == 0 then drops:before_flush(outbox:peek()) end
+  local window = drops.probe and drops:window(self.window) or self.window
   while self.inflight_n < window do
     local rec = outbox:peek()
     if not rec then break end
@@ -460,7 +461,7 @@ function M:on_puback(mid)
     self.inflight[mid] = nil
     self.inflight_n = self.inflight_n - 1
     self.stats.acked = self.stats.acked + 1
-    self.drops:acked(rec)
+    if self.drops.suspect then self.drops:acked(rec) end
     self.outbox:ack(rec)
     self:flush()
   end

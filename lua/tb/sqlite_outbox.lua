@@ -31,7 +31,7 @@ function M.open(o)
   local n, bytes, _, _, in_flight, newest = db:stats()
   self.n, self.bytes, self.pending, self.last_seq = n, bytes, n, newest
   self.sent_upto, self.sent_committed = 0, 0
-  self.acks, self.first_ack_at = 0, nil
+  self.acked, self.first_ack_at = {}, nil
   self.possible_duplicates = in_flight
   if n > 0 then
     self.log.info("outbox: %d records kept from before the restart go out first%s", n,
@@ -94,6 +94,7 @@ function M:drop(n)
 end
 
 function M:recount()
+  self:delete_acked()   -- so the counts read from disk are the records still waiting or in flight
   self.buffer, self.head = {}, 1
   local n, bytes = self.db:stats()
   local in_flight = self.n - self.pending
@@ -114,18 +115,19 @@ function M:expire()
 end
 
 function M:peek()
-  if self.head > #self.buffer and self.pending > 0 then
-    self.buffer, self.head = self.db:next(self.cursor, BATCH) or {}, 1
-  end
   local rec = self.buffer[self.head]
   if rec then return rec end
+  if self.pending > 0 then
+    self.buffer, self.head = self.db:next(self.cursor, BATCH) or {}, 1
+    rec = self.buffer[1]
+    if rec then return rec end
+  end
   return self.fallback:peek()
 end
 
 function M:pop()
-  self:peek()
-  local rec = self.buffer[self.head]
-  if rec then
+  local rec = self.buffer[self.head] or self:peek()
+  if rec and not rec.mem then
     self.buffer[self.head] = nil
     self.head = self.head + 1
     self.cursor = rec.seq
@@ -140,16 +142,35 @@ end
 -- ack(rec): the broker has it; it leaves the disk.
 function M:ack(rec)
   if rec.mem then return end
-  self.db:ack(rec.seq)
+  local acked = self.acked
+  acked[#acked + 1] = rec.seq
   self.n, self.bytes = self.n - 1, self.bytes - #rec.payload
-  self.acks = self.acks + 1
   self.first_ack_at = self.first_ack_at or self.clock()
+end
+
+-- delete_acked(): the gathered acknowledgements leave the disk (in the open batch), one
+-- statement per run of consecutive seqs
+function M:delete_acked()
+  local acked = self.acked
+  if #acked == 0 then return end
+  self.acked, self.first_ack_at = {}, nil
+  table.sort(acked)
+  local first, last = acked[1], acked[1]
+  for i = 2, #acked + 1 do
+    local seq = acked[i]
+    if seq ~= last + 1 then
+      local ok, err = self.db:ack(first, last)
+      if not ok then self.log.warn("outbox: %s (those records may be sent again)", err) end
+      first = seq
+    end
+    last = seq
+  end
 end
 
 -- idle_commit_in() -> ms until gathered acknowledgements are due on disk, or nil (the loop
 -- waits no longer than that, then calls commit)
 function M:idle_commit_in()
-  if self.acks == 0 or self.broken then return nil end
+  if #self.acked == 0 or self.broken then return nil end
   return math.max(0, self.first_ack_at + ACK_COMMIT_MS - self.clock())
 end
 
@@ -182,11 +203,12 @@ end
 -- restart.
 function M:commit(all)
   if self.broken then return true end
+  local acks = #self.acked
   if #self.uncommitted == 0 and not all then
-    if self.acks == 0 then return true end
-    if self.acks < ACK_COMMIT_N and self.clock() - self.first_ack_at < ACK_COMMIT_MS then return true end
+    if acks == 0 then return true end
+    if acks < ACK_COMMIT_N and self.clock() - self.first_ack_at < ACK_COMMIT_MS then return true end
   end
-  self.acks, self.first_ack_at = 0, nil
+  self:delete_acked()
   -- how far records were handed to the connection: after a crash, those still on disk up to
   -- there may reach the server twice (one number per commit, not a mark per record)
   local sent = self.sent_upto > self.sent_committed and self.sent_upto or nil
