@@ -883,11 +883,10 @@ static int l_json_decode(lua_State *L) {
 }
 
 int tb_json_open(lua_State *L) {
-  luaL_checkstack(L, 4, NULL);
-  lua_pushcfunction(L, l_json_encode);
-  lua_setfield(L, -2, "json_encode");
-  lua_pushcfunction(L, l_json_decode);
-  lua_setfield(L, -2, "json_decode");
+  static const luaL_Reg fns[] = {{"json_encode", l_json_encode}, {"json_decode", l_json_decode},
+    {NULL, NULL}};
+  tb_core_register(L, NULL, NULL, fns);
+  luaL_checkstack(L, 2, NULL);
   lua_pushlightuserdata(L, NULL);
   lua_setfield(L, -2, "json_null");
   push_array_mt(L);

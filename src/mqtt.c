@@ -391,19 +391,9 @@ int tb_mqtt_open(lua_State *L) {
   }
   static const luaL_Reg methods[] = {
     {"publish", l_publish}, {"subscribe", l_subscribe}, {"disconnect", l_disconnect},
-    {"want_write", l_want_write}, {"close", l_close}, {NULL, NULL}};
-  if (luaL_newmetatable(L, MQTT_MT)) {
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, l_tostring);
-    lua_setfield(L, -2, "__tostring");
-  }
-  lua_pop(L, 1);
-  lua_pushcfunction(L, l_mqtt_connect);
-  lua_setfield(L, -2, "mqtt_connect");
+    {"want_write", l_want_write}, {"close", l_close}, {"__gc", l_gc}, {"__close", l_gc},
+    {"__tostring", l_tostring}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"mqtt_connect", l_mqtt_connect}, {NULL, NULL}};
+  tb_core_register(L, MQTT_MT, methods, fns);
   return 0;
 }

@@ -202,9 +202,7 @@ static int l_spawn_kill(lua_State *L) {
 }
 
 int tb_proc_open(lua_State *L) {
-  lua_pushcfunction(L, l_spawn);
-  lua_setfield(L, -2, "spawn");
-  lua_pushcfunction(L, l_spawn_kill);
-  lua_setfield(L, -2, "spawn_kill");
+  static const luaL_Reg fns[] = {{"spawn", l_spawn}, {"spawn_kill", l_spawn_kill}, {NULL, NULL}};
+  tb_core_register(L, NULL, NULL, fns);
   return 0;
 }
