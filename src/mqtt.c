@@ -301,9 +301,7 @@ static int l_mqtt_connect(lua_State *L) {
   tb_source src = {src_fd, src_events, src_ready, src_deadline, c};
   if (tb_loop_add_source(&src) != 0) {
     conn_release(c);
-    lua_pushnil(L);
-    lua_pushliteral(L, "too many connections");
-    return 2;
+    return tb_core_fail(L, TB_LOOP_FULL, "connect failed");
   }
   c->registered = 1;
   /* anchored until close(): the loop holds a raw pointer to it */

@@ -172,18 +172,14 @@ static int l_spawn(lua_State *L) {
     free(c);
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
-    lua_pushnil(L);
-    lua_pushliteral(L, "too many running commands");
-    return 2;
+    return tb_core_fail(L, TB_LOOP_FULL, "cannot run %s", argv[0]);
   }
   c->next = children;
   children = c;
   lua_pushinteger(L, c->id);
   return 1;
 fail:
-  lua_pushnil(L);
-  lua_pushfstring(L, "cannot run %s: %s", argv[0], strerror(errno));
-  return 2;
+  return tb_core_errno(L, "cannot run %s", argv[0]);
 }
 
 /* core.spawn_kill(id [, signal=9]) -> true if that child was still running */
