@@ -294,6 +294,24 @@ describe("session", function()
     assert.same({nil, "timeout"}, s:state().slow)
   end)
 
+  it("gives tb.exec the reason when the agent killed the command itself", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("go", function()
+        tb.state.res = {tb.exec({"anything"})}
+        return true
+      end)
+    ]]))
+    -- what proc.c reports when it has no memory left for the output
+    s.core.spawn = function()
+      s:queue("exit", 77, -1, 9, "", "out of memory for the command's output (killed)")
+      return 77
+    end
+    s:connect()
+    s:rpc("go")
+    assert.same({nil, "out of memory for the command's output (killed)", -1, ""}, s:state().res)
+  end)
+
   it("requests attributes with comma-joined keys and returns both sections", function()
     local s = testing.load(script([[
       local tb = require "tb"

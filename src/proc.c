@@ -24,7 +24,8 @@ typedef struct tb_child {
   char *out;
   size_t len, cap, limit;
   int truncated;
-  int eof;               /* output closed; waiting for the process itself to end */
+  int eof;               /* output closed or abandoned; waiting for the process itself to end */
+  const char *gave_up;   /* why the agent killed the child itself, or NULL */
   int64_t next_check;
   struct tb_child *next;
 } tb_child;
@@ -66,6 +67,7 @@ static void child_try_finish(tb_child *c) {
       e->c = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
     }
     tb_event_set_s1(e, c->out ? c->out : "", c->len);
+    if (c->gave_up) tb_event_set_s2(e, c->gave_up, strlen(c->gave_up));
     tb_loop_push(e);
   }
   tb_loop_remove_source(c);
@@ -77,6 +79,18 @@ static void child_try_finish(tb_child *c) {
   close(c->fd);
   free(c->out);
   free(c);
+}
+
+/* No memory to keep the output: the pipe would stay readable and poll would spin on it, so
+ * stop reading, kill the child and report why (its exit event carries the reason). */
+static void child_give_up(tb_child *c, const char *why) {
+  kill(c->pid, SIGKILL);
+  free(c->out);
+  c->out = NULL;
+  c->len = c->cap = 0;
+  c->gave_up = why;
+  c->eof = 1;
+  child_try_finish(c);
 }
 
 static void child_ready(void *ctx, short revents) {
@@ -100,7 +114,10 @@ static void child_ready(void *ctx, short revents) {
           size_t cap = c->cap ? c->cap * 2 : 4096;
           while (cap < c->len + take) cap *= 2;
           char *p = realloc(c->out, cap);
-          if (!p) return;
+          if (!p) {
+            child_give_up(c, "out of memory for the command's output (killed)");
+            return;
+          }
           c->out = p;
           c->cap = cap;
         }
@@ -117,7 +134,8 @@ static void child_ready(void *ctx, short revents) {
 }
 
 /* core.spawn(argv_table, output_limit) -> id | nil, err: starts argv[1] with arguments
- * (no shell); "exit"(id, exit_code (-1 if killed), signal, output) follows. */
+ * (no shell); "exit"(id, exit_code (-1 if killed), signal, output, why|nil) follows, why
+ * saying why the agent killed it itself. */
 static int l_spawn(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_Integer limit = luaL_optinteger(L, 2, 65536);

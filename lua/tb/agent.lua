@@ -96,7 +96,7 @@ function M.run(core, config, log)
       return
     end
     if kind == "exit" then
-      sched:wake("exec:" .. a, b, c, s1)
+      sched:wake("exec:" .. a, b, c, s1, s2)
       return
     end
     if kind == "watch" then

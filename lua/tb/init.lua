@@ -215,7 +215,7 @@ function M.bind(ctx, gen)
   -- exec(command [, {timeout=ms, output_limit=bytes}]) -> output | nil, err, code, output
   -- Runs a command without blocking the agent: a string goes to /bin/sh -c, a table is an
   -- argv (no shell). Yields until it ends. err: "exit N: <last output line>", "signal N",
-  -- "timeout" (the command is killed) or why it could not start.
+  -- "timeout" (the command is killed), why it could not start, or why the agent killed it.
   function tb.exec(command, opts)
     opts = opts or {}
     local argv
@@ -235,11 +235,12 @@ function M.bind(ctx, gen)
     -- the timeout goes along for tb.testing's core, which runs the command at once
     local id, err = core.spawn(argv, opts.output_limit or 65536, opts.timeout or 600000)
     if not id then return nil, err end
-    local code, sig, output = sched:wait("exec:" .. id, opts.timeout or 600000)
+    local code, sig, output, killed_why = sched:wait("exec:" .. id, opts.timeout or 600000)
     if code == nil then
       core.spawn_kill(id)
       return nil, "timeout"
     end
+    if killed_why then return nil, killed_why, code, output end
     if code == 0 then return output end
     if code < 0 then return nil, "signal " .. tostring(sig), code, output end
     local last = output:match("([^\n]+)\n*$")

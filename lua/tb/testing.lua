@@ -151,7 +151,7 @@ function Session:pump()
     if #self.events > 0 then
       local e = table.remove(self.events, 1)
       if e[1] == "exit" then
-        self.sched:wake("exec:" .. e[2], e[3], e[4], e[5])
+        self.sched:wake("exec:" .. e[2], e[3], e[4], e[5], e[6])
       elseif e[1] == "http_done" then
         local _ = self.ctx.firmware:on_http_done(e[2], e[3], e[4], e[5], e[6])
           or self.ctx.software:on_http_done(e[2], e[3], e[4], e[5], e[6])
