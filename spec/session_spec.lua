@@ -104,11 +104,33 @@ describe("session", function()
     local s = testing.load(script([[
       local tb = require "tb"
       tb.state.ok, tb.state.err = tb.send_telemetry{blob = string.rep("x", 70000)}
+      tb.state.with_ts = {tb.send_telemetry({blob = string.rep("x", 70000)}, 1)}
+      tb.state.attrs = {tb.send_attributes{blob = string.rep("x", 70000)}}
     ]]))
     assert.is_nil(s:state().ok)
-    assert.matches("payload too large", s:state().err)
+    local too_large = "payload too large: over 65536 bytes (limit 65536)"
+    assert.equal(too_large, s:state().err)
+    assert.same({nil, too_large}, s:state().with_ts)
+    assert.same({nil, too_large}, s:state().attrs)
     s:connect()
     assert.equal(0, #s:sent("v1/devices/me/telemetry"))
+    assert.equal(0, #s:sent("v1/devices/me/attributes"))
+  end)
+
+  it("answers an RPC whose result or error text is over the limit with what fits", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("big", function() return string.rep("x", 70000) end)
+      tb.on_rpc("loud", function() return nil, string.rep("y", 70000) end)
+    ]]))
+    s:connect()
+    local big = s:rpc("big")
+    assert.matches("^cannot encode result: result too large: over %d+ bytes %(limit 65536%)$", big.error)
+    assert.truthy(s:logged("RPC 0: cannot encode the result: result too large", "error"))
+    local loud = s:rpc("loud")
+    assert.equal(string.rep("y", 1024), loud.error:sub(1, 1024))
+    assert.truthy(#loud.error < 2048)
+    assert.truthy(s:logged("RPC 1: error text cut to fit the payload limit", "warn"))
   end)
 
   it("refuses NaN and infinities with a clear error", function()

@@ -110,9 +110,9 @@ function M.bind(ctx, gen)
       if not e then return nil, err end
       body = e
     end
-    local payload, err = encode(body, session.payload_limit, true)
+    local payload, err, code = encode(body, session.payload_limit, true)
     if not payload then
-      if err:find("^too large") then return nil, too_large(session) end
+      if code == "too_large" then return nil, too_large(session) end
       -- name the place in the caller's table, not in the {ts=, values=} we wrapped it in
       if stamp or ts then err = err:gsub("%.values([%.%[])", "%1"):gsub(" at %.values$", "") end
       return nil, err
@@ -128,8 +128,8 @@ function M.bind(ctx, gen)
     typecheck(values, 1, "send_attributes", "table")
     if is_array(values, array_mt) then return nil, "attributes must be a table of key = value" end
     if next(values) == nil then return nil, "no values to send" end
-    local payload, err = encode(values, session.payload_limit, true)
-    if not payload then return nil, err:find("^too large") and too_large(session) or err end
+    local payload, err, code = encode(values, session.payload_limit, true)
+    if not payload then return nil, code == "too_large" and too_large(session) or err end
     local ok
     ok, err = deliver("attributes", session.topics.attributes, payload, count_keys(values))
     if ok and ctx.on_send then ctx.on_send("attributes", values) end
