@@ -519,7 +519,7 @@ describe("session", function()
     s.hold_acks = true
     for i = 1, 50 do s.ctx.current.api.send_telemetry{more = i} end
     s:advance(10)
-    assert.is_nil(s.session.probe)
+    assert.is_nil(s.session.drops.probe)
     assert.equal(math.min(50, s.session.window), s.session.inflight_n)
   end)
 
