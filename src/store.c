@@ -251,30 +251,28 @@ static int l_stats(lua_State *L) {
   return 6;
 }
 
+/* Runs a DELETE whose parameters are bound: the number of records dropped | nil, err */
+static int run_drop(lua_State *L, tb_store *s, sqlite3_stmt *st, const char *what) {
+  int rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  if (rc != SQLITE_DONE) return db_error(L, s, what);
+  lua_pushinteger(L, sqlite3_changes(s->db));
+  return 1;
+}
+
 /* store:drop_oldest(after_seq, n) -> dropped | nil, err: the n oldest records after after_seq */
 static int l_drop_oldest(lua_State *L) {
   tb_store *s = check_store(L);
-  lua_Integer after = luaL_checkinteger(L, 2);
-  lua_Integer n = luaL_checkinteger(L, 3);
-  sqlite3_bind_int64(s->drop_oldest, 1, after);
-  sqlite3_bind_int64(s->drop_oldest, 2, n);
-  int rc = sqlite3_step(s->drop_oldest);
-  sqlite3_reset(s->drop_oldest);
-  if (rc != SQLITE_DONE) return db_error(L, s, "cannot trim outbox");
-  lua_pushinteger(L, sqlite3_changes(s->db));
-  return 1;
+  sqlite3_bind_int64(s->drop_oldest, 1, luaL_checkinteger(L, 2));
+  sqlite3_bind_int64(s->drop_oldest, 2, luaL_checkinteger(L, 3));
+  return run_drop(L, s, s->drop_oldest, "cannot trim outbox");
 }
 
 /* store:drop_before(created_ms) -> dropped | nil, err */
 static int l_drop_before(lua_State *L) {
   tb_store *s = check_store(L);
-  lua_Integer t = luaL_checkinteger(L, 2);
-  sqlite3_bind_int64(s->drop_before, 1, t);
-  int rc = sqlite3_step(s->drop_before);
-  sqlite3_reset(s->drop_before);
-  if (rc != SQLITE_DONE) return db_error(L, s, "cannot expire outbox records");
-  lua_pushinteger(L, sqlite3_changes(s->db));
-  return 1;
+  sqlite3_bind_int64(s->drop_before, 1, luaL_checkinteger(L, 2));
+  return run_drop(L, s, s->drop_before, "cannot expire outbox records");
 }
 
 static int l_close(lua_State *L) {
@@ -286,17 +284,8 @@ int tb_store_open(lua_State *L) {
   static const luaL_Reg methods[] = {{"push", l_push}, {"next", l_next}, {"ack", l_ack},
     {"commit", l_commit}, {"stats", l_stats},
     {"drop_oldest", l_drop_oldest}, {"drop_before", l_drop_before}, {"close", l_close},
-    {NULL, NULL}};
-  if (luaL_newmetatable(L, STORE_MT)) {
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_close);
-    lua_setfield(L, -2, "__close");
-  }
-  lua_pop(L, 1);
-  lua_pushcfunction(L, l_store_open);
-  lua_setfield(L, -2, "store_open");
+    {"__gc", l_close}, {"__close", l_close}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"store_open", l_store_open}, {NULL, NULL}};
+  tb_core_register(L, STORE_MT, methods, fns);
   return 0;
 }

@@ -114,10 +114,10 @@ function M.bind(ctx, gen)
       body, err, points = telemetry_entry(values, stamp, now, entries, ts ~= nil)
       if not body then return nil, err end
     end
-    local payload
-    payload, err = encode(body, session.payload_limit, true)
+    local payload, code
+    payload, err, code = encode(body, session.payload_limit, true)
     if not payload then
-      if err:find("^too large") then return nil, too_large(session) end
+      if code == "too_large" then return nil, too_large(session) end
       -- name the place in the caller's table, not in the {ts=, values=} we wrapped it in
       if stamp or ts then err = err:gsub("%.values([%.%[])", "%1"):gsub(" at %.values$", "") end
       return nil, err
@@ -135,8 +135,8 @@ function M.bind(ctx, gen)
     typecheck(values, 1, "send_attributes", "table")
     if is_array(values, array_mt) then return nil, "attributes must be a table of key = value" end
     if next(values) == nil then return nil, "no values to send" end
-    local payload, err = encode(values, session.payload_limit, true)
-    if not payload then return nil, err:find("^too large") and too_large(session) or err end
+    local payload, err, code = encode(values, session.payload_limit, true)
+    if not payload then return nil, code == "too_large" and too_large(session) or err end
     local ok
     ok, err = deliver("attributes", session.topics.attributes, payload, count_keys(values))
     if ok then
@@ -224,7 +224,7 @@ function M.bind(ctx, gen)
   -- exec(command [, {timeout=ms, output_limit=bytes}]) -> output | nil, err, code, output
   -- Runs a command without blocking the agent: a string goes to /bin/sh -c, a table is an
   -- argv (no shell). Yields until it ends. err: "exit N: <last output line>", "signal N",
-  -- "timeout" (the command is killed) or why it could not start.
+  -- "timeout" (the command is killed), why it could not start, or why the agent killed it.
   function tb.exec(command, opts)
     opts = opts or {}
     local argv
@@ -244,11 +244,12 @@ function M.bind(ctx, gen)
     -- the timeout goes along for tb.testing's core, which runs the command at once
     local id, err = core.spawn(argv, opts.output_limit or 65536, opts.timeout or 600000)
     if not id then return nil, err end
-    local code, sig, output = sched:wait("exec:" .. id, opts.timeout or 600000)
+    local code, sig, output, killed_why = sched:wait("exec:" .. id, opts.timeout or 600000)
     if code == nil then
       core.spawn_kill(id)
       return nil, "timeout"
     end
+    if killed_why then return nil, killed_why, code, output end
     if code == 0 then return output end
     if code < 0 then return nil, "signal " .. tostring(sig), code, output end
     local last = output:match("([^\n]+)\n*$")

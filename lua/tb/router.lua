@@ -36,7 +36,7 @@ end
 
 local function deliver(ctx, kind, a, b, c, s1, s2)
   if kind == "signal" then return on_signal(ctx, s1) end
-  if kind == "exit" then return ctx.sched:wake("exec:" .. a, b, c, s1) end
+  if kind == "exit" then return ctx.sched:wake("exec:" .. a, b, c, s1, s2) end
   if kind == "watch" then
     if ctx.reloader then ctx.reloader:on_watch(s1) end
     return

@@ -579,8 +579,8 @@ function M:respond(id, value, is_error)
   end
   local topic = T_RPC_RES .. id
   local room = self.payload_limit - #topic - 4
-  local payload, err = self.json_encode(body, room)
-  if not payload and err:find("^too large") then
+  local payload, err, code = self.json_encode(body, room)
+  if code == "too_large" then
     -- an answer the server would disconnect for: still answer, with what fits
     if is_error then
       self.log.warn("RPC %s: error text cut to fit the payload limit", id)
