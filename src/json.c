@@ -257,14 +257,51 @@ static size_t c_number_text(char *text) {
  * STRING (BigDecimal scale > 16), so telemetry and attributes get at most 16: exact for
  * |v| >= 0.5 (half a step of 1e-16 is below half the spacing of doubles there), rounded
  * below that (0.1 + 0.2 goes as 0.3, values under 5e-17 as 0.0). */
-static int enc_float(enc *e, lua_Number v, int tb_values) {
-  char tmp[48], out[400], digits[24];
-  double d = (double)v;
+/* The common float, a decimal with at most 15 significant digits and 15 decimals (21.5,
+ * 40.25, 0.001), without printf and strtod: m = |d| * 10^k rounded, for the smallest k whose
+ * m / 10^k is d again. Both sides of that test are correctly rounded, so it holds exactly when
+ * the decimal text reads back as d; with m below 10^15 the digits are those enc_float's
+ * shortest-of-15..17 search finds, so the text is the same. 0 when d is not such a number. */
+size_t tb_json_short_decimal(double d, char out[TB_JSON_FLOAT_MAX]) {
+  static const double pow10[16] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10,
+                                   1e11, 1e12, 1e13, 1e14, 1e15};
+  double a = fabs(d);
+  char rev[24];
+  size_t o = 0, nr = 0;
+  if (!(a >= 1e-15 && a < 1e15)) return 0;
+  for (int k = 0; k <= 15; k++) {
+    double m = nearbyint(a * pow10[k]);
+    if (m >= 1e15) return 0;
+    if (m < 1 || m / pow10[k] != a) continue;
+    unsigned long long u = (unsigned long long)m;
+    while (u) {
+      rev[nr++] = (char)('0' + u % 10);
+      u /= 10;
+    }
+    if (d < 0) out[o++] = '-';
+    int point = (int)nr - k;   /* digits before the point */
+    if (point <= 0) {
+      out[o++] = '0';
+      out[o++] = '.';
+      for (int i = 0; i < -point; i++) out[o++] = '0';
+      while (nr) out[o++] = rev[--nr];
+    } else {
+      for (int i = 0; i < point; i++) out[o++] = rev[--nr];
+      out[o++] = '.';
+      if (nr == 0) out[o++] = '0';
+      while (nr) out[o++] = rev[--nr];
+    }
+    return o;
+  }
+  return 0;
+}
+
+size_t tb_json_float_text(double d, int tb_values, int fast, char out[TB_JSON_FLOAT_MAX]) {
+  char tmp[48], digits[24];
   int prec, exp10 = 0, point, nd = 0, lead, i;
   size_t n, o = 0;
   const char *p;
-  if (isnan(d)) return enc_fail(e, "not_finite", "cannot encode NaN");
-  if (isinf(d)) return enc_fail(e, "not_finite", "cannot encode inf");
+  if (fast && (n = tb_json_short_decimal(d, out)) > 0) return n;
   for (prec = 15;; prec++) {
     snprintf(tmp, sizeof tmp - 2, "%.*e", prec - 1, d);
     c_number_text(tmp);
@@ -284,8 +321,8 @@ static int enc_float(enc *e, lua_Number v, int tb_values) {
     snprintf(tmp, sizeof tmp - 2, "%.16f", d);
     n = c_number_text(tmp);
     while (n > 0 && tmp[n - 1] == '0' && tmp[n - 2] != '.') n--;
-    enc_put(e, tmp, n);
-    return 0;
+    memcpy(out, tmp, n);
+    return n;
   }
   if (point <= 0) {
     out[o++] = '0';
@@ -300,7 +337,15 @@ static int enc_float(enc *e, lua_Number v, int tb_values) {
     if (point >= nd) out[o++] = '0';
     for (i = point; i < nd; i++) out[o++] = digits[i];
   }
-  enc_put(e, out, o);
+  return o;
+}
+
+static int enc_float(enc *e, lua_Number v, int tb_values) {
+  char out[TB_JSON_FLOAT_MAX];
+  double d = (double)v;
+  if (isnan(d)) return enc_fail(e, "not_finite", "cannot encode NaN");
+  if (isinf(d)) return enc_fail(e, "not_finite", "cannot encode inf");
+  enc_put(e, out, tb_json_float_text(d, tb_values, 1, out));
   return 0;
 }
 
