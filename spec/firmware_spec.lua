@@ -639,7 +639,7 @@ describe("firmware offers that change while the agent is away, retries and progr
       if have + 1000 < #img then
         sink:write(img:sub(have + 1, have + 1000))
         sink:close()
-        s:queue("http_done", id, 200, 18, "transfer closed with outstanding read data remaining", "")
+        s:queue("http_done", id, 200, 18, "transfer closed with outstanding read data remaining", "curl")
       else
         sink:write(img:sub(have + 1))
         s:queue("http_done", id, 200, 0, nil, (sink:finish()))
@@ -657,7 +657,7 @@ describe("firmware offers that change while the agent is away, retries and progr
     local attempts = 0
     s.core.http_download = function()
       attempts = attempts + 1
-      s:queue("http_done", attempts, 0, 7, "Failed to connect to example.invalid", "")
+      s:queue("http_done", attempts, 0, 7, "Failed to connect to example.invalid", "curl")
       return {progress = function() return 0, 0 end, cancel = function() end, release = function() end}, attempts
     end
     local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, image(100))

@@ -686,10 +686,10 @@ function M:download_http(job)
       return result.hex
     end
     local status, code = math.tointeger(result.status) or 0, math.tointeger(result.code) or 0
-    local etext = tostring(result.error)
-    if CURL_TLS_VERIFY[code] then etext = "TLS verification failed: " .. etext end
+    local reason, etext = result.reason, tostring(result.error)
+    if reason == "curl" and CURL_TLS_VERIFY[code] then etext = "TLS verification failed: " .. etext end
     local err = string.format("%s%s", etext, status > 0 and (" (HTTP " .. status .. ")") or "")
-    local misranged = etext:find("range starting at byte", 1, true)
+    local misranged = reason == "range"
     if (status == 416 or misranged) and not range_reset then
       -- the server will not serve the rest of what is on disk (or serves another range of
       -- it): start again from byte 0, once
@@ -701,7 +701,8 @@ function M:download_http(job)
     else
       -- fw_retries counts interruptions in a row: an attempt that got bytes resets it
       if (core.file_size(job.part) or 0) > before then attempts = 1 end
-      local permanent = status >= 400 and status < 500 or CURL_PERMANENT[code] or etext:find("larger than")
+      local permanent = status >= 400 and status < 500 or reason == "too_large"
+        or (reason == "curl" and CURL_PERMANENT[code])
       if permanent or attempts >= (self.config.fw_retries or 5) then
         return nil, "download failed: " .. err
       end
@@ -713,11 +714,13 @@ function M:download_http(job)
   end
 end
 
--- on_http_done(id, status, curl_code, error, hex): the loop's "http_done" event.
-function M:on_http_done(id, status, code, err, hex)
+-- on_http_done(id, status, curl_code, message, hex_or_reason): the loop's "http_done" event
+-- (src/http.c: a hex digest on success, a reason code with the message on failure).
+function M:on_http_done(id, status, code, message, s2)
   local key = self.http_keys and self.http_keys[id]
   if not key then return false end
-  self.sched:wake(key, {id = id, status = status, code = code, error = err, hex = hex})
+  self.sched:wake(key, {id = id, status = status, code = code, error = message,
+    hex = not message and s2 or nil, reason = message and s2 or nil})
   return true
 end
 

@@ -62,7 +62,7 @@ local function fake_core(s)
     if not sink then return nil, err end
     if not bytes then
       sink:close()
-      s:queue("http_done", id, 404, 22, "The requested URL returned error: 404", "")
+      s:queue("http_done", id, 404, 0, "HTTP error status", "http")   -- as src/http.c reports it
     else
       sink:write(bytes)
       local hex = sink:finish()
