@@ -8,7 +8,8 @@ local ota = require "tb.ota"
 local ota_mqtt = require "tb.ota_mqtt"
 local ota_http = require "tb.ota_http"
 local reload = require "tb.reload"
-local store = require "tb.store"
+local router = require "tb.router"
+local sqlite_outbox = require "tb.sqlite_outbox"
 
 local M = {}
 
@@ -43,7 +44,7 @@ end
 
 -- open_outbox(core, config, log, path) -> the durable outbox, or nil (logged) to stay in memory
 function M.open_outbox(core, config, log, path)
-  local box, err = store.open{core = core, path = path, log = log, limit = config.outbox_limit,
+  local box, err = sqlite_outbox.open{core = core, path = path, log = log, limit = config.outbox_limit,
     max_bytes = config.outbox_max_bytes, max_age_ms = config.outbox_max_age and config.outbox_max_age * 1000,
     clock = config.clock or core.wall}
   if not box then
@@ -75,7 +76,6 @@ function M.run(core, config, log)
   end
   local session, sched = ctx.session, ctx.sched
   local exit_code, exit_message = 0, nil
-  local signals = 0
   ctx.on_script_exit = function(status, where)
     if ctx.script_exit then return end
     ctx.script_exit = {code = status, message = string.format("the script called os.exit at %s (status %d)", where, status)}
@@ -83,42 +83,7 @@ function M.run(core, config, log)
     session:stop(config.shutdown_timeout or 3000)
   end
 
-  local function dispatch(kind, a, b, c, s1, s2)
-    if kind == "signal" then
-      if s1 == "HUP" then
-        if ctx.reloader or config.reload == false then
-          ctx.reloader = ctx.reloader or reload.new(ctx)
-          ctx.reloader:reload("SIGHUP")
-        end
-        return
-      end
-      signals = signals + 1
-      if signals > 1 then
-        log.warn("second SIG%s: exiting now", s1)
-        session.finished = true
-        return
-      end
-      log.info("SIG%s: finishing in-flight messages, then disconnecting", s1)
-      session:stop(config.shutdown_timeout or 3000)
-      return
-    end
-    if kind == "exit" then
-      sched:wake("exec:" .. a, b, c, s1)
-      return
-    end
-    if kind == "watch" then
-      if ctx.reloader then ctx.reloader:on_watch(s1) end
-      return
-    end
-    if kind == "http_done" then
-      -- a download's end goes to the job that started it (tb.ota_http knows the ids)
-      local okh, errh = xpcall(ota_http.on_done, debug.traceback, ctx, a, b, c, s1, s2)
-      if not okh then log.error("internal error while handling http_done: %s", errh) end
-      return
-    end
-    local okd, errd = xpcall(session.on_event, debug.traceback, session, kind, a, b, c, s1, s2)
-    if not okd then log.error("internal error while handling %s: %s", kind, errd) end
-  end
+  local dispatch = router.bound(ctx)
 
   session:start()
   while not session.finished do
@@ -126,8 +91,9 @@ function M.run(core, config, log)
       exit_code, exit_message = ctx.fatal.code, ctx.fatal.message
       break
     end
-    local due = sched:next_due()
-    core.poll(due or 3600000, dispatch)
+    local due = sched:next_due() or 3600000
+    local acks_due = session.outbox:idle_commit_in()
+    core.poll(acks_due and acks_due < due and acks_due or due, dispatch)
     sched:run_due()
     session.outbox:commit()
   end

@@ -230,9 +230,10 @@ static void test_encode_tables(void) {
   CHECK_STR(enc("coroutine.create(print)"), "ERR cannot encode thread");
   CHECK_STR(enc("io.stdout"), "ERR cannot encode userdata");
   CHECK_STR(enc("{f = io.stdout}"), "ERR cannot encode userdata at .f");
-  /* failures return exactly nil and a message; misuse raises like Lua */
-  CHECK_STR(run("return select('#', core.json_encode(0/0)) == 2 and"
-                " select(1, core.json_encode(0/0)) == nil"),
+  /* failures return exactly nil, a message and a code; misuse raises like Lua */
+  CHECK_STR(run("return select('#', core.json_encode(0/0)) == 3 and"
+                " select(1, core.json_encode(0/0)) == nil and"
+                " select(3, core.json_encode(0/0)) == 'not_finite'"),
             "true");
   CHECK_STR(run("local ok, e = pcall(function() local r = core.json_encode() return r end)\n"
                 "return e:match('bad argument.*')"),
@@ -614,9 +615,10 @@ static void test_c_entries(void) {
   lua_getfield(L, LUA_REGISTRYINDEX, "test.core");
   lua_getfield(L, -1, "json_encode");
   lua_pushlightuserdata(L, &b);
-  lua_call(L, 1, 2);
-  CHECK(lua_isnil(L, -2));
-  CHECK_STR(lua_tostring(L, -1), "cannot encode userdata");
+  lua_call(L, 1, LUA_MULTRET);
+  CHECK(lua_gettop(L) == base + 4 && lua_isnil(L, -3));
+  CHECK_STR(lua_tostring(L, -2), "cannot encode userdata");
+  CHECK_STR(lua_tostring(L, -1), "bad_type");
   lua_settop(L, base);
   /* the module table and the registry share the array metatable */
   lua_getfield(L, LUA_REGISTRYINDEX, "test.core");

@@ -1,6 +1,6 @@
--- The durable outbox (tb.store over tb.core's SQLite store): the same interface as the
+-- The durable outbox (tb.sqlite_outbox over tb.core's SQLite store): the same interface as the
 -- memory outbox, and what survives a restart.
-local store = require "tb.store"
+local store = require "tb.sqlite_outbox"
 local core = require "tb.core"
 local logmod = require "tb.log"
 
@@ -95,5 +95,88 @@ describe("durable outbox", function()
     local p = io.popen("stat -c %a " .. path)
     assert.equal("600", p:read("l"))
     p:close()
+  end)
+
+  -- counts the calls into the SQLite store, to see what crosses from Lua to disk
+  local function counted(box)
+    local real, calls = box.db, {}
+    box.db = setmetatable({}, {__index = function(_, k)
+      return function(_, ...)
+        calls[k] = (calls[k] or 0) + 1
+        return real[k](real, ...)
+      end
+    end})
+    return calls
+  end
+
+  it("publishes the records in hand: nothing is read back while the pipe keeps up", function()
+    local box = open(tmpdb())
+    local calls = counted(box)
+    for i = 1, 300 do
+      box:push(rec(i))
+      box:commit()
+      local r = box:pop()
+      assert.equal('{"seq":' .. i .. '}', r.payload)
+      box:ack(r)
+    end
+    assert.is_nil(calls.next)
+    assert.equal(300, calls.push)
+    assert.equal(300, calls.ack)
+    assert.equal(0, box:count())
+  end)
+
+  it("keeps a backlog on disk beyond its window and reads it back in order", function()
+    local box = open(tmpdb())
+    local calls = counted(box)
+    for i = 1, 700 do box:push(rec(i)) end
+    box:commit()
+    assert.is_true(#box.buffer - box.head + 1 <= 256)
+    local first = {}
+    for i = 1, 3 do first[i] = box:pop() end
+    box:unshift(first)               -- the connection dropped with three in flight
+    for i = 1, 700 do
+      local r = box:pop()
+      assert.equal('{"seq":' .. i .. '}', r.payload)
+      box:ack(r)
+    end
+    assert.is_nil(box:peek())
+    assert.is_true(calls.next >= 2)
+  end)
+
+  it("counts what was handed to the connection with one mark per commit", function()
+    local path = tmpdb()
+    local box = open(path)
+    for i = 1, 6 do box:push(rec(i)) end
+    box:commit()
+    box:ack(box:pop())
+    box:pop(); box:pop()          -- two in flight, unacknowledged
+    box:push(rec(7))              -- the next handler run's records carry the mark to disk
+    box:commit()
+    box.db:close()                -- a crash: nothing more is written
+    local again, logs = open(path)
+    assert.equal(2, again.possible_duplicates)
+    assert.matches("6 records kept from before the restart go out first %(2 were in flight", logs[1])
+  end)
+
+  it("gathers acknowledgements: on disk with the next records, after a second, or at close", function()
+    local path, now = tmpdb(), 1000
+    local box = open(path, {clock = function() return now end})
+    local calls = counted(box)
+    for i = 1, 3 do box:push(rec(i)) end
+    box:commit()
+    assert.equal(1, calls.commit)
+    box:ack(box:pop())
+    box:commit()                  -- the loop's commit: one ack alone waits
+    assert.equal(1, calls.commit)
+    assert.equal(1000, box:idle_commit_in())
+    now = now + 1000
+    assert.equal(0, box:idle_commit_in())
+    box:commit()
+    assert.equal(2, calls.commit)
+    assert.is_nil(box:idle_commit_in())
+    box:ack(box:pop())
+    box:close()                   -- a clean stop writes every acknowledgement
+    local again = open(path)
+    assert.equal(1, again:count())
   end)
 end)
