@@ -421,9 +421,9 @@ function M:flush()
   if not self.ready or self.flush_timer or self.closing then return end
   local conn, outbox, now = self.conn, self.outbox, self.sched.now()
   -- a suspected record goes alone (tb.drops)
-  local drops = self.drops
-  if drops.probe and self.inflight_n == 0 then drops:before_flush(outbox:peek()) end
-  local window = drops.probe and drops:window(self.window) or self.window
+  local guard = self.drops
+  if guard.probe and self.inflight_n == 0 then guard:before_flush(outbox:peek()) end
+  local window = guard.probe and guard:window(self.window) or self.window
   while self.inflight_n < window do
     local rec = outbox:peek()
     if not rec then break end
