@@ -5,13 +5,16 @@
 local tb = require "tb"
 
 local installer = os.getenv("FIRMWARE_INSTALLER") or "/usr/local/sbin/install-firmware"
+local line = os.getenv("FIRMWARE_TITLE") or "gateway"
 
 tb.firmware{
-  current = {title = os.getenv("FIRMWARE_TITLE") or "gateway", version = os.getenv("FIRMWARE_VERSION") or "1.0.0"},
+  current = {title = line, version = os.getenv("FIRMWARE_VERSION") or "1.0.0"},
   chunk_size = 32768,
+  -- stay on this device's firmware line; a refusal is reported to ThingsBoard as FAILED,
+  -- fw_error "declined: <why>"
   accept = function(info)
-    -- stay on this device's firmware line; refuse anything else
-    return info.title == (os.getenv("FIRMWARE_TITLE") or "gateway")
+    if info.title ~= line then return false, "this device runs the " .. line .. " line, not " .. info.title end
+    return true
   end,
   install = function(path, info)
     tb.log.info("running %s for %s %s", installer, info.title, info.version)

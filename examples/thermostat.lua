@@ -51,8 +51,12 @@ end)
 -- it. A real thermostat would flash it; this one checks it and keeps a copy.
 tb.firmware{
   current = {title = "thermostat", version = "1.0.0"},
-  accept = function(info)
-    return info.title == "thermostat"
+  -- current: what is installed now; a refusal shows in ThingsBoard as FAILED, "declined: why"
+  accept = function(info, current)
+    if info.title ~= "thermostat" then
+      return false, string.format("not a thermostat image (this runs %s %s)", current.title, current.version)
+    end
+    return true
   end,
   install = function(path, info)
     local f, err = io.open(path, "rb")

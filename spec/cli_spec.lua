@@ -80,11 +80,13 @@ local OPTIONS = {
   {"fw-window", "TB_FW_WINDOW", 4, "8", 8, "16", 16, "fw_window"},
   {"fw-chunk-timeout", "TB_FW_CHUNK_TIMEOUT", 10000, "2000", 2000, "3000", 3000, "fw_chunk_timeout"},
   {"http-cafile", "TB_HTTP_CAFILE", nil, FILE_A, FILE_A, FILE_B, FILE_B, "http_cafile"},
+  {"timestamps", "TB_TIMESTAMPS", "auto", "device", "device", "server", "server", "timestamps"},
+  {"connect-timeout", "TB_CONNECT_TIMEOUT", 30000, "1500", 1500, "60000", 60000, "connect_timeout"},
 }
 
 local INT_OPTIONS = {"keepalive", "outbox-limit", "outbox-max-bytes", "outbox-max-age", "payload-limit",
   "max-inflight", "backoff-min", "backoff-max", "handler-budget", "request-timeout", "rpc-timeout",
-  "shutdown-timeout", "fw-window", "fw-chunk-timeout"}
+  "shutdown-timeout", "fw-window", "fw-chunk-timeout", "connect-timeout"}
 
 -- credentials config() needs besides the option under test (token and basic ones exclude each other)
 local function with_credentials(name, args)
@@ -244,6 +246,22 @@ describe("tb.cli", function()
       assert.is_nil(res)
       assert.matches("^TB_QOS must be 0 or 1", err)
       assert.equal(0, opts({"--qos", "0"}).qos)
+    end)
+
+    it("--timestamps takes auto, device or server (lower case); auto by default", function()
+      for _, mode in ipairs({"auto", "device", "server"}) do
+        assert.equal(mode, opts({"--timestamps", mode}).timestamps)
+        assert.equal(mode, assert(config({"--token", "t", "--timestamps", mode})).timestamps)
+      end
+      assert.equal("auto", assert(config({"--token", "t"})).timestamps)
+      for _, bad in ipairs({"none", "AUTO", "client", ""}) do
+        local res, err = parse({"run", "x.lua", "--timestamps=" .. bad})
+        assert.is_nil(res)
+        assert.equal(string.format("--timestamps must be auto, device or server (got %q)", bad), err)
+      end
+      local res, err = parse({"run", "x.lua"}, {TB_TIMESTAMPS = "local"})
+      assert.is_nil(res)
+      assert.equal('TB_TIMESTAMPS must be auto, device or server (got "local")', err)
     end)
 
     it("--log-level takes debug, info, warn or error (lower case)", function()
@@ -471,7 +489,8 @@ describe("tb.cli", function()
     end)
 
     it("times and outbox bounds must be at least 1 (0 would drop or time out at once)", function()
-      for _, k in ipairs({"outbox-max-bytes", "outbox-max-age", "fw-chunk-timeout", "request-timeout", "rpc-timeout"}) do
+      for _, k in ipairs({"outbox-max-bytes", "outbox-max-age", "fw-chunk-timeout", "request-timeout", "rpc-timeout",
+        "connect-timeout"}) do
         assert.equal("--" .. k .. " must be at least 1", refused({"--token", "t", "--" .. k, "0"}))
       end
     end)

@@ -51,10 +51,11 @@ describe("examples/firmware_command.lua", function()
     end)
   end)
 
-  it("refuses firmware of another line", function()
+  it("refuses firmware of another line, and says so to ThingsBoard", function()
     local s = testing.load("examples/firmware_command.lua")
     local r = s:offer_firmware({title = "other", version = "9"}, "image")
-    assert.is_nil(r.state)
+    assert.equal("FAILED", r.state)
+    assert.equal("declined: this device runs the gateway line, not other", r.error)
   end)
 end)
 

@@ -130,10 +130,10 @@ describe("firmware over MQTT", function()
     assert.equal("install failed: battery too low", r.error)
   end)
 
-  it("lets the script decline an update", function()
+  it("lets the script decline an update: FAILED, fw_error says the policy declined", function()
     local s = load(1000)
     local r = s:offer_firmware({title = "dev", version = "bad"}, image(10))
-    assert.is_nil(r.state)
+    assert.same({state = "FAILED", states = {"FAILED"}, error = "declined: accept() returned false", installed = false}, r)
     assert.is_nil(s:state().installed)
   end)
 
@@ -239,9 +239,11 @@ describe("firmware: a stop during install()", function()
     assert.is_nil(s2:state().installs)
     assert.same({"UPDATED"}, states(s2))
     assert.truthy(s2:logged("firmware dev 2.0: the agent stopped during install%(%) and the script now runs it as current"))
+    -- the installed version goes out first on the connection, as always (then the state)
     local sent = s2:sent("v1/devices/me/telemetry")
-    local last = sent[#sent].values or sent[#sent]
-    assert.same({"dev", "2.0"}, {last.current_fw_title, last.current_fw_version})
+    local first = sent[1].values or sent[1]
+    assert.same({"dev", "2.0"}, {first.current_fw_title, first.current_fw_version})
+    assert.same("UPDATED", (sent[2].values or sent[2]).fw_state)
     assert.is_nil(io.open(dir .. "/firmware/dev-2.0.bin"))
     assert.is_nil(io.open(dir .. "/firmware/job.json"))
   end)
@@ -748,5 +750,77 @@ describe("firmware offers that change while the agent is away, retries and progr
     assert.has_error(function()
       testing.load(script([[require("tb").firmware{install = function() return true end, progress = 5}]]))
     end)
+  end)
+end)
+
+describe("accept(info, current) and declined offers", function()
+  -- accept sees what is installed and says why it declines; every call is kept in tb.state
+  local DECLINING = [[
+    local tb = require "tb"
+    tb.state.calls = {}
+    local function policy(kind)
+      return {
+        current = {title = "dev", version = "1.5"},
+        accept = function(info, current)
+          table.insert(tb.state.calls, {kind = kind, offered = info.version, title = current.title, version = current.version})
+          if info.version == "silent" then return false end
+          if info.version < current.version then return false, "older than " .. current.version end
+          return true
+        end,
+        install = function() return true end,
+      }
+    end
+    tb.firmware(policy("fw"))
+    tb.software(policy("sw"))
+  ]]
+
+  for _, kind in ipairs({"fw", "sw"}) do
+    it(kind .. ": current is the installed {title, version}; a decline is FAILED once, not offered again", function()
+      local dir = os.tmpname() .. ".state"
+      local s = testing.load(script(DECLINING), {state_dir = dir})
+      local r = s:offer_firmware({kind = kind, title = "dev", version = "1.0"}, image(10))
+      assert.same({state = "FAILED", states = {"FAILED"}, error = "declined: older than 1.5", installed = false}, r)
+      assert.same({{kind = kind, offered = "1.0", title = "dev", version = "1.5"}}, s:state().calls)
+      assert.truthy(s:logged((kind == "fw" and "firmware" or "software") .. " FAILED: declined: older than 1.5"))
+      -- the same package again (a reconnect sends it as current): not asked, not reported again
+      local from = #s:sent("v1/devices/me/telemetry")
+      s:disconnect()
+      s:advance(2000)
+      assert.is_true(s:connected())
+      s:advance(1000)
+      assert.equal(1, #s:state().calls)
+      for i = from + 1, #s:sent("v1/devices/me/telemetry") do
+        local m = s:sent("v1/devices/me/telemetry")[i]
+        assert.is_nil((m.values or m)[kind .. "_state"])
+      end
+      -- another package is asked about, with the version now installed as current
+      r = s:offer_firmware({kind = kind, title = "dev", version = "2.0"}, image(10))
+      assert.equal("UPDATED", r.state)
+      r = s:offer_firmware({kind = kind, title = "dev", version = "1.8"}, image(10))
+      assert.same({"FAILED"}, r.states)
+      assert.equal("declined: older than 2.0", r.error)
+      assert.same({kind = kind, offered = "1.8", title = "dev", version = "2.0"}, s:state().calls[3])
+    end)
+  end
+
+  it("a declined package stays declined after a restart, until another is assigned", function()
+    local dir = os.tmpname() .. ".state"
+    local s = testing.load(script(DECLINING), {state_dir = dir})
+    assert.equal("FAILED", s:offer_firmware({title = "dev", version = "1.0"}, image(10)).state)
+    -- the agent starts again; ThingsBoard still has 1.0 assigned
+    local s2 = testing.load(script(DECLINING), {state_dir = dir})
+    s2:set_attributes{shared = s.server.shared}
+    s2.packages.fw = s.packages.fw
+    s2:connect()
+    s2:advance(1000)
+    assert.same({}, s2:state().calls)
+    for _, m in ipairs(s2:sent("v1/devices/me/telemetry")) do assert.is_nil((m.values or m).fw_state) end
+    -- a new package is looked at
+    assert.equal("UPDATED", s2:offer_firmware({title = "dev", version = "3.0"}, image(10)).state)
+  end)
+
+  it("a decline without a reason says what accept returned", function()
+    local s = testing.load(script(DECLINING))
+    assert.equal("declined: accept() returned false", s:offer_firmware({title = "dev", version = "silent"}, image(10)).error)
   end)
 end)

@@ -16,6 +16,10 @@ int tb_http_open(lua_State *L);   /* http.c: libcurl downloads in the poll loop 
 int tb_watch_open(lua_State *L);  /* watch.c: inotify on the script's directory */
 int tb_proc_open(lua_State *L);   /* proc.c: child processes for tb.exec */
 int tb_store_open(lua_State *L);  /* store.c: the durable outbox (SQLite) */
+int tb_clock_open(lua_State *L);  /* clock.c: whether the system clock is synchronised */
+
+/* 1 when the system clock is synchronised (adjtimex; TB_CLOCK_SYNCED=1|0 overrides), else 0 */
+int tb_clock_synced(void);
 
 int luaopen_tb_core(lua_State *L);
 

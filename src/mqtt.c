@@ -77,6 +77,29 @@ static const char *why_text(tb_mqtt *c, int rc, char *buf, size_t size) {
   return rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc);
 }
 
+/* What kind of failure rc (with err, the errno it came with) is, as one stable word that
+ * tb.session turns into plain words with the host and port: "dns" (the host name has no
+ * address), "refused" (nothing listens there), "unreachable" (no route to the host),
+ * "timeout", "tls" (the handshake failed), or NULL for anything else. */
+static const char *why_code(tb_mqtt *c, int rc, int err) {
+  if (rc == MOSQ_ERR_EAI) return "dns";
+  if (rc == MOSQ_ERR_TLS || c->tls_why[0]) return "tls";
+  if (rc != MOSQ_ERR_ERRNO) return NULL;
+  switch (err) {
+  case ECONNREFUSED: return "refused";
+  case EHOSTUNREACH: case ENETUNREACH: case EHOSTDOWN: case ENETDOWN: return "unreachable";
+  case ETIMEDOUT: return "timeout";
+  default: return NULL;
+  }
+}
+
+/* s1 = the reason text, s2 = its why_code when it has one */
+static void set_why(tb_event *e, tb_mqtt *c, int rc, int err, const char *why) {
+  tb_event_set_s1(e, why, strlen(why));
+  const char *code = why_code(c, rc, err);
+  if (code) tb_event_set_s2(e, code, strlen(code));
+}
+
 static void on_disconnect(struct mosquitto *m, void *ud, int rc, const mosquitto_property *p) {
   (void)m; (void)p;
   tb_mqtt *c = ud;
@@ -88,9 +111,10 @@ static void on_disconnect(struct mosquitto *m, void *ud, int rc, const mosquitto
   e->a = c->id;
   e->b = rc;
   /* errno explains MOSQ_ERR_ERRNO; capture it now, it is gone by dispatch time */
+  int err = errno;
   char buf[256];
   const char *why = why_text(c, rc, buf, sizeof buf);
-  tb_event_set_s1(e, why, strlen(why));
+  set_why(e, c, rc, err, why);
   tb_loop_push(e);
 }
 
@@ -150,22 +174,25 @@ static void report_silent_close(tb_mqtt *c, int rc) {
   if (c->reported || mosquitto_socket(c->mosq) >= 0) return;
   c->reported = 1;
   c->connected = 0;
+  int err = errno;
   char why[256];
   unsigned long ssl = ERR_get_error();
+  if (!rc) rc = MOSQ_ERR_CONN_LOST;
   if (ssl) {
     char buf[200];
     ERR_error_string_n(ssl, buf, sizeof buf);
     snprintf(why, sizeof why, "TLS error: %s", buf);
+    rc = MOSQ_ERR_TLS;
   } else {
     char buf[256];
-    snprintf(why, sizeof why, "%s", why_text(c, rc ? rc : MOSQ_ERR_CONN_LOST, buf, sizeof buf));
+    snprintf(why, sizeof why, "%s", why_text(c, rc, buf, sizeof buf));
   }
   ERR_clear_error();
   tb_event *e = tb_event_new("disconnect");
   if (!e) return;
   e->a = c->id;
-  e->b = rc ? rc : MOSQ_ERR_CONN_LOST;
-  tb_event_set_s1(e, why, strlen(why));
+  e->b = rc;
+  set_why(e, c, rc, err, why);
   tb_loop_push(e);
 }
 
@@ -230,17 +257,22 @@ static lua_Integer opt_int(lua_State *L, int t, const char *key, lua_Integer def
   return v;
 }
 
-/* nil, "what: reason" (why_text's reason) */
+/* nil, "what: reason" (why_text's reason) [, why_code] */
 static int fail(lua_State *L, tb_mqtt *c, const char *what, int rc) {
+  int err = errno;
   char buf[256];
   lua_pushnil(L);
   lua_pushfstring(L, "%s: %s", what, why_text(c, rc, buf, sizeof buf));
-  return 2;
+  const char *code = why_code(c, rc, err);
+  if (!code) return 2;
+  lua_pushstring(L, code);
+  return 3;
 }
 
 /* core.mqtt_connect{host=, port=, client_id=, username=, password=, cafile=, capath=,
  *   cert=, key=, tls=bool, insecure=bool, keepalive=60, max_inflight=100}
- *   -> conn, id | nil, err. Starts a non-blocking connect; "connect" reports the CONNACK. */
+ *   -> conn, id | nil, err [, code]. Starts a non-blocking connect; "connect" reports the
+ *   CONNACK, "disconnect" a failure (s1 the reason, s2 its code). code: see why_code. */
 static int l_mqtt_connect(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   const char *host = opt_string(L, 1, "host");

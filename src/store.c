@@ -31,10 +31,25 @@ static const char *SCHEMA =
   "PRAGMA synchronous=NORMAL;"
   "CREATE TABLE IF NOT EXISTS outbox("
   "  seq INTEGER PRIMARY KEY AUTOINCREMENT, created INTEGER NOT NULL, topic TEXT NOT NULL,"
-  "  payload BLOB NOT NULL, qos INTEGER NOT NULL, kind TEXT, points INTEGER, sent INTEGER DEFAULT 0);"
+  "  payload BLOB NOT NULL, qos INTEGER NOT NULL, kind TEXT, points INTEGER, sent INTEGER DEFAULT 0,"
+  "  stamp INTEGER);"
   /* sent_upto: the highest seq handed to a connection, one row updated per commit (the `sent`
    * column above is only read, from databases of versions that marked each record) */
   "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);";
+
+/* stamp: telemetry sent in the script's form without a time of its own is published so when
+ * it goes out at once; one that waited gets the time of the call, which only the record
+ * knows after a restart. NULL: nothing to add (not telemetry, every entry has its ts, or
+ * --timestamps device/server); 0: a time was needed but the clock was not synchronised at
+ * the call (it goes without); else the time of the call in ms. Databases of versions before
+ * the column get it empty: their telemetry was stamped in the payload already. */
+static int add_stamp_column(sqlite3 *db) {
+  sqlite3_stmt *probe = NULL;
+  int rc = sqlite3_prepare_v2(db, "SELECT stamp FROM outbox LIMIT 0", -1, &probe, NULL);
+  sqlite3_finalize(probe);
+  if (rc == SQLITE_OK) return SQLITE_OK;
+  return sqlite3_exec(db, "ALTER TABLE outbox ADD COLUMN stamp INTEGER", NULL, NULL, NULL);
+}
 
 static tb_store *check_store(lua_State *L) {
   tb_store *s = luaL_checkudata(L, 1, STORE_MT);
@@ -79,14 +94,14 @@ static int l_store_open(lua_State *L) {
     return n;
   }
   sqlite3_busy_timeout(s->db, 2000);
-  if (sqlite3_exec(s->db, SCHEMA, NULL, NULL, NULL) != SQLITE_OK) {
+  if (sqlite3_exec(s->db, SCHEMA, NULL, NULL, NULL) != SQLITE_OK || add_stamp_column(s->db) != SQLITE_OK) {
     int n = db_error(L, s, "cannot initialise outbox");
     store_close(s);
     return n;
   }
   struct { sqlite3_stmt **st; const char *sql; } prep[] = {
-    {&s->insert, "INSERT INTO outbox(created, topic, payload, qos, kind, points) VALUES(?,?,?,?,?,?)"},
-    {&s->next, "SELECT seq, created, topic, payload, qos, kind, points FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"},
+    {&s->insert, "INSERT INTO outbox(created, topic, payload, qos, kind, points, stamp) VALUES(?,?,?,?,?,?,?)"},
+    {&s->next, "SELECT seq, created, topic, payload, qos, kind, points, stamp FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"},
     {&s->del, "DELETE FROM outbox WHERE seq BETWEEN ? AND ?"},
     {&s->sent_upto, "INSERT INTO meta(k, v) VALUES('sent_upto', ?) ON CONFLICT(k) DO UPDATE SET v = max(v, excluded.v)"},
     {&s->count, "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(seq), 0) FROM outbox"},
@@ -113,8 +128,8 @@ static int batch_begin(tb_store *s) {
   return rc;
 }
 
-/* store:push(created_ms, topic, payload, qos, kind, points) -> seq | nil, err (in the batch:
- * on disk at the next store:commit()) */
+/* store:push(created_ms, topic, payload, qos, kind, points [, stamp]) -> seq | nil, err (in
+ * the batch: on disk at the next store:commit()); stamp as the column above, nil for NULL */
 static int l_push(lua_State *L) {
   tb_store *s = check_store(L);
   lua_Integer created = luaL_checkinteger(L, 2);
@@ -124,6 +139,8 @@ static int l_push(lua_State *L) {
   lua_Integer qos = luaL_checkinteger(L, 5);
   const char *kind = luaL_optstring(L, 6, "");
   lua_Integer points = luaL_optinteger(L, 7, 0);
+  int has_stamp = !lua_isnoneornil(L, 8);
+  lua_Integer stamp = has_stamp ? luaL_checkinteger(L, 8) : 0;
   sqlite3_stmt *st = s->insert;
   if (batch_begin(s) != SQLITE_OK) return db_error(L, s, "cannot store record");
   sqlite3_bind_int64(st, 1, created);
@@ -132,6 +149,7 @@ static int l_push(lua_State *L) {
   sqlite3_bind_int64(st, 4, qos);
   sqlite3_bind_text(st, 5, kind, -1, SQLITE_STATIC);
   sqlite3_bind_int64(st, 6, points);
+  if (has_stamp) sqlite3_bind_int64(st, 7, stamp); else sqlite3_bind_null(st, 7);
   int rc = sqlite3_step(st);
   sqlite3_reset(st);
   sqlite3_clear_bindings(st);
@@ -141,7 +159,8 @@ static int l_push(lua_State *L) {
   return 1;
 }
 
-/* store:next(after_seq, n) -> {{seq=, created=, topic=, payload=, qos=, kind=, points=}...} */
+/* store:next(after_seq, n) -> {{seq=, created=, topic=, payload=, qos=, kind=, points=
+ *   [, stamp=]}...} */
 static int l_next(lua_State *L) {
   tb_store *s = check_store(L);
   lua_Integer after = luaL_checkinteger(L, 2);
@@ -152,7 +171,7 @@ static int l_next(lua_State *L) {
   lua_newtable(L);
   int i = 0, rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-    lua_createtable(L, 0, 7);
+    lua_createtable(L, 0, 8);
     lua_pushinteger(L, sqlite3_column_int64(st, 0));
     lua_setfield(L, -2, "seq");
     lua_pushinteger(L, sqlite3_column_int64(st, 1));
@@ -168,6 +187,10 @@ static int l_next(lua_State *L) {
     lua_setfield(L, -2, "kind");
     lua_pushinteger(L, sqlite3_column_int64(st, 6));
     lua_setfield(L, -2, "points");
+    if (sqlite3_column_type(st, 7) != SQLITE_NULL) {
+      lua_pushinteger(L, sqlite3_column_int64(st, 7));
+      lua_setfield(L, -2, "stamp");
+    }
     lua_rawseti(L, -2, ++i);
   }
   sqlite3_reset(st);

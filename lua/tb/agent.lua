@@ -53,20 +53,43 @@ function M.open_outbox(core, config, log, path)
   return box
 end
 
+-- lock_state_dir(core, config, log) -> lock | nil, exit message: one agent per state
+-- directory (its outbox, downloads and job files); the kernel releases the lock when the
+-- process ends, however it ends. A lock that cannot be taken for another reason (a
+-- read-only directory) is logged and the agent goes on, as with an unusable directory.
+function M.lock_state_dir(core, config, log)
+  local lock, err, pid = core.state_lock(config.state_dir .. "/agent.lock")
+  if lock then return lock end
+  if err == "in use" then
+    return nil, string.format("state directory %s is in use by %s", config.state_dir,
+      pid and ("pid " .. pid) or "another tbagent")
+  end
+  log.warn("state directory %s not locked (%s): another agent could use it at the same time", config.state_dir, err)
+  return false
+end
+
 -- run(core, config, log) -> exit_code, message
 function M.run(core, config, log)
   local ok, err = core.signals_open()
   if not ok then return 2, err end
   local sok, serr = core.mkdirs(config.state_dir, 448)
   if not sok then log.error("state directory unusable (%s): downloads will fail, data stays in memory", serr) end
-  if sok and not config.memory_outbox then
-    config.outbox = M.open_outbox(core, config, log, config.state_dir .. "/outbox.db")
-  end
   local ctx = M.build(core, config, log)
+  -- the script first: a bad script says what is wrong with it, also on a busy directory
+  -- (what it sends while loading is held until commit, so no outbox is needed yet)
   local gen
   gen, err = ctx.loader:load(config.script)
   if not gen then
     return 1, "cannot load " .. config.script .. ": " .. err
+  end
+  if sok then
+    local lock, busy = M.lock_state_dir(core, config, log)
+    if lock == nil then return 2, busy end
+    ctx.state_lock = lock or nil
+    if not config.memory_outbox then
+      local box = M.open_outbox(core, config, log, config.state_dir .. "/outbox.db")
+      if box then ctx.session:use_outbox(box) end
+    end
   end
   ctx.loader:commit(gen)
   log.info("tbagent %s running %s (generation %d)", core.version, config.script, gen.id)
@@ -98,6 +121,7 @@ function M.run(core, config, log)
     session.outbox:commit()
   end
   session.outbox:close()
+  if ctx.state_lock then ctx.state_lock:release() end
   if ctx.fatal and exit_code == 0 then exit_code, exit_message = ctx.fatal.code, ctx.fatal.message end
   if ctx.script_exit and exit_code == 0 then exit_code, exit_message = ctx.script_exit.code, ctx.script_exit.message end
   if exit_code == 0 then

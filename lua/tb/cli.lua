@@ -43,6 +43,8 @@ local OPTIONS = {
   {"fw-window", "TB_FW_WINDOW", "int", 4, "firmware chunks requested at once over MQTT"},
   {"fw-chunk-timeout", "TB_FW_CHUNK_TIMEOUT", "int", 10000, "ms to wait for a firmware chunk before asking again"},
   {"http-cafile", "TB_HTTP_CAFILE", "file", nil, "CA file for fw_url downloads (default: the system's CA store)"},
+  {"timestamps", "TB_TIMESTAMPS", "mode", "auto", "who puts the time on telemetry: auto, device or server"},
+  {"connect-timeout", "TB_CONNECT_TIMEOUT", "int", 30000, "ms to wait for the server to answer a connection"},
 }
 
 local by_name = {}
@@ -103,6 +105,9 @@ local function convert(o, raw, source)
   elseif kind == "level" then
     if raw == "debug" or raw == "info" or raw == "warn" or raw == "error" then return raw end
     return bad("debug, info, warn or error")
+  elseif kind == "mode" then
+    if raw == "auto" or raw == "device" or raw == "server" then return raw end
+    return bad("auto, device or server")
   end
 end
 
@@ -180,6 +185,7 @@ function M.config(o, script)
     request_timeout = o["request-timeout"], rpc_timeout = o["rpc-timeout"],
     shutdown_timeout = o["shutdown-timeout"], fw_window = o["fw-window"],
     fw_chunk_timeout = o["fw-chunk-timeout"], http_cafile = o["http-cafile"],
+    timestamps = o.timestamps, connect_timeout = o["connect-timeout"],
   }
   if c.fw_window < 1 or c.fw_window > 64 then return nil, "--fw-window must be 1 to 64" end
   if c.token and (c.username or c.password or c.client_id) then
@@ -197,7 +203,7 @@ function M.config(o, script)
     return nil, "--keepalive must be 0 (off) or 5 to 65535 seconds"
   end
   if c.outbox_limit < 1 then return nil, "--outbox-limit must be at least 1" end
-  for _, k in ipairs({"outbox-max-bytes", "outbox-max-age", "fw-chunk-timeout", "request-timeout", "rpc-timeout"}) do
+  for _, k in ipairs({"outbox-max-bytes", "outbox-max-age", "fw-chunk-timeout", "request-timeout", "rpc-timeout", "connect-timeout"}) do
     if o[k] < 1 then return nil, "--" .. k .. " must be at least 1" end
   end
   if c.max_inflight < 1 or c.max_inflight > 65535 then return nil, "--max-inflight must be 1 to 65535" end

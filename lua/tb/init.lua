@@ -3,8 +3,41 @@
 -- all of them at once. Misuse raises with Lua's wording; the world failing returns nil, err.
 local M = {}
 
+-- "@lua/tb/" embedded in the binary, "@/usr/.../tb/" installed: the library's own frames
+local LIB_SRC = (debug.getinfo(1, "S").source or ""):match("^(@.*/)[^/]*$")
+
+-- script_level(level) -> the level (as debug.getinfo counts from its caller) of the first
+-- frame above `level` that is the script's: neither the library's nor C; nil when there is
+-- none (a tail call left none). Counting levels is not enough: helpers add frames, a tail
+-- call removes one, and pcall or `tbagent check`'s collecting wrapper sit in between.
+local function script_level(level)
+  level = level + 1   -- this function's own frame
+  while true do
+    local info = debug.getinfo(level, "S")
+    if not info then return nil end
+    if info.what ~= "C" and not (LIB_SRC and info.source:sub(1, #LIB_SRC) == LIB_SRC) then
+      return level - 1
+    end
+    level = level + 1
+  end
+end
+
+-- raise(msg): a misuse error at the script's line
+local function raise(msg)
+  local level = script_level(2)
+  error(msg, level or 0)
+end
+M.raise = raise
+
+-- script_where() -> "file:line" of the script's call that got here, or "?"
+local function script_where()
+  local level = script_level(2)
+  local info = level and debug.getinfo(level, "Sl")
+  return info and string.format("%s:%d", info.short_src, info.currentline) or "?"
+end
+
 local function argcheck(cond, n, fname, msg)
-  if not cond then error(string.format("bad argument #%d to '%s' (%s)", n, fname, msg), 3) end
+  if not cond then raise(string.format("bad argument #%d to '%s' (%s)", n, fname, msg)) end
 end
 
 local function typecheck(v, n, fname, want)
@@ -12,6 +45,9 @@ local function typecheck(v, n, fname, want)
     argcheck(false, n, fname, want .. " expected, got " .. (v == nil and "no value" or type(v)))
   end
 end
+
+-- what a time added by the session puts around an entry, besides the digits of the time
+local STAMP_FRAME = '{"ts":,"values":}'
 
 -- The encoder stops once the text passes the payload limit (a huge table costs no more
 -- memory than the limit to refuse): the same words as session:check_size.
@@ -56,20 +92,38 @@ function M.bind(ctx, gen)
   local encode, decode = core.json_encode, core.json_decode
   local array_mt = core.json_array_mt
 
-  local function deliver(kind, topic, payload, points)
-    if gen.loading then
-      local ok, err = session:check_size(topic, payload)
-      if not ok then return nil, err end
-      gen.held[#gen.held + 1] = {kind = kind, topic = topic, payload = payload, points = points}
-      return true
+  -- deliver(kind, topic, payload, points [, stamp, extra]): see session:submit
+  -- yieldable(fname): raises at the script's line unless called from a handler
+  local function yieldable(fname)
+    if not sched:current() then
+      raise(string.format("%s yields and cannot be called at a script's top level; call it from a handler (e.g. tb.after(0, fn))", fname))
     end
-    return session:submit(topic, payload, kind, points)
   end
 
-  -- telemetry_entry(v, stamp, now, entries) -> body | nil, err, points: one {k = v} or
-  -- {ts=, values=} entry, checked; entries (when someone listens) collects {ts=, values=}.
-  -- ThingsBoard closes the connection for anything but objects here (docs/thingsboard.md
-  -- §4.1), so a list where key = value belongs is refused at the call, never queued
+  local function deliver(kind, topic, payload, points, stamp, extra)
+    if gen.loading then
+      local ok, err = session:check_size(topic, payload, extra)
+      if not ok then return nil, err end
+      gen.held[#gen.held + 1] = {kind = kind, topic = topic, payload = payload, points = points,
+        stamp = stamp, extra = extra}
+      return true
+    end
+    return session:submit(topic, payload, kind, points, stamp, extra)
+  end
+
+  -- Who puts the time on telemetry without a ts of its own (--timestamps, the contract's
+  -- "What goes on the wire for telemetry"): "device" stamps every record with the time of
+  -- the call; "server" never (ThingsBoard stamps on arrival); "auto" sends the script's form
+  -- and the session adds the time of the call only to a record that had to wait, and only
+  -- when the clock was synchronised at the call.
+  local timestamps = ctx.config and ctx.config.timestamps or "auto"
+
+  -- telemetry_entry(v, stamp, now, entries, with_ts) -> body | nil, err, points, untimed: one
+  -- {k = v} or {ts=, values=} entry, checked; stamp: wrap an entry without ts in {ts = now};
+  -- untimed: 1 when the entry has no ts of its own; entries (when someone listens) collects
+  -- {ts=, values=}. ThingsBoard closes the connection for anything but objects here
+  -- (docs/thingsboard.md §4.1), so a list where key = value belongs is refused at the call,
+  -- never queued
   local function telemetry_entry(v, stamp, now, entries, with_ts)
     if type(v) ~= "table" then return nil, "telemetry entries must be tables" end
     if v.ts ~= nil and v.values ~= nil then
@@ -79,14 +133,13 @@ function M.bind(ctx, gen)
           or "values must be a table of key = value"
       end
       if entries then entries[#entries + 1] = {ts = v.ts, values = v.values} end
-      return v, nil, count_keys(v.values)
+      return v, nil, count_keys(v.values), 0
     end
     if next(v) == nil then return nil, "no values to send" end
     if is_array(v, array_mt) then return nil, "telemetry entries must be tables of key = value, not lists" end
     if entries then entries[#entries + 1] = {ts = now, values = v} end
-    -- data sent later keeps the time it was measured
-    if stamp then return {ts = now, values = v}, nil, count_keys(v) end
-    return v, nil, count_keys(v)
+    if stamp then return {ts = now, values = v}, nil, count_keys(v), 0 end
+    return v, nil, count_keys(v), 1
   end
 
   -- send_telemetry(values [, ts_ms]) -> true | nil, err
@@ -96,22 +149,22 @@ function M.bind(ctx, gen)
       argcheck(math.type(ts) == "integer", 2, "send_telemetry", "integer milliseconds expected")
       values = {ts = ts, values = values}
     end
-    local stamp = session:would_queue() or gen.loading
-    -- the time of the call, when a record will carry it or a listener gets it
+    local stamp = timestamps == "device"
+    -- the time of the call, when a record may carry it or a listener gets it
     local listeners = session.listeners.accepted
     local entries = #listeners > 0 and {}
-    local now = (stamp or entries) and ctx.clock() or nil
-    local body, err, points
+    local now = (timestamps ~= "server" or entries) and ctx.clock() or nil
+    local body, err, points, untimed
     if is_array(values, array_mt) then
-      body, points = {}, 0
+      body, points, untimed = {}, 0, 0
       for i, v in ipairs(values) do
-        local e, eerr, n = telemetry_entry(v, stamp, now, entries, false)
+        local e, eerr, n, u = telemetry_entry(v, stamp, now, entries, false)
         if not e then return nil, eerr end
-        body[i], points = e, points + n
+        body[i], points, untimed = e, points + n, untimed + u
       end
       if #body == 0 then return nil, "no values to send" end
     else
-      body, err, points = telemetry_entry(values, stamp, now, entries, ts ~= nil)
+      body, err, points, untimed = telemetry_entry(values, stamp, now, entries, ts ~= nil)
       if not body then return nil, err end
     end
     local payload, code
@@ -122,8 +175,18 @@ function M.bind(ctx, gen)
       if stamp or ts then err = err:gsub("%.values([%.%[])", "%1"):gsub(" at %.values$", "") end
       return nil, err
     end
+    -- auto: the time to add if the record has to wait, 0 when the clock cannot give it, and
+    -- the bytes it adds ({"ts":<now>,"values":...} around each entry without a ts)
+    local at, extra
+    if timestamps == "auto" and untimed > 0 then
+      if session.core.clock_synced() then
+        at, extra = now, untimed * (#STAMP_FRAME + #tostring(now))
+      else
+        at = 0
+      end
+    end
     local ok
-    ok, err = deliver("telemetry", session.topics.telemetry, payload, points)
+    ok, err = deliver("telemetry", session.topics.telemetry, payload, points, at, extra)
     if ok and entries then
       for _, fn in ipairs(listeners) do fn("telemetry", entries) end
     end
@@ -153,7 +216,7 @@ function M.bind(ctx, gen)
     check_keys(opts.shared, 1, "request_attributes", "shared")
     argcheck(opts.timeout == nil or (type(opts.timeout) == "number" and opts.timeout > 0), 1,
       "request_attributes", "timeout must be a positive number of ms")
-    sched:check_yieldable("tb.request_attributes")
+    yieldable("tb.request_attributes")
     return session:request_attributes({client = opts.client, shared = opts.shared},
       math.floor(opts.timeout or ctx.request_timeout or 10000))
   end
@@ -163,7 +226,7 @@ function M.bind(ctx, gen)
     typecheck(method, 1, "rpc_call", "string")
     argcheck(timeout == nil or (type(timeout) == "number" and timeout > 0), 3, "rpc_call",
       "timeout must be a positive number of ms")
-    sched:check_yieldable("tb.rpc_call")
+    yieldable("tb.rpc_call")
     return session:rpc_call(method, params, math.floor(timeout or ctx.rpc_timeout or 60000))
   end
 
@@ -205,7 +268,8 @@ function M.bind(ctx, gen)
       periodic and "interval must be at least 1 ms" or "delay must be >= 0")
     typecheck(fn, 2, fname, "function")
     ms = math.floor(ms)
-    local t = sched:timer(ms, fn, periodic and ms or nil, gen, "tb." .. fname .. " handler")
+    -- named by where the script made it: its errors are reported (and counted) under that
+    local t = sched:timer(ms, fn, periodic and ms or nil, gen, "timer at " .. script_where())
     if gen.retired then t:cancel() end
     return t
   end
@@ -217,7 +281,7 @@ function M.bind(ctx, gen)
   -- sleep(ms): yields the running handler
   function tb.sleep(ms)
     argcheck(type(ms) == "number" and ms >= 0, 1, "sleep", "number of ms expected")
-    sched:check_yieldable("tb.sleep")
+    yieldable("tb.sleep")
     sched:sleep(math.floor(ms))
   end
 
@@ -240,7 +304,7 @@ function M.bind(ctx, gen)
       end
     end
     typecheck(opts, 2, "exec", "table")
-    sched:check_yieldable("tb.exec")
+    yieldable("tb.exec")
     -- the timeout goes along for tb.testing's core, which runs the command at once
     local id, err = core.spawn(argv, opts.output_limit or 65536, opts.timeout or 600000)
     if not id then return nil, err end
@@ -285,7 +349,12 @@ function M.bind(ctx, gen)
   tb.log = ctx.script_log or ctx.log
   tb.json = {
     encode = encode, decode = decode, null = core.json_null,
-    array = function(t) return setmetatable(t or {}, array_mt) end,
+    array = function(t)
+      argcheck(t == nil or type(t) == "table", 1, "array", "table expected, got " .. type(t))
+      argcheck(t == nil or getmetatable(t) == nil or getmetatable(t) == array_mt, 1, "array",
+        "the table has a metatable of its own")
+      return setmetatable(t or {}, array_mt)
+    end,
   }
   tb.version = core.version
   return tb

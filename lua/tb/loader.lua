@@ -167,7 +167,7 @@ function M:commit(gen)
   local held = gen.held
   gen.held = nil
   for _, rec in ipairs(held) do
-    local ok, err = ctx.session:submit(rec.topic, rec.payload, rec.kind, rec.points)
+    local ok, err = ctx.session:submit(rec.topic, rec.payload, rec.kind, rec.points, rec.stamp, rec.extra)
     if not ok then ctx.log.warn("held %s not sent: %s", rec.kind, err) end
   end
 end

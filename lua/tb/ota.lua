@@ -13,7 +13,7 @@
 --           <prefix>error, current_<prefix>title and current_<prefix>version
 --   name    names the updater in logs and its state directory ("firmware")
 --   policy  function() -> the script's policy now, or nil (no updates):
---           {current = {title=, version=}, accept = fn(info) -> yes [, why],
+--           {current = {title=, version=}, accept = fn(info, current) -> yes [, why],
 --            install = fn(image_path, info) -> true | nil, err, progress = fn(info, received, total),
 --            chunk_size = n}; accept, install and progress run through sched:call
 --   mqtt, http  transfers: http fetches an offer that has a url, mqtt any other
@@ -51,7 +51,8 @@ function M.new(ctx, opts)
   }, M)
   local l = self.session.listeners
   l.attributes[#l.attributes + 1] = function(changes, deleted, why) self:on_attributes(changes, deleted, why) end
-  l.connect[#l.connect + 1] = function() self:on_connect() end
+  l.online[#l.online + 1] = function() self:on_online() end
+  l.connect[#l.connect + 1] = function() self:wake_job("online") end
   l.disconnect[#l.disconnect + 1] = function() self:wake_job("offline") end
   return self
 end
@@ -100,24 +101,33 @@ function M:current()
   return policy and policy.current or {}
 end
 
--- Reports telemetry with its own strictly increasing timestamp: ThingsBoard keeps one value
--- per key and millisecond, so states sent in the same millisecond would overwrite each other.
-function M:report(values)
-  local ts = math.max(self.ctx.clock(), (self.last_ts or 0) + 1)
-  self.last_ts = ts
-  local payload, err = self.core.json_encode({ts = ts, values = values})
+-- report(values [, at_once]): telemetry with its own strictly increasing timestamp while the
+-- clock can be trusted (session:clock_trusted): ThingsBoard keeps one value per key and
+-- millisecond, so states sent in the same millisecond would overwrite each other. Otherwise
+-- without one: a time from an unsynchronised clock may lie in the past, where ThingsBoard
+-- would not even take it as the latest state. at_once: published now, ahead of what waits
+-- in the outbox (the connect report, which only makes sense on this connection).
+function M:report(values, at_once)
+  local body = values
+  if self.session:clock_trusted() then
+    local ts = math.max(self.ctx.clock(), (self.last_ts or 0) + 1)
+    self.last_ts = ts
+    body = {ts = ts, values = values}
+  end
+  local payload, err = self.core.json_encode(body)
   if not payload then
     self.log.warn("%s state not reported: %s", self.label, printable(err, TEXT_MAX))
     return
   end
-  local ok
-  ok, err = self.session:submit(self.session.topics.telemetry, payload, "telemetry", 1)
+  local topic, ok = self.session.topics.telemetry, nil
+  if at_once then ok = self.session:publish_now(topic, payload) end
+  if not ok then ok, err = self.session:submit(topic, payload, "telemetry", 1) end
   if not ok then self.log.warn("%s state not reported: %s", self.label, printable(err, TEXT_MAX)) end
 end
 
-function M:report_current(title, version)
+function M:report_current(title, version, at_once)
   local p = self.prefix
-  self:report({["current_" .. p .. "title"] = title, ["current_" .. p .. "version"] = version})
+  self:report({["current_" .. p .. "title"] = title, ["current_" .. p .. "version"] = version}, at_once)
 end
 
 function M:set_state(state, err)
@@ -135,12 +145,14 @@ function M:wake_job(why)
   if self.job then self.sched:wake(self.job.key, why) end
 end
 
-function M:on_connect()
+-- on_online(): on every connection the installed title and version go out first, before the
+-- offer is fetched and looked at (ThingsBoard's OTA flow expects the device's current
+-- version before any state of an update)
+function M:on_online()
   if not self.policy() then return end
   self:settle_interrupted()
   local cur = self:current()
-  if cur.title or cur.version then self:report_current(cur.title, cur.version) end
-  self:wake_job("online")
+  if cur.title or cur.version then self:report_current(cur.title, cur.version, true) end
 end
 
 -- on_attributes(changes, deleted, why): why "current" is the whole set fetched after a
@@ -304,6 +316,22 @@ function M:start_job(info)
     end})
 end
 
+-- declined(job, answer, why): the policy said no (answer: what accept returned first).
+-- ThingsBoard would show the package INITIATED for ever: it is reported FAILED with the
+-- reason, and not offered to the policy again until another package is assigned (kept in
+-- job.json, so also not after a restart).
+function M:declined(job, answer, why)
+  local info = job.info
+  why = why ~= nil and printable(why, TEXT_MAX) or ("accept() returned " .. tostring(answer))
+  self.failed[job.key_text] = true
+  self:discard_saved(read_json(self.core, self.dir .. "/job.json"))
+  self:write_json("job.json", {key = job.key_text, title = info.title, version = info.version, failed = true})
+  self:set_state("FAILED", "declined: " .. why)
+  job.finished = true
+  if self.job == job then self.job = nil end
+  return false
+end
+
 function M:finish_failed(job, err)
   job.transfer:stop(job)
   self.failed[job.key_text] = true
@@ -330,16 +358,12 @@ function M:run_job(job)
   local info = job.info
   local policy = self.policy()
   if policy.accept then
-    local ok, yes, why = self.sched:call(self.label .. " accept()", policy.accept, info)
+    local cur = self:current()
+    local ok, yes, why = self.sched:call(self.label .. " accept()", policy.accept, info,
+      {title = cur.title, version = cur.version})
     if job.cancelled then return end
     if not ok then return self:finish_failed(job, "accept() raised: " .. yes) end
-    if not yes then
-      self.failed[job.key_text] = true
-      self.log.info("%s %s %s declined by the script%s", self.label, info.title, info.version, why and (": " .. tostring(why)) or "")
-      job.finished = true
-      self.job = nil
-      return
-    end
+    if not yes then return self:declined(job, yes, why) end
   end
   local ok, err = self.core.mkdirs(self.dir, 448)
   if not ok then return self:finish_failed(job, err) end

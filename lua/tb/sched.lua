@@ -35,6 +35,7 @@ function M.new(opts)
   self.waiting = {}      -- key -> coroutine
   self.handlers = {}     -- coroutine -> {name=, gen=}
   self.running_count = 0
+  self.repeats, self.repeats_n = {}, 0   -- handler name -> {first=, n=, since=, last=, timer=}
   return self
 end
 
@@ -161,8 +162,47 @@ local function traceback(err)
 end
 exempt[traceback] = true
 
--- Reports a handler's failure once, with file:line and a traceback. An error object's
--- __tostring may itself fail.
+-- A handler that fails the same way every period (a timer reading a sensor that is gone)
+-- is logged in full the first time, then counted: one line REPEAT_WINDOW_MS after the first
+-- repeat says how often it failed again in that time. A different error, or the same one
+-- after REPEAT_QUIET_MS without it, is logged in full again. At most REPEAT_NAMES handlers
+-- are followed (an RPC's name comes from the server).
+local REPEAT_WINDOW_MS, REPEAT_QUIET_MS, REPEAT_NAMES = 60000, 600000, 256
+
+-- log_failure(self, name, msg): msg in full, or counted when it repeats the last one of name
+local function log_failure(self, name, msg)
+  local first, now = msg:match("^[^\n]*"), self.now()
+  local r = self.repeats[name]
+  if r and r.first == first and now - r.last < REPEAT_QUIET_MS then
+    r.last = now
+    if r.n == 0 then
+      r.since = now
+      r.timer = self:system_timer(REPEAT_WINDOW_MS, function()
+        r.timer = nil
+        self.log.error("%s failed %d more time%s in %d s: same error", name, r.n, r.n == 1 and "" or "s",
+          (self.now() - r.since + 999) // 1000)
+        r.n = 0
+      end, "repeated error summary")
+    end
+    r.n = r.n + 1
+    return
+  end
+  if r and r.timer then
+    -- the repeats so far are summed up before the new error
+    r.timer:cancel()
+    self.log.error("%s failed %d more time%s in %d s: same error", name, r.n, r.n == 1 and "" or "s",
+      math.max(1, (now - r.since + 999) // 1000))
+  end
+  self.log.error("%s failed: %s", name, msg)
+  if not r then
+    self.repeats_n = self.repeats_n + 1
+    if self.repeats_n > REPEAT_NAMES then self.repeats, self.repeats_n = {}, 1 end
+  end
+  self.repeats[name] = {first = first, n = 0, last = now}
+end
+
+-- Reports a handler's failure with file:line and a traceback (counted when it repeats). An
+-- error object's __tostring may itself fail.
 local function report(self, info, err)
   local msg = err
   if type(err) ~= "string" then
@@ -171,7 +211,7 @@ local function report(self, info, err)
       .. (object_traceback or "")
   end
   object_traceback = nil
-  self.log.error("%s failed: %s", info.name, msg)
+  log_failure(self, info.name, msg)
   if info.on_error then info.on_error(err) end
 end
 

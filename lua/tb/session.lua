@@ -6,6 +6,9 @@
 -- Invariants: records leave the outbox only on PUBACK (QoS 1); a connection loss puts every
 -- unacknowledged record back at the front, in order; nothing the server could disconnect
 -- for (QoS 2, invalid JSON, oversize) is ever queued.
+-- Telemetry goes out in the script's form when it is published at once; one that had to wait
+-- (offline, behind a backlog, a full window, paced, read back from disk) gets the time of the
+-- call it carries (rec.stamp) as it leaves (see "holds" below).
 local memory_outbox = require "tb.memory_outbox"
 local limits = require "tb.limits"
 local logmod = require "tb.log"
@@ -39,9 +42,17 @@ function M.new(o)
     payload_limit = c.payload_limit or 65536,
     seq = 0, next_req = 0, attempts = 0, ever_connected = false,
     own_requests = {},
+    -- holds counts the times the flow of records stopped with some still waiting (a full
+    -- window, pacing, a publish that failed, a lost connection); a record submitted while
+    -- records flow keeps the count of then, and went out at once if it is the same when
+    -- it is published. backlog: records wait that the flow has not caught up with yet.
+    holds = 0, backlog = true,
     -- what other parts of the agent follow: attribute pushes, messages no route took,
-    -- connects, disconnects, extra subscriptions, and the script's accepted sends
-    listeners = {attributes = {}, message = {}, connect = {}, disconnect = {}, subscriptions = {}, accepted = {}},
+    -- online (the session is up, before the current shared attributes are fetched: what
+    -- must be reported before anything reacts to them), connect (after they were handled),
+    -- disconnects, extra subscriptions, and the script's accepted sends
+    listeners = {attributes = {}, message = {}, online = {}, connect = {}, disconnect = {},
+      subscriptions = {}, accepted = {}},
     stats = {sent = 0, acked = 0, dropped = 0, reconnects = 0, refused = 0, set_aside = 0},
     clock = o.clock,
   }, M)
@@ -57,6 +68,13 @@ function M.new(o)
       return drops.keep_in_file(c.state_dir, rec, self.json_encode, self.core.mkdirs, self.clock)
     end}
   return self
+end
+
+-- use_outbox(box): the outbox records wait in from now on (tb.agent opens the one on disk
+-- once it knows the script loads and holds the state directory); only before start
+function M:use_outbox(box)
+  assert(self.outbox:count() == 0 and not self.conn, "use_outbox: the session is in use")
+  self.outbox = box
 end
 
 local function strip_position(err)
@@ -93,11 +111,34 @@ function M:connect_options()
     insecure = c.insecure, keepalive = c.keepalive or 60, max_inflight = self.window}
 end
 
+-- failure_words(code, why) -> what went wrong with a connection attempt, in plain words
+-- with the host and port and what to check. code: src/mqtt.c's word for the kind of
+-- failure ("dns", "refused", "unreachable", "timeout", "tls") or nil; why: its own text.
+function M:failure_words(code, why)
+  local c = self.config
+  why = tostring(why)
+  if code == "dns" then
+    return string.format("host %s not found (no address for that name); check --host and the device's DNS", c.host)
+  elseif code == "refused" then
+    return string.format("connection refused: nothing accepts connections on port %d of %s; " ..
+      "check --host and --port, and that ThingsBoard's MQTT transport runs", c.port, c.host)
+  elseif code == "unreachable" then
+    return string.format("no route to %s (%s); check --host and the device's network", c.host, why:gsub("%.$", ""):lower())
+  elseif code == "timeout" then
+    return string.format("no answer from %s:%d within %g s (timed out); check --host, --port and any firewall between", c.host, c.port,
+      (c.connect_timeout or 30000) / 1000)
+  elseif code == "tls" then
+    return string.format("TLS handshake with %s:%d failed (%s); check --cafile, --cert and --key", c.host, c.port,
+      (why:gsub("^TLS error: ", "")))
+  end
+  return why
+end
+
 function M:connect_now()
   if self.stopping then return end
-  local conn, id = self.core.mqtt_connect(self:connect_options())
+  local conn, id, code = self.core.mqtt_connect(self:connect_options())
   if not conn then
-    self.log.warn("cannot connect to %s:%d: %s", self.config.host, self.config.port, id)
+    self.log.warn("cannot connect to %s:%d: %s", self.config.host, self.config.port, self:failure_words(code, id))
     return self:schedule_reconnect()
   end
   self.conn, self.conn_id, self.state = conn, id, "connecting"
@@ -106,8 +147,7 @@ function M:connect_now()
   local my_id = id
   self.connect_timer = self.sched:timer(self.config.connect_timeout or 30000, function()
     if self.conn_id == my_id and self.state == "connecting" then
-      self.log.warn("no CONNACK within %d ms; reconnecting", self.config.connect_timeout or 30000)
-      self:drop_connection("connect timeout")
+      self:drop_connection("connect timeout", "timeout")
     end
   end, nil, nil, "connect timeout")
 end
@@ -122,7 +162,8 @@ function M:backoff_delay()
 end
 
 function M:schedule_reconnect()
-  if self.stopping or self.reconnect_timer then return end
+  -- after a fatal refusal the agent exits: announcing a reconnect would contradict it
+  if self.stopping or self.fatal or self.reconnect_timer then return end
   local delay = self:backoff_delay()
   -- two decimals: at a 100 ms minimum the jittered steps (75-125, 150-250 ms) stay apart
   self.log.info("reconnecting in %.2f s", delay / 1000)
@@ -152,12 +193,14 @@ function M:on_connack(rc)
       self.refusals = (self.refusals or 0) + 1
       local limit = self.ever_connected and (self.config.refusals_to_exit or 5) or 1
       if self.refusals >= limit then
+        self.fatal = true
         self.on_fatal(3, string.format("ThingsBoard refused the connection: CONNACK %d, %s%s; check --token or --client-id/--username/--password",
           rc, text, limit > 1 and string.format(" (%d times in a row)", self.refusals) or ""))
         return
       end
     end
     self.log.error("ThingsBoard refused the connection: CONNACK %d, %s", rc, text)
+    self.refused_conn = self.conn_id   -- said: the disconnect that follows says no more
     return -- the disconnect event that follows schedules the reconnect
   end
   self.state = "online"
@@ -173,9 +216,11 @@ function M:on_connack(rc)
   self.sched:spawn("connect sequence", function() self:connect_sequence(self.conn_id) end)
 end
 
--- After every CONNACK: subscribe again (the server keeps nothing), fetch the current shared
--- attributes (SUBACK comes before the subscription is live, so a push may have been missed),
--- run on_connect, and subscribe to RPC last so pending RPCs arrive once handlers are ready.
+-- After every CONNACK: subscribe again (the server keeps nothing), deliver what waited, let
+-- the online listeners report (the installed firmware first: ThingsBoard's OTA flow expects
+-- it before any state of an update), fetch the current shared attributes (SUBACK comes
+-- before the subscription is live, so a push may have been missed) and act on them, run
+-- on_connect, and subscribe to RPC last so pending RPCs arrive once handlers are ready.
 function M:connect_sequence(conn_id)
   local function alive() return self.conn_id == conn_id and self.state == "online" end
   local subs = {T_ATTR, T_ATTR_RES .. "+", T_RPC_RES .. "+"}
@@ -191,7 +236,13 @@ function M:connect_sequence(conn_id)
     if not alive() then return end
   end
   self.ready = true
+  local queued = self.outbox:count()
+  if queued > 0 then
+    self.log.info("delivering %d queued record%s", queued, queued == 1 and "" or "s")
+  end
   self:flush()
+  for _, fn in ipairs(self.listeners.online) do fn() end
+  if not alive() then return end
   local gen = self.generation()
   if M.wants_attributes(gen) then
     self:fetch_current(alive)
@@ -258,20 +309,22 @@ function M:fetch_session_limits()
     self.payload_limit, self.window, type(rl.messages) == "string" and rl.messages or "unlimited")
 end
 
--- Closes the connection from our side, as if it had dropped.
-function M:drop_connection(why)
+-- Closes the connection from our side, as if it had dropped (code: as on_disconnect's).
+function M:drop_connection(why, code)
   if not self.conn then return end
   local id = self.conn_id
   self.conn:close()
-  self:on_disconnect(id, -1, why)
+  self:on_disconnect(id, -1, why, code)
 end
 
-function M:on_disconnect(conn_id, rc, why)
+-- on_disconnect(conn_id, rc, why [, code]): code is src/mqtt.c's kind of failure (failure_words)
+function M:on_disconnect(conn_id, rc, why, code)
   if conn_id ~= self.conn_id then return end
   local was_online = self.state == "online"
   if self.connect_timer then self.connect_timer:cancel(); self.connect_timer = nil end
   if self.conn then self.conn:close() end
   self.conn, self.conn_id, self.state, self.ready = nil, nil, "offline", false
+  self:hold()
   -- unacknowledged records go out again first, in their original order
   local back = {}
   for _, rec in pairs(self.inflight) do back[#back + 1] = rec end
@@ -295,6 +348,8 @@ function M:on_disconnect(conn_id, rc, why)
   self.sched:wake_all("attr:", nil, "disconnected")
   self.sched:wake_all("rpc:", nil, "disconnected")
   self.own_requests = {}
+  -- the agent exits with the refusal's own line: nothing more to say, no reconnect
+  if self.fatal then return end
   if was_online then
     if self.stopping then
       self.log.info("disconnected")
@@ -306,8 +361,8 @@ function M:on_disconnect(conn_id, rc, why)
     for _, fn in ipairs(gen.disconnect_handlers) do
       self.sched:spawn("on_disconnect handler", {fn = fn, gen = gen}, tostring(why))
     end
-  else
-    self.log.warn("connection to %s:%d failed: %s", self.config.host, self.config.port, tostring(why))
+  elseif self.refused_conn ~= conn_id then
+    self.log.warn("cannot connect to %s:%d: %s", self.config.host, self.config.port, self:failure_words(code, why))
   end
   if self.stopping then
     self.finished = true
@@ -319,26 +374,73 @@ end
 -------------------------------------------------------------------------------------------
 -- outbound records
 
--- would_queue() -> true when a record submitted now waits in the outbox (the caller stamps
--- telemetry with the time it was measured).
-function M:would_queue()
-  -- with the outbox on disk any record may go out after a crash: always keep its time
-  if self.outbox.durable then return true end
-  return not (self.ready and self.outbox:count() == 0 and self.inflight_n < self.window)
+-- hold(): the flow of records stopped with some possibly still waiting: whatever was
+-- submitted until now and is published later waited
+function M:hold()
+  self.holds = self.holds + 1
+  self.backlog = true
 end
 
--- check_size(topic, payload) -> true | nil, err: ThingsBoard counts topic, ids and payload.
-function M:check_size(topic, payload)
-  local size = #payload + #topic + 4
+-- flowing() -> true when a record submitted now goes out at once, unless the flow stops
+-- before it is published (connected, not paced, nothing waiting ahead of it)
+function M:flowing()
+  return self.ready and not self.backlog and not self.flush_timer and not self.closing
+end
+
+-- clock_trusted() -> true when the agent may put its clock's time on what it sends:
+-- --timestamps device, or auto while the kernel says the clock is synchronised
+function M:clock_trusted()
+  local mode = self.config.timestamps or "auto"
+  if mode == "auto" then return self.core.clock_synced() end
+  return mode == "device"
+end
+
+-- stamped(rec) -> the payload of telemetry that waited: each entry without a ts of its own
+-- gets the time of the call, rec.stamp. Stamp 0: the clock was not synchronised at the call,
+-- and the record goes in the script's form (ThingsBoard stamps it on arrival); said once.
+local STAMP_OPEN, STAMP_VALUES = '{"ts":', ',"values":'
+function M:stamped(rec)
+  local payload, stamp = rec.payload, rec.stamp
+  if stamp == 0 then
+    if not self.unsynced_said then
+      self.unsynced_said = true
+      self.log.warn("telemetry that waited in the outbox goes without the time it was sent: the system clock " ..
+        "was not synchronised (adjtimex) when the script sent it; ThingsBoard stamps it on arrival")
+    end
+    return payload
+  end
+  if payload:byte(1) ~= 91 then   -- "[": else one object, wrapped as it is
+    return STAMP_OPEN .. stamp .. STAMP_VALUES .. payload .. "}"
+  end
+  local list, err = self.json_decode(payload)
+  if type(list) == "table" then
+    for i, e in ipairs(list) do
+      if not (type(e) == "table" and e.ts ~= nil and e.values ~= nil) then list[i] = {ts = stamp, values = e} end
+    end
+    local text
+    text, err = self.json_encode(list)
+    if text then return text end
+  end
+  self.log.warn("telemetry sent without its time: cannot add it (%s)", tostring(err))
+  return payload
+end
+
+-- check_size(topic, payload [, extra]) -> true | nil, err: ThingsBoard counts topic, ids and
+-- payload; extra: bytes a time added later may take
+function M:check_size(topic, payload, extra)
+  local size = #payload + #topic + 4 + (extra or 0)
   if size > self.payload_limit then
     return nil, string.format("payload too large: %d bytes (limit %d)", size, self.payload_limit)
   end
   return true
 end
 
--- submit(topic, payload, kind, points) -> true | nil, err: queue or send a record.
-function M:submit(topic, payload, kind, points)
-  local ok, err = self:check_size(topic, payload)
+-- submit(topic, payload, kind, points [, stamp, extra]) -> true | nil, err: queue or send a
+-- record. Telemetry without its own time carries stamp, the time of the call to add if it has
+-- to wait (0: it would need one, but the clock was not synchronised), and extra, the bytes
+-- that adds (the payload limit holds for the form that may go out).
+function M:submit(topic, payload, kind, points, stamp, extra)
+  local ok, err = self:check_size(topic, payload, extra)
   if not ok then return nil, err end
   self.seq = self.seq + 1
   local qos = self.config.qos or 1
@@ -346,7 +448,8 @@ function M:submit(topic, payload, kind, points)
   -- straight to the socket (the disk is for what has to wait)
   if qos == 0 and self.outbox:count() == 0 and self:send_now(topic, payload, kind, points) then return true end
   local rec = {topic = topic, payload = payload, qos = qos, seq = self.seq,
-    kind = kind, points = points or 0, created = self.clock and self.clock() or nil}
+    kind = kind, points = points or 0, created = self.clock and self.clock() or nil,
+    stamp = stamp, hold = self:flowing() and self.holds or nil}
   local dropped = self.outbox:push(rec)
   if dropped > 0 then
     self.stats.dropped = self.stats.dropped + dropped
@@ -424,24 +527,32 @@ function M:flush()
   local guard = self.drops
   if guard.probe and self.inflight_n == 0 then guard:before_flush(outbox:peek()) end
   local window = guard.probe and guard:window(self.window) or self.window
-  while self.inflight_n < window do
+  local holds = self.holds
+  while true do
     local rec = outbox:peek()
-    if not rec then break end
+    if not rec then
+      self.backlog = false
+      break
+    end
+    if self.inflight_n >= window then return self:hold() end
     -- on the way out only what was already queued at the signal leaves
     if self.stop_seq and (rec.mem or not outbox.durable) and rec.seq > self.stop_seq then break end
     if self.stop_seq and outbox.durable and not rec.mem and rec.seq > self.stop_disk_seq then break end
     local ok, wait = self:pace(rec.kind, rec.points, now)
     if not ok then
+      self:hold()
       self.flush_timer = self.sched:timer(wait, function()
         self.flush_timer = nil
         self:flush()
       end, nil, nil, "paced flush")
       return
     end
-    local mid, err = conn:publish(rec.topic, rec.payload, rec.qos)
+    local payload = rec.payload
+    if rec.stamp and rec.hold ~= holds then payload = self:stamped(rec) end
+    local mid, err = conn:publish(rec.topic, payload, rec.qos)
     if not mid then
       self.log.warn("publish failed: %s", err)
-      return
+      return self:hold()
     end
     outbox:pop()
     rec.sent_at = now
@@ -669,7 +780,7 @@ function M:on_event(kind, conn_id, b, c, s1, s2)
   elseif kind == "connect" then
     self:on_connack(b)
   elseif kind == "disconnect" then
-    self:on_disconnect(conn_id, b, s1)
+    self:on_disconnect(conn_id, b, s1, s2)
   end
 end
 

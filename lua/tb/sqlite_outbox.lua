@@ -48,7 +48,7 @@ end
 -- push(rec) -> dropped_now
 function M:push(rec)
   if not self.broken then
-    local seq, err = self.db:push(rec.created or self.clock(), rec.topic, rec.payload, rec.qos, rec.kind, rec.points)
+    local seq, err = self.db:push(rec.created or self.clock(), rec.topic, rec.payload, rec.qos, rec.kind, rec.points, rec.stamp)
     if seq then
       rec.seq = seq
       self.last_seq = seq

@@ -25,6 +25,8 @@ local function fake_core(s)
   local core = setmetatable({}, {__index = real})
   core.now = function() return s.clock end
   core.wall = function() return s.wall_start + s.clock end
+  -- the fake clock is synchronised unless the spec says otherwise (s:clock_synced(false))
+  core.clock_synced = function() return s.synced end
   core.log_write = function(level, message)
     s.logs[#s.logs + 1] = {level = level, message = message}
     if s.echo_logs then io.stderr:write(level, " ", message, "\n") end
@@ -106,7 +108,7 @@ end
 function M.load(path, opts)
   opts = opts or {}
   local s = setmetatable({
-    clock = 0, wall_start = opts.wall or WALL_START, events = {}, logs = {},
+    clock = 0, wall_start = opts.wall or WALL_START, synced = true, events = {}, logs = {},
     telemetry = {}, attributes = {}, published = {}, subscriptions = {}, claims = {},
     packages = {}, http_files = {}, req_sizes = {}, commands = {},
     rpc_responses = {}, attribute_answers = {}, rpc_answers = {}, next_conn = 0,
@@ -278,7 +280,9 @@ local function ota_states(s, kind, from)
   for i = from + 1, #s.published do
     local m = s.published[i]
     if m.topic == "v1/devices/me/telemetry" then
-      local v = decode(s, m.payload).values or {}
+      local v = decode(s, m.payload)
+      -- with a trusted clock the agent stamps its reports ({ts=, values=}), else not
+      if v.ts ~= nil and type(v.values) == "table" then v = v.values end
       if v[kind .. "_state"] then states[#states + 1] = v[kind .. "_state"] end
       if v[kind .. "_error"] then last_error = v[kind .. "_error"] end
     end
@@ -325,8 +329,9 @@ function Session:offer_firmware(info, bytes)
   if #gone > 0 then queue_delete(self, gone) end
   self:pump()
   self:advance(ota.OFFER_SETTLE_MS)   -- the agent waits that long for deletions after a push
-  -- the states are what the server received: the update runs to UPDATED or FAILED, or ends
-  -- without either (declined, nothing to do, withdrawn) once what it reported has gone out
+  -- the states are what the server received: the update runs to UPDATED or FAILED (a decline
+  -- too: "declined: ..."), or ends without either (nothing to do, withdrawn) once what it
+  -- reported has gone out
   local states, last_error
   for _ = 1, 10000 do
     states, last_error = ota_states(self, kind, from)
@@ -337,6 +342,14 @@ function Session:offer_firmware(info, bytes)
   end
   return {state = states[#states], states = states, error = last_error,
     installed = states[#states] == "UPDATED"}
+end
+
+-- clock_synced(yes): whether the system clock counts as synchronised from now on (the
+-- kernel's adjtimex status for the agent; true at load). Under --timestamps auto telemetry
+-- that waits gets the time of the call only if it was synchronised at the call.
+function Session:clock_synced(yes)
+  self.synced = yes and true or false
+  return self
 end
 
 -- connect(): the server accepts the connection; on_connect handlers run.

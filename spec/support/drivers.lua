@@ -446,9 +446,8 @@ function Real:last_seq()
 end
 
 -- offer_firmware(info, bytes): upload to tbemu, assign, then follow the fw_state (sw_state)
--- telemetry the agent publishes until UPDATED or FAILED, or until the agent logs that the
--- script declined the package (no state then), or 5-6 s pass with no state (nothing taken up).
--- Bounded by 20 s.
+-- telemetry the agent publishes until UPDATED or FAILED (a package the script declines
+-- included), or 5-6 s pass with no state (nothing taken up). Bounded by 20 s.
 function Real:offer_firmware(info, bytes)
   assert(type(info) == "table" and info.title and info.version, "offer_firmware needs {title=, version=}")
   need(info.size == nil and info.expire_at_chunk == nil,
@@ -466,14 +465,12 @@ function Real:offer_firmware(info, bytes)
   if status ~= 200 then error(string.format("tbemu package upload -> HTTP %d %s", status, text), 2) end
   local pkg = assert(decode(text))
   local since = self:last_seq()
-  local log_from = #(read_file(self.log) or "")
   self.server:json("POST", "/emu/devices/" .. self.name .. "/assign", {packageId = pkg.id})
   local p = kind .. "_"
   local states, last_error = {}, nil
   local seen = since
   local dl, idle = deadline(20000), deadline(5000)
   while true do
-    local declined = (read_file(self.log) or ""):find("declined by the script", log_from + 1, true)
     local msgs = self.server:json("GET", "/emu/devices/" .. self.name .. "/messages?dir=up&since=" .. seen ..
       "&topic=v1/devices/me/telemetry") or {}
     for _, m in ipairs(msgs) do
@@ -489,7 +486,7 @@ function Real:offer_firmware(info, bytes)
       end
     end
     local st = states[#states]
-    if st == "UPDATED" or st == "FAILED" or (declined and #states == 0) then break end
+    if st == "UPDATED" or st == "FAILED" then break end
     -- no state at all after 5-6 s (idle counts wall seconds only): the agent took nothing up (the offered version is current,
     -- or it failed before); the fake answers that at once
     if #states == 0 and idle.left() <= 0 then break end
