@@ -116,7 +116,7 @@ end
 -- failure ("dns", "refused", "unreachable", "timeout", "tls") or nil; why: its own text.
 function M:failure_words(code, why)
   local c = self.config
-  why = tostring(why)
+  why = tostring(why):gsub("^connect failed: ", "")
   if code == "dns" then
     return string.format("host %s not found (no address for that name); check --host and the device's DNS", c.host)
   elseif code == "refused" then
