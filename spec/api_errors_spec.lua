@@ -17,6 +17,7 @@ local function script(text)
 end
 
 local F = "function() end"
+local TOP = "yields and cannot be called at a script's top level; call it from a handler (e.g. tb.after(0, fn))"
 -- {call, message}: each call misuses one argument of one public function
 local CASES = {
   {"tb.send_telemetry(42)", "bad argument #1 to 'send_telemetry' (table expected, got number)"},
@@ -27,7 +28,7 @@ local CASES = {
   {"tb.request_attributes{shared = {'a,b'}}",
     "bad argument #1 to 'request_attributes' (shared[1] must be a non-empty key name without commas)"},
   {"tb.request_attributes{timeout = -1}", "bad argument #1 to 'request_attributes' (timeout must be a positive number of ms)"},
-  {"tb.request_attributes{}", "tb.request_attributes yields and cannot be called at a script's top level; call it from a handler (e.g. tb.after(0, fn))", top_only = true},
+  {"tb.request_attributes{}", "tb.request_attributes " .. TOP, top_only = true},
   {"tb.rpc_call(42)", "bad argument #1 to 'rpc_call' (string expected, got number)"},
   {"tb.rpc_call('m', nil, 0)", "bad argument #3 to 'rpc_call' (timeout must be a positive number of ms)"},
   {"tb.claim(1)", "bad argument #1 to 'claim' (table expected, got number)"},
@@ -44,7 +45,7 @@ local CASES = {
   {"tb.after(-1, " .. F .. ")", "bad argument #1 to 'after' (delay must be >= 0)"},
   {"tb.after(nil, " .. F .. ")", "bad argument #1 to 'after' (number expected, got no value)"},
   {"tb.sleep('x')", "bad argument #1 to 'sleep' (number of ms expected)"},
-  {"tb.sleep(10)", "tb.sleep yields and cannot be called at a script's top level; call it from a handler (e.g. tb.after(0, fn))", top_only = true},
+  {"tb.sleep(10)", "tb.sleep " .. TOP, top_only = true},
   {"tb.exec(42)", "bad argument #1 to 'exec' (string or table expected, got number)"},
   {"tb.exec({})", "bad argument #1 to 'exec' (command table is empty)"},
   {"tb.exec({'ls', {}})", "bad argument #1 to 'exec' (argument 2 must be a string)"},

@@ -824,3 +824,56 @@ describe("accept(info, current) and declined offers", function()
     assert.equal("declined: accept() returned false", s:offer_firmware({title = "dev", version = "silent"}, image(10)).error)
   end)
 end)
+
+describe("the order of the firmware reports on every connection", function()
+  local PAIR = [[
+    local tb = require "tb"
+    tb.firmware{current = {title = "dev", version = "1.0"}, install = function() return true end}
+    tb.software{current = {title = "app", version = "7"}, install = function() return true end}
+  ]]
+
+  -- kinds(s) -> what the agent published, in order: "current fw", "current sw", "request",
+  -- "fw DOWNLOADING", ...
+  local function kinds(s)
+    local out = {}
+    for _, m in ipairs(s.published) do
+      if m.topic:find("^v1/devices/me/attributes/request/") then
+        out[#out + 1] = "request"
+      elseif m.topic == "v1/devices/me/telemetry" then
+        local v = core.json_decode(m.payload)
+        v = v.values or v
+        if v.current_fw_version then out[#out + 1] = "current fw " .. v.current_fw_version end
+        if v.current_sw_version then out[#out + 1] = "current sw " .. v.current_sw_version end
+        if v.fw_state then out[#out + 1] = "fw " .. v.fw_state end
+        if v.sw_state then out[#out + 1] = "sw " .. v.sw_state end
+      end
+    end
+    return out
+  end
+
+  it("an update assigned before connecting: current versions, then the request, then the states", function()
+    local s = testing.load(script(PAIR))
+    s.packages.fw = {bytes = image(100)}
+    s:set_attributes{shared = {fw_title = "dev", fw_version = "2.0", fw_size = 100, fw_checksum_algorithm = "SHA256",
+      fw_checksum = core.hash_hex("SHA256", image(100))}}
+    s:connect()
+    s:advance(1000)
+    assert.same({"current fw 1.0", "current sw 7", "request", "fw DOWNLOADING", "fw DOWNLOADED", "fw VERIFIED",
+      "fw UPDATING", "fw UPDATED", "current fw 2.0"}, kinds(s))
+    -- and again on the next connection, first of all
+    local n = #kinds(s)
+    s:disconnect()
+    s:advance(5000)
+    local again = kinds(s)
+    assert.same({"current fw 2.0", "current sw 7", "request"}, {table.unpack(again, n + 1)})
+  end)
+
+  it("an update assigned while connected: the current versions were reported at connect", function()
+    local s = testing.load(script(PAIR))
+    s:connect()
+    local r = s:offer_firmware({kind = "sw", title = "app", version = "8"}, image(10))
+    assert.equal("UPDATED", r.state)
+    assert.same({"current fw 1.0", "current sw 7", "request", "sw DOWNLOADING", "sw DOWNLOADED", "sw VERIFIED",
+      "sw UPDATING", "sw UPDATED", "current sw 8"}, kinds(s))
+  end)
+end)
