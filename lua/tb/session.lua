@@ -216,11 +216,11 @@ function M:on_connack(rc)
   self.sched:spawn("connect sequence", function() self:connect_sequence(self.conn_id) end)
 end
 
--- After every CONNACK: subscribe again (the server keeps nothing), deliver what waited, let
--- the online listeners report (the installed firmware first: ThingsBoard's OTA flow expects
--- it before any state of an update), fetch the current shared attributes (SUBACK comes
--- before the subscription is live, so a push may have been missed) and act on them, run
--- on_connect, and subscribe to RPC last so pending RPCs arrive once handlers are ready.
+-- After every CONNACK: subscribe again (the server keeps nothing), let the online listeners
+-- report first (the installed firmware: ThingsBoard's OTA flow expects it before any state of
+-- an update), deliver what waited, fetch the current shared attributes (SUBACK comes before
+-- the subscription is live, so a push may have been missed) and act on them, run on_connect,
+-- and subscribe to RPC last so pending RPCs arrive once handlers are ready.
 function M:connect_sequence(conn_id)
   local function alive() return self.conn_id == conn_id and self.state == "online" end
   local subs = {T_ATTR, T_ATTR_RES .. "+", T_RPC_RES .. "+"}
@@ -236,13 +236,13 @@ function M:connect_sequence(conn_id)
     if not alive() then return end
   end
   self.ready = true
+  for _, fn in ipairs(self.listeners.online) do fn() end
+  if not alive() then return end
   local queued = self.outbox:count()
   if queued > 0 then
     self.log.info("delivering %d queued record%s", queued, queued == 1 and "" or "s")
   end
   self:flush()
-  for _, fn in ipairs(self.listeners.online) do fn() end
-  if not alive() then return end
   local gen = self.generation()
   if M.wants_attributes(gen) then
     self:fetch_current(alive)
