@@ -189,7 +189,7 @@ for (const host of ['127.0.0.1', 'localhost']) {
       args: ['--host', host, '--cafile', c.ca, '--backoff-min', '200', '--backoff-max', '400'],
     });
     // each attempt fails at once with a WARN naming TLS and is retried: three within seconds
-    const re = / (WARN|ERROR) .*(connection to|cannot connect to) .*TLS error: host name verification failed/;
+    const re = / WARN cannot connect to [^ ]+: TLS handshake with [^ ]+ failed \(host name verification failed/;
     let from = 0;
     for (let k = 1; k <= 3; k++) {
       await agent.waitForLog(re, 6000, from).catch((e) => { throw new Error(`TLS failure #${k} not reported: ${e.message}\n${agent.log.text()}`); });

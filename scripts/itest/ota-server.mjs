@@ -292,7 +292,9 @@ export function startAgent (opts = {}) {
   const args = ['run', file, '--no-reload', '--state-dir', stateDir, '--port', String(opts.port),
     '--log-level', 'debug', '--backoff-min', '200', '--backoff-max', '1000',
     '--fw-chunk-timeout', String(ms(2000)), ...(opts.args || [])]
-  const env = cleanEnv({ OUT: out, CHUNK: String(opts.chunk || 4096), ...(opts.env || {}) })
+  // the device's clock counts as synchronised (this machine's may not be): the agent then
+  // gives each state its own increasing timestamp, which the OTA checks here order by
+  const env = cleanEnv({ OUT: out, CHUNK: String(opts.chunk || 4096), TB_CLOCK_SYNCED: '1', ...(opts.env || {}) })
   const proc = track(spawn(TBAGENT, args, { stdio: ['ignore', 'pipe', 'pipe'], env, cwd: dir }))
   const agent = { proc, pid: proc.pid, dir, out, stateDir, args, log: new Lines(opts.name || `tbagent ${proc.pid}`) }
   proc.stderr.on('data', (d) => agent.log.feed(d))
