@@ -164,7 +164,8 @@ describe("hot reload", function()
       local tb = require "tb"
       tb.on_rpc("slow", function() tb.sleep(1000) return "old" end)
     ]]))
-    local _, id = s:rpc("slow")
+    s:rpc("slow")
+    local id = s.last_rpc_id
     s:reload([[
       local tb = require "tb"
       tb.on_rpc("slow", function() return "new" end)
