@@ -239,7 +239,8 @@ end
 -- attach(ctx) -> store: the store of an agent context (tb.agent.build): on the database of
 -- config.persist_db (owned when config.persist_db_owned), else in memory, seeded from
 -- config.persist ({key = value}, tb.testing). Writes a handler makes are committed when it
--- yields or ends, with what it sent (the scheduler's after_resume).
+-- yields (the scheduler's after_resume) or ends (on_handler_end, before an RPC answer is
+-- sent), with the outbox records it queued.
 function M.attach(ctx)
   local c, core, sched, log = ctx.config, ctx.core, ctx.sched, ctx.log
   local function open(backend)
@@ -260,6 +261,8 @@ function M.attach(ctx)
     store:commit()
     if after then after() end
   end
+  -- an RPC answer goes out when the handler ends, before the scheduler's after_resume
+  sched.on_handler_end = function() store:commit() end
   return store
 end
 

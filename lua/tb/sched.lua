@@ -232,6 +232,8 @@ function M:spawn(name, fn, ...)
   body = function(...)
     local res = table.pack(xpcall(spec.fn, traceback, ...))
     sethook()   -- the handler is over: the budget no longer applies (see set_budget)
+    -- before its result goes anywhere (an RPC answer): what it wrote to tb.persist is on disk
+    if self.on_handler_end then self.on_handler_end() end
     if res[1] then
       if on_done then on_done(unpack(res, 2, res.n)) end
     else
