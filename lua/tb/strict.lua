@@ -10,10 +10,10 @@ function M.distance(a, b)
   local la, lb = #a, #b
   if la == 0 then return lb end
   if lb == 0 then return la end
-  local prev2, prev, cur = {}, {}, {}
+  local prev2, prev = {}, {}
   for j = 0, lb do prev[j] = j end
   for i = 1, la do
-    cur = {[0] = i}
+    local cur = {[0] = i}
     local ca = a:byte(i)
     for j = 1, lb do
       local cb = b:byte(j)

@@ -63,8 +63,8 @@ function M.busted_args(args)
   end
   local only = #positional == 1 and args[positional[1]]
   local folder = only and (exists(only .. "/.busted") or exists(only .. "/spec/."))
-  for i, a in ipairs(args) do
-    if folder and i == positional[1] then
+  for k, a in ipairs(args) do
+    if folder and k == positional[1] then
       out[#out + 1] = "--directory=" .. a
     else
       out[#out + 1] = a
