@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 /*
  * tbemu — a local ThingsBoard emulator: the MQTT device API as the real server behaves
- * (../../../shared/design/protocol.md), a ThingsBoard-compatible REST subset, an /emu control
- * API and a live web page. Install: `npm ci --prefix scripts`.
+ * (docs/thingsboard.md), a ThingsBoard-compatible REST subset, an /emu control API and a live
+ * web page. Install: `npm ci --prefix scripts`.
  *
  * CLI
  *   node scripts/tbemu/tbemu.js [options]      options: `--help`, or OPTIONS below
@@ -49,8 +49,9 @@ import path from 'node:path'
 import { ALGORITHMS, normType } from './lib/firmware.js'
 
 // One line on stderr, exit 2.
-function usage (msg) {
-  process.stderr.write(`tbemu: ${msg} (see tbemu.js --help)\n`)
+function usage (msg) { failed(`${msg} (see tbemu.js --help)`) }
+function failed (msg) {
+  process.stderr.write(`tbemu: ${msg}\n`)
   process.exit(2)
 }
 
@@ -171,29 +172,56 @@ function parseArgs (argv) {
   return o
 }
 
+// Does a --device / --config entry give credentials other than the saved ones?
+function newCredentials (saved, d) {
+  if (d.clientId || d.userName || d.password) {
+    return saved.credentialsType !== 'MQTT_BASIC' || ['clientId', 'userName', 'password'].some(k => (d[k] || null) !== saved[k])
+  }
+  return !!d.token && (saved.credentialsType !== 'ACCESS_TOKEN' || saved.credentialsId !== d.token)
+}
+
 async function main () {
   const o = parseArgs(process.argv.slice(2))
   if (o.help) { process.stdout.write(helpText()); return }
   const { Emu } = await import('./lib/emu.js') // after the command line: --help and errors stay fast
   const cfg = o.config || {}
-  const emu = new Emu({ dataDir: o.dataDir, quiet: o.quiet, config: { ...(cfg.config || {}), ...o.set } })
+  let emu
+  try {
+    emu = new Emu({ dataDir: o.dataDir, quiet: o.quiet, config: { ...(cfg.config || {}), ...o.set } })
+  } catch (e) { failed(`--data-dir ${o.dataDir}: ${e.message}`) }
   if (cfg.sessionLimits) emu.config.sessionLimits = cfg.sessionLimits
   Object.assign(emu.config.clientRpc, cfg.clientRpc || {}, o.clientRpc)
   for (const p of [...(cfg.provisionProfiles || []), ...o.provision]) emu.store.provisionProfiles.push(p)
+  // a device the data dir kept is kept, with its id; credentials given here replace its own
   for (const d of [...(cfg.devices || []), ...o.devices]) {
     const existing = emu.store.byName(d.name)
-    if (!existing) emu.store.createDevice(d)
+    try {
+      if (!existing) emu.store.createDevice(d)
+      else if (newCredentials(existing.credentials, d)) emu.store.setCredentials(existing, d)
+    } catch (e) { failed(`device ${d.name}: ${e.message}`) }
   }
-  const ports = await emu.start({ host: o.host, mqttPort: o.mqttPort, httpPort: o.httpPort })
+  let ports
+  try {
+    ports = await emu.start({ host: o.host, mqttPort: o.mqttPort, httpPort: o.httpPort })
+  } catch (e) {
+    if (e.code === 'EADDRINUSE') failed(`port ${e.port} is in use (${e.option} to choose another)`)
+    if (e.code === 'EACCES') failed(`port ${e.port} needs privileges this user does not have (${e.option} to choose another)`)
+    throw e
+  }
   // config-file packages: FILE relative to the config file; --package FILE: already absolute (cwd)
   const base = o.configPath ? path.dirname(o.configPath) : process.cwd()
   for (const p of [...(cfg.packages || []), ...o.packages]) {
     const data = p.file ? fs.readFileSync(path.resolve(base, p.file)) : null
     const pkg = emu.firmware.upload({ ...p, data, fileName: p.fileName || (p.file && path.basename(p.file)) })
-    for (const name of p.assign || []) emu.firmware.assign(emu.device(name), pkg)
+    for (const name of p.assign || []) {
+      const dev = emu.store.byName(name)
+      if (!dev) failed(`package ${pkg.title} ${pkg.version}: assign=${name}: no such device`)
+      if (dev.ota[pkg.type] !== pkg.id) emu.firmware.assign(dev, pkg) // kept by the data dir: not again
+    }
     emu.log(`package ${pkg.type} ${pkg.title} ${pkg.version}: id ${pkg.id}`)
   }
-  emu.log(`MQTT on ${o.host}:${ports.mqtt}, web page and API on ${emu.httpBase()}/`)
+  emu.store.flush()
+  emu.log(`MQTT on ${o.host}:${ports.mqtt}, web page and API on ${emu.httpBase()}/${o.dataDir ? `, state in ${o.dataDir}` : ''}`)
   for (const d of emu.store.devices.values()) emu.log(`device ${d.name}: ${d.credentials.credentialsType} ${d.credentials.credentialsId || ''}`)
   process.stdout.write(JSON.stringify({ ready: true, mqtt: ports.mqtt, http: ports.http }) + '\n')
   let stopping = false
