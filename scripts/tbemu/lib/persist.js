@@ -47,7 +47,12 @@ export class DataDir {
   // lines read. A line that does not parse (the torn end of a killed write) is skipped.
   readTelemetry (onGroup) {
     if (!fs.existsSync(this.journalFile)) return 0
-    const text = fs.readFileSync(this.journalFile, 'utf8')
+    let text = fs.readFileSync(this.journalFile, 'utf8')
+    const end = text.lastIndexOf('\n') + 1
+    if (end < text.length) { // the torn end of a killed write: cut, so the next line starts clean
+      fs.truncateSync(this.journalFile, Buffer.byteLength(text.slice(0, end)))
+      text = text.slice(0, end)
+    }
     let lines = 0
     let start = 0
     while (start < text.length) {

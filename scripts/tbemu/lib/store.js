@@ -103,7 +103,7 @@ export class Store extends EventEmitter {
     if (this.disk && this.devices.has(dev.id)) {
       this.disk.appendTelemetry(dev.id, ts, entries)
       this.journalLines++
-      if (++this.appendedSinceCheck >= 10000) { this.appendedSinceCheck = 0; if (this._journalTooLong()) this.compactTelemetry() }
+      if (++this.appendedSinceCheck >= 10000) { this.appendedSinceCheck = 0; if (this._journalTooLong(10000)) this.compactTelemetry() }
     }
     this.changed('telemetry', dev, { ts, entries })
   }
@@ -231,7 +231,7 @@ export class Store extends EventEmitter {
       if (dev) this._insertTelemetry(dev, ts, entries)
     })
     const imported = st && (st.devices || []).some(d => d.telemetry && Object.keys(d.telemetry).length)
-    if (imported || this._journalTooLong()) this.compactTelemetry()
+    if (imported || this._journalTooLong(1000)) this.compactTelemetry()
   }
 
   // ---- telemetry journal -------------------------------------------------------------------
@@ -241,7 +241,8 @@ export class Store extends EventEmitter {
     return n
   }
 
-  _journalTooLong () { return this.journalLines > 2 * this.pointCount() + 10000 }
+  // A line holds one or more points, so an untrimmed journal has no more lines than points.
+  _journalTooLong (slack) { return this.journalLines > this.pointCount() + slack }
 
   // Rewrite the journal from memory: drops deleted devices, trimmed history and overwritten points.
   compactTelemetry () {
