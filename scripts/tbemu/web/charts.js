@@ -135,7 +135,7 @@ export class DeviceCharts {
     const c = { keys, el, plot: null, zoomed: false }
     this.charts.push(c)
     $('.close', el).onclick = () => { this.setKeys(c, []); this.render() }
-    $('.reset', el).onclick = () => { c.zoomed = false; this.draw(c) }
+    $('.reset', el).onclick = () => { zoom(c, false); this.draw(c) }
     $('.chips', el).onclick = (e) => {
       const k = e.target.dataset.key
       if (!k) return
@@ -176,13 +176,13 @@ export class DeviceCharts {
       scales: { x: { time: true } },
       series: [{ value: (u, v) => v == null ? '-' : time(v, { ms: true }) },
         ...c.keys.map((k, i) => ({ label: k, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true, points: { size: 4 } }))],
-      axes: [{ space: 80, grid: { stroke: '#eee' }, ticks: { stroke: '#ddd' }, values: (u, splits, ax, space, incr) => splits.map(v => tick(v, incr)) }, { grid: { stroke: '#eee' }, ticks: { stroke: '#ddd' }, size: 56 }],
+      axes: [{ space: tickSpace, grid: { stroke: '#eee' }, ticks: { stroke: '#ddd' }, values: (u, splits, ax, space, incr) => splits.map(v => tick(v, incr)) }, { grid: { stroke: '#eee' }, ticks: { stroke: '#ddd' }, size: 56 }],
       cursor: { drag: { x: true, y: false } },
-      hooks: { setSelect: [u => { if (u.select.width > 0) c.zoomed = true }] }
+      hooks: { setSelect: [u => { if (u.select.width > 0) zoom(c, true) }] }
     }
     c.plot = new uPlot(opts, this.data(c), plotEl)
-    c.plot.over.addEventListener('dblclick', () => { c.zoomed = false; this.draw(c) })
-    c.zoomed = false
+    c.plot.over.addEventListener('dblclick', () => { zoom(c, false); this.draw(c) })
+    zoom(c, false)
     this.chips(c)
   }
 
@@ -255,10 +255,19 @@ export class DeviceCharts {
   }
 }
 
+function zoom (c, on) { c.zoomed = on; c.el.dataset.zoomed = on }
+
 // chart values are numbers (a LONG beyond 2^53 comes as a string); timeline values are text
 function value (type, v) {
   if (isNumeric(type)) return Number(v)
   return typeof v === 'object' && v !== null ? JSON.stringify(v) : String(v)
+}
+
+// Room between time ticks: seconds labels (HH:MM:SS) only where 30 s ticks get 72 px,
+// else minute ticks or coarser, at least 50 px apart.
+function tickSpace (u, axis, min, max, px) {
+  const pxPerMin = px / ((max - min) / 60000)
+  return pxPerMin >= 144 ? 72 : Math.max(50, Math.min(pxPerMin, 60))
 }
 
 // 24-hour ticks: seconds when the ticks are less than a minute apart, the date at midnight

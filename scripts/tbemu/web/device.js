@@ -40,6 +40,7 @@ export function createDeviceSection (d) {
     <div class="col">
     <section class="card attributes-card">
       <h3>Attributes</h3>
+      <p class="no-attributes muted">None yet.</p>
       <table class="attributes stack"><thead><tr><th>key</th><th>value</th><th>scope</th><th>updated</th><th></th></tr></thead><tbody></tbody></table>
       <form class="attr-form" title="POST ${attrPath}/attributes/SHARED_SCOPE">
         <input class="k" name="key" placeholder="shared key" required><input class="v" name="value" placeholder='value (JSON, e.g. 42 or "on")' required><button>Set shared</button>
@@ -58,6 +59,7 @@ export function createDeviceSection (d) {
     <div class="col">
     <section class="card client-rpc-card">
       <h3>Client-side RPC <span class="muted">(device → server)</span></h3>
+      <p class="no-rules muted">No rules: a request waits, then gets {"error":"timeout"}.</p>
       <table class="rpc-rules stack"><thead><tr><th>method</th><th>answer</th><th>for</th><th></th></tr></thead><tbody></tbody></table>
       <form class="rule-form" title="POST ${emuPath}/client-rpc">
         <input class="k" name="method" placeholder="method" required>
@@ -176,7 +178,9 @@ export function updateDeviceSection (el, d, packages) {
         `<td><button class="del" title="DELETE /api/plugins/telemetry/DEVICE/${d.id}/${scope}?keys=${esc(enc(k))}">×</button></td></tr>`)
     }
   }
-  $('.attributes tbody', el).innerHTML = attrs.join('') || '<tr class="empty"><td colspan="5" class="muted">none</td></tr>'
+  $('.attributes tbody', el).innerHTML = attrs.join('')
+  $('.attributes', el).hidden = !attrs.length
+  $('.no-attributes', el).hidden = attrs.length > 0
 
   rpcRules(el, d)
   rpcRequests(el, d)
@@ -185,10 +189,11 @@ export function updateDeviceSection (el, d, packages) {
 }
 
 function rpcRules (el, d) {
+  $('.no-rules', el).hidden = d.clientRpc.rules.length > 0
+  $('.rpc-rules', el).hidden = !d.clientRpc.rules.length
   $('.rpc-rules tbody', el).innerHTML = d.clientRpc.rules.map(r =>
     `<tr data-method="${esc(r.method)}" data-scope="${r.scope}"><th>${esc(r.method)}</th><td class="answer">${esc(r.answer)}</td><td>${r.scope === 'global' ? 'all devices' : 'this device'}</td>` +
-    `<td><button class="del" title="DELETE ${r.scope === 'global' ? '/emu/client-rpc/' : `/emu/devices/${esc(enc(d.name))}/client-rpc/`}${esc(enc(r.method))}">×</button></td></tr>`).join('') ||
-    '<tr class="empty"><td colspan="4" class="muted">No rules: a request waits, then gets {"error":"timeout"}.</td></tr>'
+    `<td><button class="del" title="DELETE ${r.scope === 'global' ? '/emu/client-rpc/' : `/emu/devices/${esc(enc(d.name))}/client-rpc/`}${esc(enc(r.method))}">×</button></td></tr>`).join('')
 }
 
 function rpcRequests (el, d) {
