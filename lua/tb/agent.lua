@@ -6,7 +6,8 @@ local loader_mod = require "tb.loader"
 local api = require "tb"
 local firmware = require "tb.firmware"
 local reload = require "tb.reload"
-local store = require "tb.store"
+local router = require "tb.router"
+local sqlite_outbox = require "tb.sqlite_outbox"
 
 local M = {}
 
@@ -36,7 +37,7 @@ end
 
 -- open_outbox(core, config, log, path) -> the durable outbox, or nil (logged) to stay in memory
 function M.open_outbox(core, config, log, path)
-  local box, err = store.open{core = core, path = path, log = log, limit = config.outbox_limit,
+  local box, err = sqlite_outbox.open{core = core, path = path, log = log, limit = config.outbox_limit,
     max_bytes = config.outbox_max_bytes, max_age_ms = config.outbox_max_age and config.outbox_max_age * 1000,
     clock = config.clock or core.wall}
   if not box then
@@ -68,7 +69,6 @@ function M.run(core, config, log)
   end
   local session, sched = ctx.session, ctx.sched
   local exit_code, exit_message = 0, nil
-  local signals = 0
   ctx.on_script_exit = function(status, where)
     if ctx.script_exit then return end
     ctx.script_exit = {code = status, message = string.format("the script called os.exit at %s (status %d)", where, status)}
@@ -76,44 +76,7 @@ function M.run(core, config, log)
     session:stop(config.shutdown_timeout or 3000)
   end
 
-  local function dispatch(kind, a, b, c, s1, s2)
-    if kind == "signal" then
-      if s1 == "HUP" then
-        if ctx.reloader or config.reload == false then
-          ctx.reloader = ctx.reloader or reload.new(ctx)
-          ctx.reloader:reload("SIGHUP")
-        end
-        return
-      end
-      signals = signals + 1
-      if signals > 1 then
-        log.warn("second SIG%s: exiting now", s1)
-        session.finished = true
-        return
-      end
-      log.info("SIG%s: finishing in-flight messages, then disconnecting", s1)
-      session:stop(config.shutdown_timeout or 3000)
-      return
-    end
-    if kind == "exit" then
-      sched:wake("exec:" .. a, b, c, s1)
-      return
-    end
-    if kind == "watch" then
-      if ctx.reloader then ctx.reloader:on_watch(s1) end
-      return
-    end
-    if kind == "http_done" then
-      -- a download's end goes to the updater that started it (each knows its own ids)
-      local okh, errh = xpcall(function()
-        return ctx.firmware:on_http_done(a, b, c, s1, s2) or ctx.software:on_http_done(a, b, c, s1, s2)
-      end, debug.traceback)
-      if not okh then log.error("internal error while handling http_done: %s", errh) end
-      return
-    end
-    local okd, errd = xpcall(session.on_event, debug.traceback, session, kind, a, b, c, s1, s2)
-    if not okd then log.error("internal error while handling %s: %s", kind, errd) end
-  end
+  local dispatch = router.bound(ctx)
 
   session:start()
   while not session.finished do
@@ -121,8 +84,9 @@ function M.run(core, config, log)
       exit_code, exit_message = ctx.fatal.code, ctx.fatal.message
       break
     end
-    local due = sched:next_due()
-    core.poll(due or 3600000, dispatch)
+    local due = sched:next_due() or 3600000
+    local acks_due = session.outbox:idle_commit_in()
+    core.poll(acks_due and acks_due < due and acks_due or due, dispatch)
     sched:run_due()
     session.outbox:commit()
   end

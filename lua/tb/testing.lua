@@ -4,6 +4,7 @@
 -- the same in the agent. The clock is virtual: advance() never really sleeps.
 local agent = require "tb.agent"
 local reload = require "tb.reload"
+local router = require "tb.router"
 local logmod = require "tb.log"
 local firmware = require "tb.firmware"
 
@@ -126,7 +127,10 @@ function M.load(path, opts)
     config.outbox = agent.open_outbox(core, config, s.log, ":memory:")
   end
   local ctx = agent.build(core, config, s.log)
-  ctx.on_send = function(kind, data)
+  -- s.telemetry and s.attributes: what the script's sends were accepted with (the wire also
+  -- carries the agent's own OTA reports, and queued records only once online)
+  local accepted = ctx.session.listeners.accepted
+  accepted[#accepted + 1] = function(kind, data)
     if kind == "telemetry" then
       for _, e in ipairs(data) do s.telemetry[#s.telemetry + 1] = e end
     else
@@ -150,14 +154,8 @@ function Session:pump()
   for _ = 1, 100000 do
     if #self.events > 0 then
       local e = table.remove(self.events, 1)
-      if e[1] == "exit" then
-        self.sched:wake("exec:" .. e[2], e[3], e[4], e[5])
-      elseif e[1] == "http_done" then
-        local _ = self.ctx.firmware:on_http_done(e[2], e[3], e[4], e[5], e[6])
-          or self.ctx.software:on_http_done(e[2], e[3], e[4], e[5], e[6])
-      else
-        self.session:on_event(e[1], e[2], e[3], e[4], e[5], e[6])
-      end
+      local ok, err = router.route(self.ctx, e[1], e[2], e[3], e[4], e[5], e[6])
+      if not ok then error("tb.testing: internal error of the agent: " .. tostring(err), 2) end
     else
       local due = self.sched:next_due()
       if due ~= 0 then return end
@@ -350,6 +348,13 @@ function Session:refuse(code)
   return self
 end
 
+-- signal(name): the agent gets SIGname ("HUP" reloads the script, "TERM"/"INT" stop it)
+function Session:signal(name)
+  self:queue("signal", 0, 0, 0, name)
+  self:pump()
+  return self
+end
+
 function Session:connected()
   return self.session:online()
 end
@@ -447,9 +452,10 @@ function Session:reload(text)
     f:write(text)
     f:close()
   end
-  self.reloader = self.reloader or reload.new(self.ctx)
+  local ctx = self.ctx
+  ctx.reloader = ctx.reloader or reload.new(ctx)
   -- new text is a file change (skipped when it is the same, as the agent does); none is SIGHUP
-  local ok, err = self.reloader:reload(text and "file change" or "tb.testing")
+  local ok, err = ctx.reloader:reload(text and "file change" or "tb.testing")
   self:pump()
   return ok, err
 end
