@@ -29,20 +29,25 @@
  *   GET  /emu/devices/{name}/messages[?since=SEQ&dir=up|down&topic=PREFIX]
  *        → [{"seq","ts","dir","topic","qos","size","payload"[,"encoding":"base64"]}]  (fw chunks: payload null)
  *   DELETE /emu/devices/{name}/messages    GET /emu/devices/{name}/events[?since=SEQ]
+ *   GET  /emu/devices/{name}/log[?kind=K,K&since=SEQ&limit=N]   the page's message log (kinds, fw
+ *        downloads summarised, CONNECT/SUBSCRIBE)            DELETE /emu/devices/{name}/log
  *   POST /emu/devices/{name}/disconnect    drop the device's connection
  *   POST /emu/devices/{name}/ota-cache-expire   further chunks of old reqIds come back empty
  *   POST /emu/devices/{name}/packet-id {"next":65535}   next downlink packet id (test the wrap to 0)
- *   POST /emu/devices/{name}/client-rpc {"method","response"|"responseText"|"echo":true[,"delayMs"]}
- *   POST /emu/client-rpc (same body, all devices)   DELETE /emu/client-rpc/{method}
+ *   POST /emu/devices/{name}/client-rpc {"method","response"|"responseText"|"echo":true|"currentTime":true[,"delayMs"]}
+ *   GET  /emu/devices/{name}/client-rpc → {rules, requests}   DELETE /emu/devices/{name}/client-rpc/{method}
+ *   POST /emu/client-rpc (same body, all devices)   GET /emu/client-rpc   DELETE /emu/client-rpc/{method}
  *   POST /emu/session-limits {getSessionLimits reply}
  *   GET|POST /emu/config {partial config}
  *   POST /emu/provision-profiles {"provisionDeviceKey","provisionDeviceSecret"[,"strategy"]}
  *   POST /emu/packages?title=T&version=V[&type=FIRMWARE|SOFTWARE|fw|sw][&checksumAlgorithm=SHA256][&checksum=..][&tag=..][&url=self|URL][&fileName=..]
  *        body: the binary → package JSON with "id", "checksum", "url"
- *   GET  /emu/packages[/{id}]              GET /emu/files/{id}/{fileName}  (Range, 206)
+ *   GET  /emu/packages[/{id}]   DELETE /emu/packages/{id}   GET /emu/files/{id}/{fileName}  (Range, 206)
  *   POST /emu/devices/{name}/assign {"packageId"}     POST /emu/devices/{name}/unassign {"type":"FIRMWARE"}
  *   POST /emu/faults {"urlCut":{"afterBytes":N,"times":1}}   POST /emu/pause   POST /emu/resume
- *   GET  /emu/events (server-sent events)   GET / (the web page)
+ *   GET  /emu/events (server-sent events)   GET / (the web page)   GET /vendor/uPlot.* (its charts)
+ * --data-dir DIR: state.json (what a user set up), telemetry.jsonl (the history, append-only),
+ *   packages/ — see lib/persist.js. A port in use: one line, exit 2.
  */
 import fs from 'node:fs'
 import path from 'node:path'
