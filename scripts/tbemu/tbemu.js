@@ -225,6 +225,7 @@ async function main () {
     }
     emu.log(`package ${pkg.type} ${pkg.title} ${pkg.version}: id ${pkg.id}`)
   }
+  emu.store.changed('config', null) // the config in effect, command line included, is what a restart starts from
   emu.store.flush()
   emu.log(`MQTT on ${o.host}:${ports.mqtt}, web page and API on ${emu.httpBase()}/${o.dataDir ? `, state in ${o.dataDir}` : ''}`)
   for (const d of emu.store.devices.values()) emu.log(`device ${d.name}: ${d.credentials.credentialsType} ${d.credentials.credentialsId || ''}`)

@@ -69,7 +69,9 @@ test('charts grow with telemetry, keys share a chart, zoom; the log shows an RPC
     await chart.locator('canvas').waitFor(T)
     const points = async () => Number(await chart.getAttribute('data-points'))
     await waitFor(async () => await points() === 30, { what: '30 points of history', timeoutMs: 15000 })
-    for (let i = 0; i < 3; i++) await publish(c, 'v1/devices/me/telemetry', JSON.stringify({ temperature: 22 + i }))
+    // own timestamps: messages a millisecond apart would share the arrival time, one point
+    const t0 = Date.now() - 1000
+    for (let i = 0; i < 3; i++) await publish(c, 'v1/devices/me/telemetry', JSON.stringify({ ts: t0 + i * 100, values: { temperature: 22 + i } }))
     await waitFor(async () => await points() === 33, { what: 'the chart to grow to 33 points', timeoutMs: 15000 })
 
     // a double 3.0 shows as 3.0; text and boolean keys get timelines
