@@ -12,9 +12,15 @@ import { defineEmuApi } from './emu-api.js'
 import { LiveFeed } from './live.js'
 
 const WEB = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'web')
-// uPlot from scripts/node_modules, served by tbemu itself: the page works offline
-const UPLOT = path.join(path.dirname(createRequire(import.meta.url).resolve('uplot')))
-const VENDOR = { 'uPlot.iife.min.js': path.join(UPLOT, 'uPlot.iife.min.js'), 'uPlot.min.css': path.join(UPLOT, 'uPlot.min.css') }
+// uPlot from scripts/node_modules, served by tbemu itself: the page works offline. Looked up
+// when asked for, so a node_modules from before it only costs the page its charts.
+const VENDOR = ['uPlot.iife.min.js', 'uPlot.min.css']
+function vendorFile (file) {
+  if (!VENDOR.includes(file)) return null
+  try { return path.join(path.dirname(createRequire(import.meta.url).resolve('uplot')), file) } catch {
+    throw httpError(404, 'uplot is not installed: npm ci --prefix scripts')
+  }
+}
 
 export class RestSide {
   constructor (emu) {
@@ -231,7 +237,7 @@ export class RestSide {
     // ---- web page -----------------------------------------------------------------------
     this.on('GET', '/', ({ res }) => this.serveStatic('index.html', res))
     this.on('GET', '/web/:file', ({ params, res }) => this.serveStatic(params.file, res))
-    this.on('GET', '/vendor/:file', ({ params, res }) => this.serveStatic(params.file, res, VENDOR[params.file]))
+    this.on('GET', '/vendor/:file', ({ params, res }) => this.serveStatic(params.file, res, vendorFile(params.file)))
   }
 
   serveStatic (file, res, f = path.join(WEB, file)) {

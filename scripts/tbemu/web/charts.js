@@ -169,6 +169,7 @@ export class DeviceCharts {
     if (c.plot) c.plot.destroy()
     c.el.dataset.keys = c.keys.join(',')
     const plotEl = $('.plot', c.el)
+    if (typeof uPlot === 'undefined') { plotEl.textContent = 'No charts: tbemu cannot find the uplot package (npm ci --prefix scripts).'; return this.chips(c) }
     const opts = {
       width: Math.max(200, plotEl.clientWidth || 300),
       height: HEIGHT,
