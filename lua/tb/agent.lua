@@ -4,7 +4,9 @@ local sched_mod = require "tb.sched"
 local session_mod = require "tb.session"
 local loader_mod = require "tb.loader"
 local api = require "tb"
-local firmware = require "tb.firmware"
+local ota = require "tb.ota"
+local ota_mqtt = require "tb.ota_mqtt"
+local ota_http = require "tb.ota_http"
 local reload = require "tb.reload"
 local router = require "tb.router"
 local sqlite_outbox = require "tb.sqlite_outbox"
@@ -27,11 +29,16 @@ function M.build(core, config, log)
   ctx.rpc_timeout = config.rpc_timeout
   ctx.load_budget_ms = config.load_budget or 5000
   ctx.loader = loader_mod.new(ctx)
-  -- firmware and software share one lock: one MQTT chunk download at a time, so an error on
+  -- firmware (fw_*) and software (sw_*) packages, installed by the script's tb.firmware{} and
+  -- tb.software{}; they share one lock: one MQTT chunk download at a time, so an error on
   -- v2/fw/error (where ThingsBoard reports both) belongs to the one download running
-  ctx.ota_lock = firmware.new_lock()
-  ctx.firmware = firmware.new("fw", ctx)
-  ctx.software = firmware.new("sw", ctx)
+  local mqtt_lock = ota_mqtt.new_lock(ctx)
+  local function package_updater(kind, name)
+    return ota.new(ctx, {prefix = kind .. "_", name = name, policy = function() return ctx.current[name] end,
+      mqtt = ota_mqtt.new(ctx, kind, mqtt_lock), http = ota_http.new(ctx)})
+  end
+  ctx.firmware = package_updater("fw", "firmware")
+  ctx.software = package_updater("sw", "software")
   return ctx
 end
 

@@ -5,6 +5,7 @@
 -- "Events"). Agent code that fails here is logged and the loop goes on: one bad event never
 -- stops the agent.
 local reload = require "tb.reload"
+local ota_http = require "tb.ota_http"
 
 local M = {}
 
@@ -28,12 +29,6 @@ local function on_signal(ctx, name)
   session:stop(ctx.config.shutdown_timeout or 3000)
 end
 
-local function on_http_done(ctx, id, status, code, err, extra)
-  -- a download's end goes to the updater that started it (each knows its own ids)
-  return ctx.firmware:on_http_done(id, status, code, err, extra)
-    or ctx.software:on_http_done(id, status, code, err, extra)
-end
-
 local function deliver(ctx, kind, a, b, c, s1, s2)
   if kind == "signal" then return on_signal(ctx, s1) end
   if kind == "exit" then return ctx.sched:wake("exec:" .. a, b, c, s1, s2) end
@@ -41,7 +36,8 @@ local function deliver(ctx, kind, a, b, c, s1, s2)
     if ctx.reloader then ctx.reloader:on_watch(s1) end
     return
   end
-  if kind == "http_done" then return on_http_done(ctx, a, b, c, s1, s2) end
+  -- a download's end goes to the job that started it (tb.ota_http knows the ids)
+  if kind == "http_done" then return ota_http.on_done(ctx, a, b, c, s1, s2) end
   return ctx.session:on_event(kind, a, b, c, s1, s2)
 end
 

@@ -6,7 +6,7 @@ local agent = require "tb.agent"
 local reload = require "tb.reload"
 local router = require "tb.router"
 local logmod = require "tb.log"
-local firmware = require "tb.firmware"
+local ota = require "tb.ota"
 
 local M = {}
 
@@ -63,7 +63,7 @@ local function fake_core(s)
     if not sink then return nil, err end
     if not bytes then
       sink:close()
-      s:queue("http_done", id, 404, 22, "The requested URL returned error: 404", "")
+      s:queue("http_done", id, 404, 0, "HTTP error status", "http")   -- as src/http.c reports it
     else
       sink:write(bytes)
       local hex = sink:finish()
@@ -271,13 +271,29 @@ local function queue_delete(s, keys)
     assert(s.core.json_encode({deleted = setmetatable(keys, s.core.json_array_mt)})))
 end
 
+-- ota_states(s, kind, from) -> the <kind>_state values the agent published after message
+-- number `from`, and the last <kind>_error among them
+local function ota_states(s, kind, from)
+  local states, last_error = {}, nil
+  for i = from + 1, #s.published do
+    local m = s.published[i]
+    if m.topic == "v1/devices/me/telemetry" then
+      local v = decode(s, m.payload).values or {}
+      if v[kind .. "_state"] then states[#states + 1] = v[kind .. "_state"] end
+      if v[kind .. "_error"] then last_error = v[kind .. "_error"] end
+    end
+  end
+  return states, last_error
+end
+
 local ALGORITHMS = {MD5 = true, SHA256 = true, SHA384 = true, SHA512 = true, CRC32 = true,
   MURMUR3_32 = true, MURMUR3_128 = true}
 
 -- offer_firmware(info, bytes) -> result: assigns a package the way ThingsBoard does (the
 -- fw_* shared attributes) and runs the script's policy against it to the end. info:
 -- {title=, version=, checksum_algorithm="SHA256", checksum=(computed if absent), url=,
--- kind="fw"|"sw", expire_at_chunk=} -> {state=, states={...}, error=, installed=bool}
+-- kind="fw"|"sw", expire_at_chunk=} -> {state=, states={...}, error=, installed=bool}: the
+-- <kind>_state and <kind>_error telemetry the server received for it
 function Session:offer_firmware(info, bytes)
   assert(type(info) == "table" and info.title and info.version, "offer_firmware needs {title=, version=}")
   bytes = bytes or ""
@@ -298,11 +314,7 @@ function Session:offer_firmware(info, bytes)
   attrs[p .. "checksum"] = checksum
   if info.tag then attrs[p .. "tag"] = info.tag end
   local updater = kind == "fw" and self.ctx.firmware or self.ctx.software
-  local states, last_error = {}, nil
-  updater.on_state = function(state, err)
-    states[#states + 1] = state
-    if err then last_error = err end
-  end
+  local from = #self.published
   -- as ThingsBoard's OTA update: one push with the package's keys, then at once a second
   -- with the keys it has no value for deleted (both queued before the agent runs)
   local gone = {}
@@ -312,14 +324,17 @@ function Session:offer_firmware(info, bytes)
   queue_push(self, attrs)
   if #gone > 0 then queue_delete(self, gone) end
   self:pump()
-  self:advance(firmware.OFFER_SETTLE_MS)   -- the agent waits that long for deletions after a push
+  self:advance(ota.OFFER_SETTLE_MS)   -- the agent waits that long for deletions after a push
+  -- the states are what the server received: the update runs to UPDATED or FAILED, or ends
+  -- without either (declined, nothing to do, withdrawn) once what it reported has gone out
+  local states, last_error
   for _ = 1, 10000 do
+    states, last_error = ota_states(self, kind, from)
     local st = states[#states]
-    if st == "UPDATED" or st == "FAILED" or (not updater.job and #states > 0) then break end
-    if not updater.job and #states == 0 then break end   -- declined, or nothing to do
+    if st == "UPDATED" or st == "FAILED" then break end
+    if not updater.job and self.session.outbox:count() == 0 then break end
     self:advance(100)
   end
-  updater.on_state = nil
   return {state = states[#states], states = states, error = last_error,
     installed = states[#states] == "UPDATED"}
 end
