@@ -6,14 +6,7 @@
 local drivers = require "spec.support.drivers"
 
 -- deep equality that keeps Lua number subtypes apart (42 ~= 42.0 here)
-local function same(a, b)
-  if type(a) ~= type(b) then return false end
-  if type(a) == "number" then return math.type(a) == math.type(b) and a == b end
-  if type(a) ~= "table" then return a == b end
-  for k, v in pairs(a) do if not same(v, b[k]) then return false end end
-  for k in pairs(b) do if a[k] == nil then return false end end
-  return true
-end
+local same = require("spec.support.equal").typed
 
 local function show(v)
   if type(v) == "number" then return math.type(v) .. " " .. tostring(v) end

@@ -1,13 +1,7 @@
 -- Hot reload through tb.testing: the same loader and generation swap as the agent.
 local testing = require "tb.testing"
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local script = require("spec.support.files").script
 
 describe("hot reload", function()
   it("swaps handlers, keeps tb.state, retires old timers", function()

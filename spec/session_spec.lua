@@ -2,13 +2,7 @@
 -- fake transport. These are the contract's behaviours as a script sees them.
 local testing = require "tb.testing"
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local script = require("spec.support.files").script
 
 describe("session", function()
   it("subscribes, fetches shared attributes, runs on_connect, and subscribes to RPC last", function()
