@@ -457,102 +457,114 @@ static uint64_t rng(void) {
   return rng_state * 0x2545F4914F6CDD1Du;
 }
 
-/* decode(encode(x)) == x bit for bit, through the Lua functions; n random finite doubles */
-static void test_random_doubles(int n) {
-  int i, bad = 0, base = lua_gettop(L);
+/* bits with the exponent of a random power of two, 2^min .. 2^(min + span - 1) */
+static uint64_t with_exponent(uint64_t bits, int min, int span) {
+  return (bits & 0x800FFFFFFFFFFFFFu) | ((uint64_t)(1023 + min + (int)(rng() % span)) << 52);
+}
+
+/* Replaces the value on top of the stack with the text core.json_encode gives for it (the
+ * module table at index core), with tb_values as asked. */
+static void encode_top(int core, int tb_values) {
+  lua_getfield(L, core, "json_encode");
+  lua_insert(L, -2);
+  if (tb_values) {
+    lua_pushnil(L);
+    lua_pushboolean(L, 1);
+  }
+  lua_call(L, tb_values ? 3 : 1, 1);
+}
+
+/* Replaces the text on top of the stack with the value core.json_decode reads from it. */
+static void decode_top(int core) {
+  lua_getfield(L, core, "json_decode");
+  lua_insert(L, -2);
+  lua_call(L, 1, 1);
+}
+
+/* check_round_trips(n, one): one(i, core, bad) for i = 0 .. n-1, with the module table at
+ * index core and the stack reset after each; it returns how many ways case i failed (and says
+ * so on stderr while bad, the failures so far, is under 5). One check: no case failed. */
+static void check_round_trips(int n, int (*one)(int i, int core, int bad)) {
+  int bad = 0, base = lua_gettop(L);
   lua_getfield(L, LUA_REGISTRYINDEX, "test.core");
-  for (i = 0; i < n; i++) {
-    uint64_t bits = rng(), back_bits;
-    double x, back;
-    const char *text;
-    if (i % 4 == 1) bits &= ~(uint64_t)0x7FF0000000000000u;  /* subnormals and zeros */
-    if (i % 4 == 2) bits = (bits & 0x800FFFFFFFFFFFFFu) | ((uint64_t)(1023 + (int)(rng() % 120) - 60) << 52);
-    memcpy(&x, &bits, sizeof x);
-    if (!isfinite(x)) continue;
-    lua_getfield(L, base + 1, "json_encode");
-    lua_pushnumber(L, x);
-    lua_call(L, 1, 1);
-    text = lua_tostring(L, -1);
-    if (!text || !strchr(text, '.') || strpbrk(text, "eE")) {
-      if (bad++ < 5) fprintf(stderr, "double %a encoded as %s\n", x, text ? text : "nothing");
-      lua_settop(L, base + 1);
-      continue;
-    }
-    lua_getfield(L, base + 1, "json_decode");
-    lua_insert(L, -2);
-    lua_call(L, 1, 1);
-    back = lua_tonumber(L, -1);
-    memcpy(&back_bits, &back, sizeof back);
-    if (lua_isinteger(L, -1) || back_bits != bits) {
-      if (bad++ < 5) fprintf(stderr, "double %a did not round-trip\n", x);
-    }
+  for (int i = 0; i < n; i++) {
+    bad += one(i, base + 1, bad);
     lua_settop(L, base + 1);
   }
   lua_settop(L, base);
   CHECK(bad == 0);
+}
+
+/* decode(encode(x)) == x bit for bit, through the Lua functions, for random finite doubles */
+static int double_round_trip(int i, int core, int bad) {
+  uint64_t bits = rng(), back_bits;
+  double x, back;
+  const char *text;
+  if (i % 4 == 1) bits &= ~(uint64_t)0x7FF0000000000000u;  /* subnormals and zeros */
+  if (i % 4 == 2) bits = with_exponent(bits, -60, 120);
+  memcpy(&x, &bits, sizeof x);
+  if (!isfinite(x)) return 0;
+  lua_pushnumber(L, x);
+  encode_top(core, 0);
+  text = lua_tostring(L, -1);
+  if (!text || !strchr(text, '.') || strpbrk(text, "eE")) {
+    if (bad < 5) fprintf(stderr, "double %a encoded as %s\n", x, text ? text : "nothing");
+    return 1;
+  }
+  decode_top(core);
+  back = lua_tonumber(L, -1);
+  memcpy(&back_bits, &back, sizeof back);
+  if (lua_isinteger(L, -1) || back_bits != bits) {
+    if (bad < 5) fprintf(stderr, "double %a did not round-trip\n", x);
+    return 1;
+  }
+  return 0;
 }
 
 /* With tb_values every float has 1..16 digits after its '.' (ThingsBoard keeps more than 16
  * as a STRING), reads back within 5e-17 plus the half ulp of reading the decimal back, and
  * for |x| >= 0.5 reads back bit for bit. */
-static void test_random_tb_values(int n) {
-  int i, bad = 0, base = lua_gettop(L);
-  lua_getfield(L, LUA_REGISTRYINDEX, "test.core");
-  for (i = 0; i < n; i++) {
-    uint64_t bits = rng();
-    double x, back;
-    const char *text, *point;
-    char copy[64];
-    if (i % 3 == 1) bits = (bits & 0x800FFFFFFFFFFFFFu) | ((uint64_t)(1023 + (int)(rng() % 80) - 60) << 52);
-    if (i % 3 == 2) bits = (bits & 0x800FFFFFFFFFFFFFu) | ((uint64_t)(1023 + (int)(rng() % 12) - 2) << 52);
-    memcpy(&x, &bits, sizeof x);
-    if (!isfinite(x)) continue;
-    lua_getfield(L, base + 1, "json_encode");
-    lua_pushnumber(L, x);
-    lua_pushnil(L);
-    lua_pushboolean(L, 1);
-    lua_call(L, 3, 1);
-    text = lua_tostring(L, -1);
-    point = text ? strchr(text, '.') : NULL;
-    if (!point || strpbrk(text, "eE") || strlen(point + 1) < 1 || strlen(point + 1) > 16) {
-      if (bad++ < 5) fprintf(stderr, "tb value %a encoded as %s\n", x, text ? text : "nothing");
-      lua_settop(L, base + 1);
-      continue;
-    }
-    snprintf(copy, sizeof copy, "%s", text);
-    lua_getfield(L, base + 1, "json_decode");
-    lua_insert(L, -2);
-    lua_call(L, 1, 1);
-    back = lua_tonumber(L, -1);
-    if (fabs(x) >= 0.5 ? back != x : fabs(back - x) > 5.0000001e-17 + fabs(x) * 0x1p-53) {
-      if (bad++ < 5) fprintf(stderr, "tb value %a came back as %a (%s)\n", x, back, copy);
-    }
-    lua_settop(L, base + 1);
+static int tb_value_round_trip(int i, int core, int bad) {
+  uint64_t bits = rng();
+  double x, back;
+  const char *text, *point;
+  char copy[64];
+  if (i % 3 == 1) bits = with_exponent(bits, -60, 80);
+  if (i % 3 == 2) bits = with_exponent(bits, -2, 12);
+  memcpy(&x, &bits, sizeof x);
+  if (!isfinite(x)) return 0;
+  lua_pushnumber(L, x);
+  encode_top(core, 1);
+  text = lua_tostring(L, -1);
+  point = text ? strchr(text, '.') : NULL;
+  if (!point || strpbrk(text, "eE") || strlen(point + 1) < 1 || strlen(point + 1) > 16) {
+    if (bad < 5) fprintf(stderr, "tb value %a encoded as %s\n", x, text ? text : "nothing");
+    return 1;
   }
-  lua_settop(L, base);
-  CHECK(bad == 0);
+  snprintf(copy, sizeof copy, "%s", text);
+  decode_top(core);
+  back = lua_tonumber(L, -1);
+  if (fabs(x) >= 0.5 ? back != x : fabs(back - x) > 5.0000001e-17 + fabs(x) * 0x1p-53) {
+    if (bad < 5) fprintf(stderr, "tb value %a came back as %a (%s)\n", x, back, copy);
+    return 1;
+  }
+  return 0;
 }
 
-static void test_random_integers(int n) {
-  int i, bad = 0, base = lua_gettop(L);
-  lua_getfield(L, LUA_REGISTRYINDEX, "test.core");
-  for (i = 0; i < n; i++) {
-    lua_Integer v = (lua_Integer)(rng() >> (rng() % 64));
-    char want[32];
-    if (i & 1) v = -v;
-    snprintf(want, sizeof want, "%lld", (long long)v);
-    lua_getfield(L, base + 1, "json_encode");
-    lua_pushinteger(L, v);
-    lua_call(L, 1, 1);
-    if (strcmp(lua_tostring(L, -1), want) != 0) bad++;
-    lua_getfield(L, base + 1, "json_decode");
-    lua_insert(L, -2);
-    lua_call(L, 1, 1);
-    if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) != v) bad++;
-    lua_settop(L, base + 1);
-  }
-  lua_settop(L, base);
-  CHECK(bad == 0);
+/* random 64-bit integers: the exact decimal text, read back as the same integer */
+static int integer_round_trip(int i, int core, int bad) {
+  lua_Integer v = (lua_Integer)(rng() >> (rng() % 64));
+  char want[32];
+  int failed = 0;
+  (void)bad;
+  if (i & 1) v = -v;
+  snprintf(want, sizeof want, "%lld", (long long)v);
+  lua_pushinteger(L, v);
+  encode_top(core, 0);
+  if (strcmp(lua_tostring(L, -1), want) != 0) failed++;
+  decode_top(core);
+  if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) != v) failed++;
+  return failed;
 }
 
 /* Every prefix and many mutations of a document must fail or succeed cleanly (the sanitizers
@@ -701,9 +713,9 @@ int main(void) {
   test_decode_strings();
   test_decode_structure();
   test_decode_depth();
-  test_random_doubles(100000);
-  test_random_tb_values(100000);
-  test_random_integers(100000);
+  check_round_trips(100000, double_round_trip);
+  check_round_trips(100000, tb_value_round_trip);
+  check_round_trips(100000, integer_round_trip);
   test_hostile_input();
   test_c_entries();
   test_locale();
