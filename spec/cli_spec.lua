@@ -324,8 +324,15 @@ describe("tb.cli", function()
       assert.equal("-", assert(parse({"run", "-"})).script)
     end)
 
+    -- each case {argv, err}: parse refuses argv with err
+    local function refuses_each(cases)
+      for _, case in ipairs(cases) do
+        assert.equal(case[2], parse_err(case[1]))
+      end
+    end
+
     it("refuses a missing or unknown command, a missing script and extra arguments", function()
-      local cases = {
+      refuses_each({
         {{}, "missing command"},
         {{"--host", "h"}, "missing command"},
         {{"start", "x.lua"}, "unknown command start"},
@@ -333,23 +340,17 @@ describe("tb.cli", function()
         {{"run"}, "missing SCRIPT.lua after run"},
         {{"check"}, "missing SCRIPT.lua after check"},
         {{"run", "a.lua", "b.lua"}, "unexpected argument b.lua"},
-      }
-      for _, case in ipairs(cases) do
-        assert.equal(case[2], parse_err(case[1]))
-      end
+      })
     end)
 
     it("refuses unknown options, long or short, with or without a value", function()
-      local cases = {
+      refuses_each({
         {{"run", "x.lua", "--bogus"}, "unknown option --bogus"},
         {{"run", "x.lua", "--bogus=1"}, "unknown option --bogus"},
         {{"run", "x.lua", "--Host", "h"}, "unknown option --Host"},   -- names are case-sensitive
         {{"run", "x.lua", "-v"}, "unknown option -v"},
         {{"run", "x.lua", "-host"}, "unknown option -host"},
-      }
-      for _, case in ipairs(cases) do
-        assert.equal(case[2], parse_err(case[1]))
-      end
+      })
     end)
 
     it("an option that needs a value says so when it is last", function()

@@ -33,14 +33,20 @@ local function load(chunk, opts)
   return testing.load(script(POLICY:format(chunk or 1024)), opts)
 end
 
+-- offered(n, info) -> r, s, img: a new agent (1000-byte chunks) offered info and an image of
+-- n bytes (r as Session:offer_firmware gives it)
+local function offered(n, info)
+  local s = load(1000)
+  local img = image(n)
+  return s:offer_firmware(info, img), s, img
+end
+
 describe("firmware over MQTT", function()
   local FULL = {"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}
 
   for _, alg in ipairs({"MD5", "SHA256", "SHA384", "SHA512", "CRC32", "MURMUR3_32", "MURMUR3_128"}) do
     it("verifies " .. alg .. " and installs", function()
-      local s = load(1000)
-      local img = image(4321)
-      local r = s:offer_firmware({title = "dev", version = "2.0", checksum_algorithm = alg}, img)
+      local r, s, img = offered(4321, {title = "dev", version = "2.0", checksum_algorithm = alg})
       assert.same(FULL, r.states)
       assert.equal(img, s:state().image)
     end)
@@ -79,18 +85,14 @@ describe("firmware over MQTT", function()
   end)
 
   it("fails a wrong size clearly", function()
-    local s = load(1000)
-    local img = image(3000)
-    local r = s:offer_firmware({title = "dev", version = "2.0", size = 2500,
-      checksum = core.hash_hex("SHA256", img)}, img)
+    local r = offered(3000, {title = "dev", version = "2.0", size = 2500,
+      checksum = core.hash_hex("SHA256", image(3000))})
     assert.equal("FAILED", r.state)
     assert.matches("size mismatch: chunk 2 has 1000 bytes where fw_size 2500 leaves 500", r.error, 1, true)
   end)
 
   it("restarts under a new request id when a chunk comes back empty before the end", function()
-    local s = load(1000)
-    local img = image(5500)
-    local r = s:offer_firmware({title = "dev", version = "2.0", expire_at_chunk = 3}, img)
+    local r, s, img = offered(5500, {title = "dev", version = "2.0", expire_at_chunk = 3})
     assert.equal("UPDATED", r.state)
     assert.equal(img, s:state().image)
     assert.truthy(s:logged("chunk 3 has 0 bytes, expected 1000; restarting at byte 3000", "warn"))
@@ -259,9 +261,7 @@ end)
 
 describe("firmware over HTTP and software", function()
   it("downloads fw_url packages", function()
-    local s = load(1000)
-    local img = image(2000)
-    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    local r, s, img = offered(2000, {title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"})
     assert.equal("UPDATED", r.state)
     assert.equal(img, s:state().image)
   end)
@@ -418,9 +418,7 @@ describe("firmware and software together, server text and a changing offer", fun
   end)
 
   it("says the size is wrong when a fresh request id gets the same short chunk", function()
-    local s = load(1000)
-    local img = image(3300)
-    local r = s:offer_firmware({title = "dev", version = "2.0", size = 5000}, img)
+    local r = offered(3300, {title = "dev", version = "2.0", size = 5000})
     assert.equal("FAILED", r.state)
     assert.equal("size mismatch: the image ends at byte 3300 but fw_size is 5000", r.error)
   end)
@@ -444,9 +442,7 @@ describe("firmware and software together, server text and a changing offer", fun
   end)
 
   it("makes fw_* values from the server printable before they reach names, logs and telemetry", function()
-    local s = load(1000)
-    local img = image(1500)
-    local r = s:offer_firmware({title = "../../etc/\nx", version = "..", checksum_algorithm = "SHA256"}, img)
+    local r, s, img = offered(1500, {title = "../../etc/\nx", version = "..", checksum_algorithm = "SHA256"})
     assert.equal("UPDATED", r.state)
     assert.truthy(s:logged("firmware download 100%%"))
     for _, l in ipairs(s.logs) do assert.is_nil(l.message:find("\n"), l.message) end
@@ -517,6 +513,13 @@ describe("firmware offers that change while the agent is away, retries and progr
     return s, img
   end
 
+  -- stopped_state(n) -> a new state dir left by a download stopped after n chunks
+  local function stopped_state(n)
+    local dir = os.tmpname() .. ".state"
+    stopped_download(n, dir)
+    return dir
+  end
+
   it("abandons a download whose package was unassigned while the agent was offline", function()
     local dir = os.tmpname() .. ".state"
     local s = stopped_download(3, dir)
@@ -561,8 +564,7 @@ describe("firmware offers that change while the agent is away, retries and progr
   end)
 
   it("removes the partial download of an earlier package when another one is offered after a restart", function()
-    local dir = os.tmpname() .. ".state"
-    stopped_download(4, dir)
+    local dir = stopped_state(4)
     assert.equal(4000, core.file_size(dir .. "/firmware/dev-2.0.part"))
     local s2 = load(1000, {state_dir = dir})
     local img3 = image(2500)
@@ -576,8 +578,7 @@ describe("firmware offers that change while the agent is away, retries and progr
   end)
 
   it("keeps the partial download while the current offer is not known yet (no connection)", function()
-    local dir = os.tmpname() .. ".state"
-    stopped_download(4, dir)
+    local dir = stopped_state(4)
     assert.is_true(exists(dir .. "/firmware/dev-2.0.part"))
     -- restarted while the broker is unreachable, then the script is edited: a reload looks at
     -- the (still empty) offer before any current set came
@@ -589,8 +590,7 @@ describe("firmware offers that change while the agent is away, retries and progr
   end)
 
   it("removes the partial download left by a stopped agent when nothing is offered any more", function()
-    local dir = os.tmpname() .. ".state"
-    stopped_download(4, dir)
+    local dir = stopped_state(4)
     assert.is_true(exists(dir .. "/firmware/job.json"))
     local s2 = load(1000, {state_dir = dir})
     s2:connect()
