@@ -1,4 +1,4 @@
--- The OTA policy through tb.testing: the real firmware state machine and checksums against
+-- The OTA policy through tb.testing: the real OTA state machine (tb.ota and its transfers) and checksums against
 -- a fake server that serves chunks the way ThingsBoard does.
 local testing = require "tb.testing"
 local core = require "tb.core"
@@ -452,11 +452,11 @@ describe("firmware and software together, server text and a changing offer", fun
     r = s:offer_firmware({title = "../../etc/\nx", version = "..", checksum_algorithm = "SHA256"}, img)
     assert.is_nil(r.state)
     -- file names: no separator, no leading dot
-    local fw = require "tb.firmware"
-    assert.equal("__.._etc_x", fw.sanitize("../../etc/x"))
-    assert.equal("_", fw.sanitize(".."))
-    assert.equal("_", fw.sanitize(""))
-    assert.equal("_etc_passwd", fw.sanitize("/etc/passwd"))
+    local ota = require "tb.ota"
+    assert.equal("__.._etc_x", ota.sanitize("../../etc/x"))
+    assert.equal("_", ota.sanitize(".."))
+    assert.equal("_", ota.sanitize(""))
+    assert.equal("_etc_passwd", ota.sanitize("/etc/passwd"))
   end)
 
   it("keeps the result of an install() that runs while the offer changes, then looks at the new offer", function()
@@ -547,14 +547,17 @@ describe("firmware offers that change while the agent is away, retries and progr
     local img = image(4500)
     s.packages.fw = {bytes = img}
     s.server.shared = offer_attrs({title = "dev", version = "2.0"}, img)
-    local states = {}
-    s.ctx.firmware.on_state = function(st) states[#states + 1] = st end
+    local function last_state()   -- the declined offer reported none
+      local states = {}
+      for _, e in ipairs(s:sent("v1/devices/me/telemetry")) do states[#states + 1] = e.values.fw_state end
+      return states[#states]
+    end
     s:advance(3000)
     for _ = 1, 100 do
-      if states[#states] == "UPDATED" or states[#states] == "FAILED" then break end
+      if last_state() == "UPDATED" or last_state() == "FAILED" then break end
       s:advance(100)
     end
-    assert.equal("UPDATED", states[#states])
+    assert.equal("UPDATED", last_state())
     assert.equal(img, s:state().image)
     local chunks = 0
     for _, m in ipairs(s.published) do
@@ -633,7 +636,7 @@ describe("firmware offers that change while the agent is away, retries and progr
       if have + 1000 < #img then
         sink:write(img:sub(have + 1, have + 1000))
         sink:close()
-        s:queue("http_done", id, 200, 18, "transfer closed with outstanding read data remaining", "")
+        s:queue("http_done", id, 200, 18, "transfer closed with outstanding read data remaining", "curl")
       else
         sink:write(img:sub(have + 1))
         s:queue("http_done", id, 200, 0, nil, (sink:finish()))
@@ -651,13 +654,68 @@ describe("firmware offers that change while the agent is away, retries and progr
     local attempts = 0
     s.core.http_download = function()
       attempts = attempts + 1
-      s:queue("http_done", attempts, 0, 7, "Failed to connect to example.invalid", "")
+      s:queue("http_done", attempts, 0, 7, "Failed to connect to example.invalid", "curl")
       return {progress = function() return 0, 0 end, cancel = function() end, release = function() end}, attempts
     end
     local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, image(100))
     assert.equal("FAILED", r.state)
     assert.equal(5, attempts)
     assert.matches("download failed: Failed to connect", r.error)
+  end)
+
+  -- failing_http(s, failures, img) -> attempts(): core.http_download ends its first attempts as
+  -- failures[i] = {status, curl_code, message, reason} say (as src/http.c reports them), then
+  -- serves img whole
+  local function failing_http(s, failures, img)
+    local attempts = 0
+    s.core.http_download = function(o)
+      attempts = attempts + 1
+      local dl = {progress = function() return 0, 0 end, cancel = function() end, release = function() end}
+      local f = failures[attempts]
+      if f then
+        s:queue("http_done", attempts, f[1], f[2], f[3], f[4])
+      else
+        local sink = assert(core.sink_open(o.path, o.algorithm, 0))
+        sink:write(img)
+        s:queue("http_done", attempts, 200, 0, nil, (sink:finish()))
+      end
+      return dl, attempts
+    end
+    return function() return attempts end
+  end
+
+  it("downloads again from byte 0, once and without counting it, when the server sends another range", function()
+    local s = load(1000)
+    local img = image(3000)
+    local misranged = {206, 23, "the server sent a range starting at byte 0, not 1000", "range"}
+    local cut = {200, 18, "transfer closed with outstanding read data remaining", "curl"}
+    local attempts = failing_http(s, {misranged, cut, cut, cut, cut}, img)
+    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    assert.equal("UPDATED", r.state)
+    assert.equal(6, attempts())
+    assert.truthy(s:logged("server refused the resume %(the server sent a range starting at byte 0, not 1000%); downloading again from byte 0"))
+  end)
+
+  it("gives up at once on a body larger than the announced size, by the reason code, not the message", function()
+    local s = load(1000)
+    local img = image(3000)
+    -- a libcurl failure whose text happens to read like the size refusal is retried
+    local attempts = failing_http(s, {{200, 56, "received data larger than expected", "curl"},
+      {200, 23, "download is larger than the announced size", "too_large"}}, img)
+    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    assert.equal("FAILED", r.state)
+    assert.equal(2, attempts())
+    assert.equal("download failed: download is larger than the announced size (HTTP 200)", r.error)
+  end)
+
+  it("fails at once on an HTTP status of 4xx, and retries a 5xx", function()
+    local s = load(1000)
+    local img = image(3000)
+    local attempts = failing_http(s, {{503, 0, "HTTP error status", "http"}, {404, 0, "HTTP error status", "http"}}, img)
+    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    assert.equal("FAILED", r.state)
+    assert.equal(2, attempts())
+    assert.equal("download failed: HTTP error status (HTTP 404)", r.error)
   end)
 
   it("calls progress(info, received, total) every 10 % and logs an error it raises", function()
@@ -677,7 +735,7 @@ describe("firmware offers that change while the agent is away, retries and progr
     assert.equal("UPDATED", r.state)
     assert.same({"2.0 1000/10000", "2.0 2000/10000", "2.0 3000/10000", "2.0 4000/10000", "2.0 5000/10000",
       "2.0 6000/10000", "2.0 7000/10000", "2.0 8000/10000", "2.0 9000/10000", "2.0 10000/10000"}, s:state().calls)
-    assert.truthy(s:logged("firmware progress%(%) raised: .*display broken", "error"))
+    assert.truthy(s:logged("firmware progress%(%) failed: .*display broken", "error"))
   end)
 
   it("refuses a progress that is not a function at load", function()

@@ -11,9 +11,14 @@ local function pack(...)
   return table.pack(...)
 end
 
--- nil and the message, exactly two results
+-- nil and the message, exactly two results (json_decode)
 local function refused(err, ...)
   assert.same(pack(nil, err), pack(...))
+end
+
+-- nil, the message and the code, exactly three results (json_encode)
+local function refused_as(code, err, ...)
+  assert.same(pack(nil, err, code), pack(...))
 end
 
 local function array(t)
@@ -59,11 +64,11 @@ describe("tb.core json_encode", function()
   end)
 
   it("refuses NaN and infinities, saying which and where", function()
-    refused("cannot encode NaN", encode(0 / 0))
-    refused("cannot encode inf", encode(math.huge))
-    refused("cannot encode inf", encode(-math.huge))
-    refused("cannot encode NaN at .a.b", encode({ a = { b = 0 / 0 } }))
-    refused("cannot encode inf at [2]", encode({ 1, math.huge }))
+    refused_as("not_finite", "cannot encode NaN", encode(0 / 0))
+    refused_as("not_finite", "cannot encode inf", encode(math.huge))
+    refused_as("not_finite", "cannot encode inf", encode(-math.huge))
+    refused_as("not_finite", "cannot encode NaN at .a.b", encode({ a = { b = 0 / 0 } }))
+    refused_as("not_finite", "cannot encode inf at [2]", encode({ 1, math.huge }, nil, true))
   end)
 
   it("escapes quotes, backslashes and control characters only", function()
@@ -76,9 +81,10 @@ describe("tb.core json_encode", function()
   it("refuses invalid UTF-8", function()
     for _, s in ipairs({ "\xff", "\x80", "\xc0\x80", "\xe0\x9f\xbf", "\xed\xa0\x80",
                          "\xf4\x90\x80\x80", "ok\xe2\x82" }) do
-      refused("invalid UTF-8 in string", encode(s))
+      refused_as("bad_utf8", "invalid UTF-8 in string", encode(s))
     end
-    refused("invalid UTF-8 in string at .k", encode({ k = "\xff" }))
+    refused_as("bad_utf8", "invalid UTF-8 in string at .k", encode({ k = "\xff" }))
+    refused_as("bad_utf8", "invalid UTF-8 in string", encode({ ["\xff"] = 1 }))
   end)
 
   it("writes arrays, objects, null and booleans", function()
@@ -98,16 +104,16 @@ describe("tb.core json_encode", function()
     local err = "cannot encode table with mixed or non-string keys"
     for _, t in ipairs({ { 1, a = 2 }, { 1, nil, 3 }, { [2] = 1 }, { [0] = 1 }, { [1.5] = 1 },
                          { [true] = 1 }, { [{}] = 1 }, array({ a = 1 }) }) do
-      refused(err, encode(t))
+      refused_as("bad_key", err, encode(t))
     end
-    refused(err .. " at .a", encode({ a = { [2] = 0 } }))
+    refused_as("bad_key", err .. " at .a", encode({ a = { [2] = 0 } }))
   end)
 
   it("refuses functions, threads and userdata", function()
-    refused("cannot encode function", encode(print))
-    refused("cannot encode thread", encode(coroutine.create(print)))
-    refused("cannot encode userdata", encode(io.stdout))
-    refused("cannot encode function at .f", encode({ f = print }))
+    refused_as("bad_type", "cannot encode function", encode(print))
+    refused_as("bad_type", "cannot encode thread", encode(coroutine.create(print)))
+    refused_as("bad_type", "cannot encode userdata", encode(io.stdout))
+    refused_as("bad_type", "cannot encode function at .f", encode({ f = print }))
   end)
 
   it("raises on a missing argument, like Lua", function()
@@ -119,10 +125,19 @@ describe("tb.core json_encode", function()
     local t = 1
     for _ = 1, 128 do t = { t } end
     assert.equal(("["):rep(128) .. "1" .. ("]"):rep(128), encode(t))
-    refused("nesting too deep", encode({ t }))
+    refused_as("too_deep", "nesting too deep", encode({ t }))
     local c = {}
     c.self = c
-    refused("nesting too deep", encode(c))
+    refused_as("too_deep", "nesting too deep", encode(c))
+  end)
+
+  it("refuses a text longer than max_bytes as too_large, whatever else is wrong later", function()
+    assert.equal('{"a":"xyz"}', encode({ a = "xyz" }, 11))
+    refused_as("too_large", "too large: over 10 bytes", encode({ a = "xyz" }, 10))
+    refused_as("too_large", "too large: over 5 bytes", encode(string.rep("x", 100), 5))
+    refused_as("too_large", "too large: over 8 bytes", encode({ 1234567890, 0 / 0 }, 8))
+    refused_as("too_large", "too large: over 3 bytes", encode(12345, 3, true))
+    refused_as("not_finite", "cannot encode NaN at [2]", encode({ 1, 0 / 0 }, 100))
   end)
 end)
 

@@ -98,11 +98,33 @@ describe("session", function()
     local s = testing.load(script([[
       local tb = require "tb"
       tb.state.ok, tb.state.err = tb.send_telemetry{blob = string.rep("x", 70000)}
+      tb.state.with_ts = {tb.send_telemetry({blob = string.rep("x", 70000)}, 1)}
+      tb.state.attrs = {tb.send_attributes{blob = string.rep("x", 70000)}}
     ]]))
     assert.is_nil(s:state().ok)
-    assert.matches("payload too large", s:state().err)
+    local too_large = "payload too large: over 65536 bytes (limit 65536)"
+    assert.equal(too_large, s:state().err)
+    assert.same({nil, too_large}, s:state().with_ts)
+    assert.same({nil, too_large}, s:state().attrs)
     s:connect()
     assert.equal(0, #s:sent("v1/devices/me/telemetry"))
+    assert.equal(0, #s:sent("v1/devices/me/attributes"))
+  end)
+
+  it("answers an RPC whose result or error text is over the limit with what fits", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("big", function() return string.rep("x", 70000) end)
+      tb.on_rpc("loud", function() return nil, string.rep("y", 70000) end)
+    ]]))
+    s:connect()
+    local big = s:rpc("big")
+    assert.matches("^cannot encode result: result too large: over %d+ bytes %(limit 65536%)$", big.error)
+    assert.truthy(s:logged("RPC 0: cannot encode the result: result too large", "error"))
+    local loud = s:rpc("loud")
+    assert.equal(string.rep("y", 1024), loud.error:sub(1, 1024))
+    assert.truthy(#loud.error < 2048)
+    assert.truthy(s:logged("RPC 1: error text cut to fit the payload limit", "warn"))
   end)
 
   it("refuses NaN and infinities with a clear error", function()
@@ -286,6 +308,24 @@ describe("session", function()
     assert.same({nil, "exit 3: last", 3, "first\nlast\n"}, s:state().fail)
     assert.equal(string.rep("x", 100), s:state().cut)
     assert.same({nil, "timeout"}, s:state().slow)
+  end)
+
+  it("gives tb.exec the reason when the agent killed the command itself", function()
+    local s = testing.load(script([[
+      local tb = require "tb"
+      tb.on_rpc("go", function()
+        tb.state.res = {tb.exec({"anything"})}
+        return true
+      end)
+    ]]))
+    -- what proc.c reports when it has no memory left for the output
+    s.core.spawn = function()
+      s:queue("exit", 77, -1, 9, "", "out of memory for the command's output (killed)")
+      return 77
+    end
+    s:connect()
+    s:rpc("go")
+    assert.same({nil, "out of memory for the command's output (killed)", -1, ""}, s:state().res)
   end)
 
   it("requests attributes with comma-joined keys and returns both sections", function()
@@ -473,7 +513,7 @@ describe("session", function()
     s.hold_acks = true
     for i = 1, 50 do s.ctx.current.api.send_telemetry{more = i} end
     s:advance(10)
-    assert.is_nil(s.session.probe)
+    assert.is_nil(s.session.drops.probe)
     assert.equal(math.min(50, s.session.window), s.session.inflight_n)
   end)
 

@@ -10,11 +10,24 @@ int tb_hash_open(lua_State *L);   /* hash.c: streaming checksums in ThingsBoard'
 int tb_loop_open(lua_State *L);   /* loop.c: the poll loop, clock and signals */
 int tb_mqtt_open(lua_State *L);   /* mqtt.c: libmosquitto connections */
 int tb_log_open(lua_State *L);    /* log.c: the log line writer */
-int tb_sink_open_lua(lua_State *L); /* sink.c: hashed download files, state dir helpers */
+int tb_sink_open_lua(lua_State *L); /* sink.c: hashed download files */
+int tb_fs_open(lua_State *L);     /* fs.c: the state directory's files (mkdirs, write_private) */
 int tb_http_open(lua_State *L);   /* http.c: libcurl downloads in the poll loop */
 int tb_watch_open(lua_State *L);  /* watch.c: inotify on the script's directory */
 int tb_proc_open(lua_State *L);   /* proc.c: child processes for tb.exec */
 int tb_store_open(lua_State *L);  /* store.c: the durable outbox (SQLite) */
 
 int luaopen_tb_core(lua_State *L);
+
+/* Adds functions (may be NULL) to the module table on top of the stack and, given mt_name,
+ * creates that userdata type's metatable once: the entries of methods named "__..." become
+ * its metamethods, the others its __index table. */
+void tb_core_register(lua_State *L, const char *mt_name, const luaL_Reg *methods,
+                      const luaL_Reg *functions);
+
+/* Pushes nil and "<fmt formatted as lua_pushfstring does>: <reason>" and returns 2, so a
+ * function fails with `return tb_core_fail(L, TB_LOOP_FULL, "cannot watch %s", dir);`. */
+int tb_core_fail(lua_State *L, const char *reason, const char *fmt, ...);
+/* tb_core_fail with strerror(errno) as the reason. */
+int tb_core_errno(lua_State *L, const char *fmt, ...);
 #endif

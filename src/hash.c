@@ -464,6 +464,17 @@ static int push_unsupported(lua_State *L, int first, const char *algorithm) {
   return 2;
 }
 
+/* The result of tb_hash_final_hex (rc, hex) as Lua's hex | nil, err. */
+static int push_hex(lua_State *L, int rc, const char *hex, const char *algorithm) {
+  if (rc != 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "checksum %s failed", algorithm);
+    return 2;
+  }
+  lua_pushstring(L, hex);
+  return 1;
+}
+
 /* core.hash_new(algorithm) -> hasher | nil, err */
 static int l_hash_new(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
@@ -500,13 +511,7 @@ static int l_hasher_update(lua_State *L) {
 static int l_hasher_hex(lua_State *L) {
   tb_hash *h = check_hasher(L);
   char buf[TB_HASH_HEX_MAX];
-  if (tb_hash_final_hex(h, buf, sizeof buf) != 0) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "checksum %s failed", tb_hash_algorithm(h));
-    return 2;
-  }
-  lua_pushstring(L, buf);
-  return 1;
+  return push_hex(L, tb_hash_final_hex(h, buf, sizeof buf), buf, tb_hash_algorithm(h));
 }
 
 /* hasher:algorithm() -> "SHA256" */
@@ -553,13 +558,7 @@ static int l_hash_hex(lua_State *L) {
   tb_hash_update(h, data, len);
   rc = tb_hash_final_hex(h, buf, sizeof buf);
   tb_hash_free(h);
-  if (rc != 0) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "checksum %s failed", tb_hash_canonical(name));
-    return 2;
-  }
-  lua_pushstring(L, buf);
-  return 1;
+  return push_hex(L, rc, buf, tb_hash_canonical(name));
 }
 
 /* core.checksum_match(algorithm, computed_hex, expected_text) -> boolean [, err] */
@@ -577,10 +576,6 @@ static const luaL_Reg hasher_methods[] = {
   {"update", l_hasher_update},
   {"hex", l_hasher_hex},
   {"algorithm", l_hasher_algorithm},
-  {NULL, NULL},
-};
-
-static const luaL_Reg hasher_meta[] = {
   {"__gc", l_hasher_gc},
   {"__close", l_hasher_gc},
   {"__tostring", l_hasher_tostring},
@@ -595,12 +590,6 @@ static const luaL_Reg hash_funcs[] = {
 };
 
 int tb_hash_open(lua_State *L) {
-  if (luaL_newmetatable(L, HASHER_MT)) {
-    luaL_setfuncs(L, hasher_meta, 0);
-    luaL_newlib(L, hasher_methods);
-    lua_setfield(L, -2, "__index");
-  }
-  lua_pop(L, 1);
-  luaL_setfuncs(L, hash_funcs, 0);
+  tb_core_register(L, HASHER_MT, hasher_methods, hash_funcs);
   return 0;
 }

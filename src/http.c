@@ -3,6 +3,15 @@
  * blocking. Bytes stream straight into a sink (file + hash) from the write callback, which
  * is plain C; Lua hears only "http_done" once the transfer ends. TLS is verified by
  * default. A download never grows past max_size, and resumes with a Range request.
+ *
+ * "http_done" event: a = download id, b = the final HTTP status (0: no response),
+ * c = libcurl's CURLcode of the transfer, s1 = nil on success or a message for people,
+ * s2 = the hex digest on success or, on failure, one reason code for code to branch on:
+ *   "range"      a 206 answer whose range starts at another byte than the one asked for
+ *   "too_large"  the body went past max_size (the announced size)
+ *   "http"       the transfer completed with a final status outside 2xx (body discarded)
+ *   "curl"       libcurl failed (DNS, connect, TLS, timeout, stall, cut connection...): see c
+ *   "write"      the file could not be written, reset or synced (disk full, I/O error)
  * libcurl is loaded with dlopen at the first download: it drags in a dozen libraries
  * (gnutls, krb5, ldap, ssh2...) that would otherwise cost every idle agent ~3 MiB of RSS. */
 #include <dlfcn.h>
@@ -29,7 +38,8 @@ typedef struct tb_http {
   int64_t max_size;       /* -1: unknown */
   int checked_status;     /* the response status was looked at */
   int discard;            /* a non-2xx body: not part of the image */
-  int too_large;
+  const char *failure;     /* reason code of an abort from on_write (see the top), or NULL */
+  char failure_text[sizeof ((tb_sink *)0)->error];
   int64_t range_start;    /* start of the last response's Content-Range; -1: none */
   char errbuf[CURL_ERROR_SIZE];
   int active;
@@ -190,6 +200,13 @@ static size_t on_header(char *data, size_t size, size_t n, void *userp) {
   return len;
 }
 
+/* abort_write(h, reason, text) -> 0: on_write's result that aborts the transfer, with why */
+static size_t abort_write(tb_http *h, const char *reason, const char *text) {
+  h->failure = reason;
+  snprintf(h->failure_text, sizeof h->failure_text, "%s", text);
+  return 0;
+}
+
 static size_t on_write(char *data, size_t size, size_t n, void *userp) {
   tb_http *h = userp;
   size_t len = size * n;
@@ -201,20 +218,19 @@ static size_t on_write(char *data, size_t size, size_t n, void *userp) {
       h->discard = 1;
     } else if (code == 200 && h->start_offset > 0) {
       /* the server ignored our Range: the body is the whole image from byte 0 */
-      if (tb_sink_reset(&h->sink) != 0) return 0;
+      if (tb_sink_reset(&h->sink) != 0) return abort_write(h, "write", h->sink.error);
       h->start_offset = 0;
     } else if (code == 206 && h->range_start != h->start_offset) {
-      snprintf(h->sink.error, sizeof h->sink.error, "the server sent a range starting at byte %lld, not %lld",
+      char text[sizeof h->failure_text];
+      snprintf(text, sizeof text, "the server sent a range starting at byte %lld, not %lld",
                (long long)h->range_start, (long long)h->start_offset);
-      return 0;
+      return abort_write(h, "range", text);
     }
   }
   if (h->discard) return len;
-  if (h->max_size >= 0 && h->sink.size + (int64_t)len > h->max_size) {
-    h->too_large = 1;
-    return 0;  /* aborts the transfer */
-  }
-  if (tb_sink_write(&h->sink, data, len) != 0) return 0;
+  if (h->max_size >= 0 && h->sink.size + (int64_t)len > h->max_size)
+    return abort_write(h, "too_large", "download is larger than the announced size");
+  if (tb_sink_write(&h->sink, data, len) != 0) return abort_write(h, "write", h->sink.error);
   return len;
 }
 
@@ -248,22 +264,24 @@ static void check_done(void) {
     e->b = code;
     e->c = msg->data.result;
     char hex[TB_HASH_HEX_MAX] = "";
-    const char *why = NULL;
-    if (h->too_large) why = "download is larger than the announced size";
-    else if (h->sink.error[0] && msg->data.result == CURLE_WRITE_ERROR) why = h->sink.error;
-    else if (msg->data.result != CURLE_OK) why = h->errbuf[0] ? h->errbuf : cu.easy_strerror(msg->data.result);
-    else if (code < 200 || code >= 300) why = "HTTP error status";
-    if (!why) {
-      e->c = 0;
-      /* the image is complete: sync it and hand back its digest */
-      if (tb_sink_finish(&h->sink, hex, sizeof hex) != 0) {
-        why = h->sink.error;
-        e->c = -1;
-      }
+    const char *why = NULL, *reason = NULL;
+    if (h->failure) {
+      reason = h->failure;
+      why = h->failure_text;
+    } else if (msg->data.result != CURLE_OK) {
+      reason = "curl";
+      why = h->errbuf[0] ? h->errbuf : cu.easy_strerror(msg->data.result);
+    } else if (code < 200 || code >= 300) {
+      reason = "http";
+      why = "HTTP error status";
+    } else if (tb_sink_finish(&h->sink, hex, sizeof hex) != 0) {
+      /* the image is complete: synced to disk, its digest handed back */
+      reason = "write";
+      why = h->sink.error;
     }
-    e->a = h->id;
     if (why) tb_event_set_s1(e, why, strlen(why));
-    tb_event_set_s2(e, hex, strlen(hex));
+    if (reason) tb_event_set_s2(e, reason, strlen(reason));
+    else tb_event_set_s2(e, hex, strlen(hex));
     tb_loop_push(e);
     cu.multi_remove_handle(multi, h->easy);
     cu.easy_cleanup(h->easy);
@@ -306,7 +324,8 @@ static lua_Integer opt_integer(lua_State *L, const char *key, lua_Integer def) {
 
 /* core.http_download{url=, path=, algorithm=, resume=bool, max_size=, cafile=, insecure=,
  *   connect_timeout_ms=, stall_seconds=} -> download, id | nil, err
- * Streams url into path; "http_done"(id, http_status, curl_code, error|nil, hex) ends it. */
+ * Streams url into path; "http_done"(id, http_status, curl_code, message|nil, hex|reason)
+ * ends it (see the top of this file). */
 static int l_http_download(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   const char *url = opt_str(L, "url");

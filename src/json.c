@@ -18,6 +18,21 @@
  *   decimal point.
  * - json_encode(value, max_bytes) stops as soon as the text passes max_bytes, so refusing a
  *   100 MiB value costs about max_bytes of memory, not the whole text.
+ *
+ * json_encode fails with nil, message, code. The message is for people (it names the place,
+ * "cannot encode NaN at .temp"); the code is for callers that decide what to do, and stays
+ * the same whatever the message says:
+ *   too_large   the text passed max_bytes
+ *   not_finite  a float is NaN or an infinity
+ *   bad_utf8    a string, value or key, is not valid UTF-8
+ *   bad_key     a table is neither an array (keys exactly 1..n, or empty and marked with
+ *               json_array_mt) nor an object (string keys only, not marked)
+ *   bad_type    a value JSON has no form for: function, userdata, thread, a light userdata
+ *               other than json_null
+ *   too_deep    nesting passed TB_JSON_MAX_DEPTH or the Lua stack; a table that contains
+ *               itself fails this way too
+ * json_decode fails with nil, message only ("invalid JSON at byte N: why", "nesting too deep",
+ * "empty JSON text"): no caller tells its failures apart.
  */
 #include <locale.h>
 #include <math.h>
@@ -90,6 +105,7 @@ typedef struct enc {
   size_t len, cap;
   int buf_slot, mt_slot;
   char msg[64];   /* what went wrong, without the path */
+  const char *code;  /* the same as a stable code (see the top of the file) */
   int path_at;    /* the path is built backwards on the way out, ending at path[PATH_LEN-1] */
   int path_cut;   /* 1: it lost its front; -1: this error takes no path */
   size_t max;     /* 0, or the longest text wanted: encoding stops once it is passed */
@@ -124,8 +140,9 @@ static void enc_char(enc *e, char c) {
   e->len++;
 }
 
-static int enc_fail(enc *e, const char *msg) {
+static int enc_fail(enc *e, const char *code, const char *msg) {
   snprintf(e->msg, sizeof e->msg, "%s", msg);
+  e->code = code;
   return -1;
 }
 
@@ -133,6 +150,7 @@ static int enc_fail(enc *e, const char *msg) {
  * text that is too long, not one value). */
 static int enc_too_large(enc *e) {
   snprintf(e->msg, sizeof e->msg, "too large: over %zu bytes", e->max);
+  e->code = "too_large";
   e->path_cut = -1;
   return -1;
 }
@@ -177,7 +195,7 @@ static int enc_string(enc *e, const char *s, size_t n) {
       p++;
     } else if (x == 1) {
       size_t k = utf8_seq(p, end);
-      if (k == 0) return enc_fail(e, "invalid UTF-8 in string");
+      if (k == 0) return enc_fail(e, "bad_utf8", "invalid UTF-8 in string");
       p += k;
     } else {
       char *o;
@@ -239,14 +257,51 @@ static size_t c_number_text(char *text) {
  * STRING (BigDecimal scale > 16), so telemetry and attributes get at most 16: exact for
  * |v| >= 0.5 (half a step of 1e-16 is below half the spacing of doubles there), rounded
  * below that (0.1 + 0.2 goes as 0.3, values under 5e-17 as 0.0). */
-static int enc_float(enc *e, lua_Number v, int tb_values) {
-  char tmp[48], out[400], digits[24];
-  double d = (double)v;
+/* The common float, a decimal with at most 15 significant digits and 15 decimals (21.5,
+ * 40.25, 0.001), without printf and strtod: m = |d| * 10^k rounded, for the smallest k whose
+ * m / 10^k is d again. Both sides of that test are correctly rounded, so it holds exactly when
+ * the decimal text reads back as d; with m below 10^15 the digits are those enc_float's
+ * shortest-of-15..17 search finds, so the text is the same. 0 when d is not such a number. */
+size_t tb_json_short_decimal(double d, char out[TB_JSON_FLOAT_MAX]) {
+  static const double pow10[16] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10,
+                                   1e11, 1e12, 1e13, 1e14, 1e15};
+  double a = fabs(d);
+  char rev[24];
+  size_t o = 0, nr = 0;
+  if (!(a >= 1e-15 && a < 1e15)) return 0;
+  for (int k = 0; k <= 15; k++) {
+    double m = nearbyint(a * pow10[k]);
+    if (m >= 1e15) return 0;
+    if (m < 1 || m / pow10[k] != a) continue;
+    unsigned long long u = (unsigned long long)m;
+    while (u) {
+      rev[nr++] = (char)('0' + u % 10);
+      u /= 10;
+    }
+    if (d < 0) out[o++] = '-';
+    int point = (int)nr - k;   /* digits before the point */
+    if (point <= 0) {
+      out[o++] = '0';
+      out[o++] = '.';
+      for (int i = 0; i < -point; i++) out[o++] = '0';
+      while (nr) out[o++] = rev[--nr];
+    } else {
+      for (int i = 0; i < point; i++) out[o++] = rev[--nr];
+      out[o++] = '.';
+      if (nr == 0) out[o++] = '0';
+      while (nr) out[o++] = rev[--nr];
+    }
+    return o;
+  }
+  return 0;
+}
+
+size_t tb_json_float_text(double d, int tb_values, int fast, char out[TB_JSON_FLOAT_MAX]) {
+  char tmp[48], digits[24];
   int prec, exp10 = 0, point, nd = 0, lead, i;
   size_t n, o = 0;
   const char *p;
-  if (isnan(d)) return enc_fail(e, "cannot encode NaN");
-  if (isinf(d)) return enc_fail(e, "cannot encode inf");
+  if (fast && (n = tb_json_short_decimal(d, out)) > 0) return n;
   for (prec = 15;; prec++) {
     snprintf(tmp, sizeof tmp - 2, "%.*e", prec - 1, d);
     c_number_text(tmp);
@@ -266,8 +321,8 @@ static int enc_float(enc *e, lua_Number v, int tb_values) {
     snprintf(tmp, sizeof tmp - 2, "%.16f", d);
     n = c_number_text(tmp);
     while (n > 0 && tmp[n - 1] == '0' && tmp[n - 2] != '.') n--;
-    enc_put(e, tmp, n);
-    return 0;
+    memcpy(out, tmp, n);
+    return n;
   }
   if (point <= 0) {
     out[o++] = '0';
@@ -282,7 +337,15 @@ static int enc_float(enc *e, lua_Number v, int tb_values) {
     if (point >= nd) out[o++] = '0';
     for (i = point; i < nd; i++) out[o++] = digits[i];
   }
-  enc_put(e, out, o);
+  return o;
+}
+
+static int enc_float(enc *e, lua_Number v, int tb_values) {
+  char out[TB_JSON_FLOAT_MAX];
+  double d = (double)v;
+  if (isnan(d)) return enc_fail(e, "not_finite", "cannot encode NaN");
+  if (isinf(d)) return enc_fail(e, "not_finite", "cannot encode inf");
+  enc_put(e, out, tb_json_float_text(d, tb_values, 1, out));
   return 0;
 }
 
@@ -306,7 +369,7 @@ static int enc_object(enc *e, int t, int depth) {
     const char *k;
     if (lua_type(L, -2) != LUA_TSTRING) {
       lua_pop(L, 2);
-      return enc_fail(e, "cannot encode table with mixed or non-string keys");
+      return enc_fail(e, "bad_key", "cannot encode table with mixed or non-string keys");
     }
     if (!first) enc_char(e, ',');
     first = 0;
@@ -334,7 +397,7 @@ static int enc_table(enc *e, int t, int depth) {
   lua_Integer n = 0, max = 0, i;
   if (depth >= TB_JSON_MAX_DEPTH || !lua_checkstack(L, 8)) {
     e->path_cut = -1;
-    return enc_fail(e, "nesting too deep");
+    return enc_fail(e, "too_deep", "nesting too deep");
   }
   lua_pushnil(L);
   if (!lua_next(L, t)) {
@@ -344,18 +407,18 @@ static int enc_table(enc *e, int t, int depth) {
   if (lua_type(L, -2) == LUA_TSTRING) {
     if (!is_marked_array(e, t)) return enc_object(e, t, depth);
     lua_pop(L, 2);
-    return enc_fail(e, "cannot encode table with mixed or non-string keys");
+    return enc_fail(e, "bad_key", "cannot encode table with mixed or non-string keys");
   }
   do {
     lua_pop(L, 1);
     if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1) {
       lua_pop(L, 1);
-      return enc_fail(e, "cannot encode table with mixed or non-string keys");
+      return enc_fail(e, "bad_key", "cannot encode table with mixed or non-string keys");
     }
     n++;
     if (lua_tointeger(L, -1) > max) max = lua_tointeger(L, -1);
   } while (lua_next(L, t));
-  if (max != n) return enc_fail(e, "cannot encode table with mixed or non-string keys");
+  if (max != n) return enc_fail(e, "bad_key", "cannot encode table with mixed or non-string keys");
   enc_char(e, '[');
   for (i = 1; i <= n; i++) {
     if (i > 1) enc_char(e, ',');
@@ -406,6 +469,7 @@ static int enc_value(enc *e, int idx, int depth) {
     /* fall through */
   default:
     snprintf(e->msg, sizeof e->msg, "cannot encode %s", lua_typename(L, type));
+    e->code = "bad_type";
     return -1;
   }
 }
@@ -418,10 +482,11 @@ static int enc_run(enc *e, lua_State *L, int idx) {
   e->len = 0;
   e->cap = sizeof e->init;
   e->msg[0] = '\0';
+  e->code = NULL;
   e->path_at = PATH_LEN - 1;
   e->path[PATH_LEN - 1] = '\0';
   e->path_cut = 0;
-  if (!lua_checkstack(L, 8)) return enc_fail(e, "nesting too deep");
+  if (!lua_checkstack(L, 8)) return enc_fail(e, "too_deep", "nesting too deep");
   push_array_mt(L);
   e->mt_slot = lua_gettop(L);
   lua_pushnil(L);
@@ -457,10 +522,11 @@ int tb_json_encode_at(lua_State *L, int idx, luaL_Buffer *b, char *err, size_t e
   return 0;
 }
 
-/* json_encode(value [, max_bytes [, tb_values]]) -> string | nil, err. With max_bytes, a
- * text longer than that is refused ("too large: over N bytes") as soon as the encoder passes
- * it, so refusing a huge value costs about max_bytes, not the size of its text. tb_values:
- * floats get at most 16 decimals, so ThingsBoard stores them as DOUBLE (see enc_float). */
+/* json_encode(value [, max_bytes [, tb_values]]) -> string | nil, err, code. With max_bytes,
+ * a text longer than that is refused ("too large: over N bytes", code "too_large") as soon as
+ * the encoder passes it, so refusing a huge value costs about max_bytes, not the size of its
+ * text. tb_values: floats get at most 16 decimals, so ThingsBoard stores them as DOUBLE (see
+ * enc_float). */
 static int l_json_encode(lua_State *L) {
   enc e;
   char err[192];
@@ -475,7 +541,8 @@ static int l_json_encode(lua_State *L) {
     enc_message(&e, err, sizeof err);
     lua_pushnil(L);
     lua_pushstring(L, err);
-    return 2;
+    lua_pushstring(L, e.code);
+    return 3;
   }
   lua_pushlstring(L, e.buf, e.len);
   return 1;
@@ -883,11 +950,10 @@ static int l_json_decode(lua_State *L) {
 }
 
 int tb_json_open(lua_State *L) {
-  luaL_checkstack(L, 4, NULL);
-  lua_pushcfunction(L, l_json_encode);
-  lua_setfield(L, -2, "json_encode");
-  lua_pushcfunction(L, l_json_decode);
-  lua_setfield(L, -2, "json_decode");
+  static const luaL_Reg fns[] = {{"json_encode", l_json_encode}, {"json_decode", l_json_decode},
+    {NULL, NULL}};
+  tb_core_register(L, NULL, NULL, fns);
+  luaL_checkstack(L, 2, NULL);
   lua_pushlightuserdata(L, NULL);
   lua_setfield(L, -2, "json_null");
   push_array_mt(L);

@@ -21,4 +21,15 @@ int tb_json_encode_at(lua_State *L, int idx, luaL_Buffer *b, char *err, size_t e
  * err and nothing pushed. Raises only on memory errors. */
 int tb_json_decode_push(lua_State *L, const char *s, size_t len, char *err, size_t errlen);
 
+/* Room for the text of any finite double, positional (up to 309 digits before the point). */
+#define TB_JSON_FLOAT_MAX 400
+
+/* Writes the JSON text of the finite double d to out (not terminated) and returns its length:
+ * the shortest digits that read back as d, positional, ".0" on whole numbers; tb_values: at
+ * most 16 decimals (ThingsBoard keeps more as a STRING). fast = 1 lets common decimals skip
+ * printf and strtod (same text; the C tests compare both ways). */
+size_t tb_json_float_text(double d, int tb_values, int fast, char out[TB_JSON_FLOAT_MAX]);
+/* The fast path alone: the length written, or 0 when d is not a common decimal. */
+size_t tb_json_short_decimal(double d, char out[TB_JSON_FLOAT_MAX]);
+
 #endif

@@ -121,6 +121,6 @@ static int l_mask(lua_State *L) {
 int tb_log_open(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"log_write", l_log_write}, {"log_secret", l_log_secret}, {"mask", l_mask}, {NULL, NULL}};
-  luaL_setfuncs(L, fns, 0);
+  tb_core_register(L, NULL, NULL, fns);
   return 0;
 }

@@ -15,9 +15,7 @@
 #include "core.h"
 #include "loop.h"
 
-#define TB_MAX_SOURCES 32
-
-static tb_source sources[TB_MAX_SOURCES];
+static tb_source sources[TB_LOOP_MAX_SOURCES];
 static int nsources = 0;
 static tb_event *queue_head = NULL, *queue_tail = NULL;
 static int signal_fd = -1;
@@ -81,9 +79,23 @@ static tb_event *queue_pop(void) {
 }
 
 int tb_loop_add_source(const tb_source *src) {
-  if (nsources >= TB_MAX_SOURCES) return -1;
+  if (nsources >= TB_LOOP_MAX_SOURCES) return -1;
   sources[nsources++] = *src;
   return 0;
+}
+
+static int reader_fd(void *ctx) {
+  return *(int *)ctx;
+}
+
+static short reader_events(void *ctx) {
+  (void)ctx;
+  return POLLIN;
+}
+
+int tb_loop_add_reader(int *fd, void (*ready)(void *ctx, short revents)) {
+  tb_source src = {reader_fd, reader_events, ready, NULL, fd};
+  return tb_loop_add_source(&src);
 }
 
 void tb_loop_remove_source(void *ctx) {
@@ -113,8 +125,12 @@ static int push_event(lua_State *L, tb_event *e) {
 static int l_poll(lua_State *L) {
   lua_Integer timeout = luaL_checkinteger(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  struct pollfd pfds[TB_MAX_SOURCES];
-  int idx[TB_MAX_SOURCES];
+  /* static: a full table would take 22 KiB of C stack; the handler that may re-enter poll
+   * runs only after the last use of these */
+  static struct pollfd pfds[TB_LOOP_MAX_SOURCES];
+  static int idx[TB_LOOP_MAX_SOURCES];
+  static void *ctxs[TB_LOOP_MAX_SOURCES];
+  static short revs[TB_LOOP_MAX_SOURCES];
   int n = 0;
   int64_t now = tb_loop_now();
   if (queue_head || timeout < 0) timeout = 0;
@@ -136,8 +152,6 @@ static int l_poll(lua_State *L) {
   int rc = poll(pfds, (nfds_t)n, (int)timeout);
   if (rc < 0 && errno != EINTR) return luaL_error(L, "poll failed: %s", strerror(errno));
   /* Sources may add or remove sources while processing; walk a snapshot of their contexts. */
-  void *ctxs[TB_MAX_SOURCES];
-  short revs[TB_MAX_SOURCES];
   int count = nsources;
   for (int i = 0; i < count; i++) {
     ctxs[i] = sources[i].ctx;
@@ -178,16 +192,6 @@ static int l_wall(lua_State *L) {
   return 1;
 }
 
-static int signal_source_fd(void *ctx) {
-  (void)ctx;
-  return signal_fd;
-}
-
-static short signal_source_events(void *ctx) {
-  (void)ctx;
-  return POLLIN;
-}
-
 static void signal_source_ready(void *ctx, short revents) {
   (void)ctx;
   if (!(revents & POLLIN)) return;
@@ -202,7 +206,7 @@ static void signal_source_ready(void *ctx, short revents) {
   }
 }
 
-/* core.signals_open() -> true: SIGINT, SIGTERM and SIGHUP become "signal" events. */
+/* core.signals_open() -> true | nil, err: SIGINT, SIGTERM and SIGHUP become "signal" events. */
 static int l_signals_open(lua_State *L) {
   if (signal_fd >= 0) {
     lua_pushboolean(L, 1);
@@ -213,30 +217,30 @@ static int l_signals_open(lua_State *L) {
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGHUP);
-  if (sigprocmask(SIG_BLOCK, &set, NULL) != 0) goto fail;
-  signal_fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
-  if (signal_fd < 0) goto fail;
+  int fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+  if (fd < 0) return tb_core_errno(L, "cannot watch signals");
+  signal_fd = fd;
+  if (tb_loop_add_reader(&signal_fd, signal_source_ready) != 0) {
+    close(fd);
+    signal_fd = -1;
+    return tb_core_fail(L, TB_LOOP_FULL, "cannot watch signals");
+  }
+  /* blocked last: a failure above leaves the process's signal mask as it was */
+  if (sigprocmask(SIG_BLOCK, &set, NULL) != 0) {
+    tb_loop_remove_source(&signal_fd);
+    close(fd);
+    signal_fd = -1;
+    return tb_core_errno(L, "cannot watch signals");
+  }
   signal(SIGPIPE, SIG_IGN);
-  tb_source src = {signal_source_fd, signal_source_events, signal_source_ready, NULL, &signal_fd};
-  tb_loop_add_source(&src);
   lua_pushboolean(L, 1);
-  return 1;
-fail:
-  lua_pushnil(L);
-  lua_pushfstring(L, "cannot watch signals: %s", strerror(errno));
-  return 2;
-}
-
-/* core.pending() -> true when events are queued (the next poll will not sleep) */
-static int l_pending(lua_State *L) {
-  lua_pushboolean(L, queue_head != NULL);
   return 1;
 }
 
 int tb_loop_open(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"poll", l_poll},     {"now", l_now},         {"wall", l_wall},
-    {"signals_open", l_signals_open}, {"pending", l_pending}, {NULL, NULL}};
-  luaL_setfuncs(L, fns, 0);
+    {"signals_open", l_signals_open}, {NULL, NULL}};
+  tb_core_register(L, NULL, NULL, fns);
   return 0;
 }

@@ -31,6 +31,15 @@ tb_event *tb_event_new(const char *kind);
 int tb_event_set_s1(tb_event *e, const void *s, size_t len);
 int tb_event_set_s2(tb_event *e, const void *s, size_t len);
 void tb_loop_push(tb_event *e);          /* takes ownership */
-int tb_loop_add_source(const tb_source *src);   /* 0 ok, -1 full */
+/* The most sources the loop holds at once, as many as the fds a process may open by default
+ * (RLIMIT_NOFILE): past it tb_loop_add_source fails and the Lua caller gets
+ * nil, "...: " TB_LOOP_FULL. */
+#define TB_LOOP_MAX_SOURCES 1024
+#define TB_LOOP_FULL "too many open sources (1024: connections, commands, downloads)"
+
+int tb_loop_add_source(const tb_source *src);   /* 0 ok, -1 full (TB_LOOP_MAX_SOURCES) */
+/* A source that polls *fd for POLLIN and has no deadline (a signalfd, an inotify fd); ready
+ * gets fd as its ctx. 0 ok, -1 full. */
+int tb_loop_add_reader(int *fd, void (*ready)(void *ctx, short revents));
 void tb_loop_remove_source(void *ctx);
 #endif

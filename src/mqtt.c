@@ -301,9 +301,7 @@ static int l_mqtt_connect(lua_State *L) {
   tb_source src = {src_fd, src_events, src_ready, src_deadline, c};
   if (tb_loop_add_source(&src) != 0) {
     conn_release(c);
-    lua_pushnil(L);
-    lua_pushliteral(L, "too many connections");
-    return 2;
+    return tb_core_fail(L, TB_LOOP_FULL, "connect failed");
   }
   c->registered = 1;
   /* anchored until close(): the loop holds a raw pointer to it */
@@ -391,19 +389,9 @@ int tb_mqtt_open(lua_State *L) {
   }
   static const luaL_Reg methods[] = {
     {"publish", l_publish}, {"subscribe", l_subscribe}, {"disconnect", l_disconnect},
-    {"want_write", l_want_write}, {"close", l_close}, {NULL, NULL}};
-  if (luaL_newmetatable(L, MQTT_MT)) {
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, l_tostring);
-    lua_setfield(L, -2, "__tostring");
-  }
-  lua_pop(L, 1);
-  lua_pushcfunction(L, l_mqtt_connect);
-  lua_setfield(L, -2, "mqtt_connect");
+    {"want_write", l_want_write}, {"close", l_close}, {"__gc", l_gc}, {"__close", l_gc},
+    {"__tostring", l_tostring}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"mqtt_connect", l_mqtt_connect}, {NULL, NULL}};
+  tb_core_register(L, MQTT_MT, methods, fns);
   return 0;
 }

@@ -24,7 +24,8 @@ typedef struct tb_child {
   char *out;
   size_t len, cap, limit;
   int truncated;
-  int eof;               /* output closed; waiting for the process itself to end */
+  int eof;               /* output closed or abandoned; waiting for the process itself to end */
+  const char *gave_up;   /* why the agent killed the child itself, or NULL */
   int64_t next_check;
   struct tb_child *next;
 } tb_child;
@@ -66,6 +67,7 @@ static void child_try_finish(tb_child *c) {
       e->c = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
     }
     tb_event_set_s1(e, c->out ? c->out : "", c->len);
+    if (c->gave_up) tb_event_set_s2(e, c->gave_up, strlen(c->gave_up));
     tb_loop_push(e);
   }
   tb_loop_remove_source(c);
@@ -77,6 +79,18 @@ static void child_try_finish(tb_child *c) {
   close(c->fd);
   free(c->out);
   free(c);
+}
+
+/* No memory to keep the output: the pipe would stay readable and poll would spin on it, so
+ * stop reading, kill the child and report why (its exit event carries the reason). */
+static void child_give_up(tb_child *c, const char *why) {
+  kill(c->pid, SIGKILL);
+  free(c->out);
+  c->out = NULL;
+  c->len = c->cap = 0;
+  c->gave_up = why;
+  c->eof = 1;
+  child_try_finish(c);
 }
 
 static void child_ready(void *ctx, short revents) {
@@ -100,7 +114,10 @@ static void child_ready(void *ctx, short revents) {
           size_t cap = c->cap ? c->cap * 2 : 4096;
           while (cap < c->len + take) cap *= 2;
           char *p = realloc(c->out, cap);
-          if (!p) return;
+          if (!p) {
+            child_give_up(c, "out of memory for the command's output (killed)");
+            return;
+          }
           c->out = p;
           c->cap = cap;
         }
@@ -117,7 +134,8 @@ static void child_ready(void *ctx, short revents) {
 }
 
 /* core.spawn(argv_table, output_limit) -> id | nil, err: starts argv[1] with arguments
- * (no shell); "exit"(id, exit_code (-1 if killed), signal, output) follows. */
+ * (no shell); "exit"(id, exit_code (-1 if killed), signal, output, why|nil) follows, why
+ * saying why the agent killed it itself. */
 static int l_spawn(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_Integer limit = luaL_optinteger(L, 2, 65536);
@@ -172,18 +190,14 @@ static int l_spawn(lua_State *L) {
     free(c);
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
-    lua_pushnil(L);
-    lua_pushliteral(L, "too many running commands");
-    return 2;
+    return tb_core_fail(L, TB_LOOP_FULL, "cannot run %s", argv[0]);
   }
   c->next = children;
   children = c;
   lua_pushinteger(L, c->id);
   return 1;
 fail:
-  lua_pushnil(L);
-  lua_pushfstring(L, "cannot run %s: %s", argv[0], strerror(errno));
-  return 2;
+  return tb_core_errno(L, "cannot run %s", argv[0]);
 }
 
 /* core.spawn_kill(id [, signal=9]) -> true if that child was still running */
@@ -202,9 +216,7 @@ static int l_spawn_kill(lua_State *L) {
 }
 
 int tb_proc_open(lua_State *L) {
-  lua_pushcfunction(L, l_spawn);
-  lua_setfield(L, -2, "spawn");
-  lua_pushcfunction(L, l_spawn_kill);
-  lua_setfield(L, -2, "spawn_kill");
+  static const luaL_Reg fns[] = {{"spawn", l_spawn}, {"spawn_kill", l_spawn_kill}, {NULL, NULL}};
+  tb_core_register(L, NULL, NULL, fns);
   return 0;
 }

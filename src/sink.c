@@ -111,6 +111,13 @@ static tb_sink *check_sink(lua_State *L) {
   return s;
 }
 
+/* nil, the sink's error */
+static int push_error(lua_State *L, tb_sink *s) {
+  lua_pushnil(L);
+  lua_pushstring(L, s->error);
+  return 2;
+}
+
 /* core.sink_open(path, algorithm|nil, keep_bytes|nil) -> sink, size | nil, err */
 static int l_sink_open(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
@@ -122,9 +129,7 @@ static int l_sink_open(lua_State *L) {
   luaL_setmetatable(L, SINK_MT);
   if (tb_sink_open(s, path, alg, keep) != 0) {
     tb_sink_close(s);
-    lua_pushnil(L);
-    lua_pushstring(L, s->error);
-    return 2;
+    return push_error(L, s);
   }
   lua_pushinteger(L, s->size);
   return 2;
@@ -135,24 +140,8 @@ static int l_sink_write(lua_State *L) {
   tb_sink *s = check_sink(L);
   size_t len;
   const char *data = luaL_checklstring(L, 2, &len);
-  if (tb_sink_write(s, data, len) != 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, s->error);
-    return 2;
-  }
+  if (tb_sink_write(s, data, len) != 0) return push_error(L, s);
   lua_pushinteger(L, s->size);
-  return 1;
-}
-
-/* sink:reset() -> true | nil, err */
-static int l_sink_reset(lua_State *L) {
-  tb_sink *s = check_sink(L);
-  if (tb_sink_reset(s) != 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, s->error);
-    return 2;
-  }
-  lua_pushboolean(L, 1);
   return 1;
 }
 
@@ -170,9 +159,7 @@ static int l_sink_finish(lua_State *L) {
   int64_t size = s->size;
   if (tb_sink_finish(s, hex, sizeof hex) != 0) {
     tb_sink_close(s);
-    lua_pushnil(L);
-    lua_pushstring(L, s->error);
-    return 2;
+    return push_error(L, s);
   }
   lua_pushstring(L, hex);
   lua_pushinteger(L, size);
@@ -184,80 +171,11 @@ static int l_sink_gc(lua_State *L) {
   return 0;
 }
 
-/* core.mkdirs(path, mode) -> true | nil, err: like mkdir -p; new directories get mode */
-static int l_mkdirs(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
-  mode_t mode = (mode_t)luaL_optinteger(L, 2, 0700);
-  size_t len = strlen(path);
-  char *buf = lua_newuserdatauv(L, len + 1, 0);  /* freed by the GC even if we raise */
-  memcpy(buf, path, len + 1);
-  for (size_t i = 1; i <= len; i++) {
-    if (buf[i] == '/' || buf[i] == '\0') {
-      char c = buf[i];
-      buf[i] = '\0';
-      if (mkdir(buf, mode) != 0 && errno != EEXIST) {
-        lua_pushnil(L);
-        lua_pushfstring(L, "cannot create %s: %s", buf, strerror(errno));
-        return 2;
-      }
-      buf[i] = c;
-    }
-  }
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-/* core.write_private(path, data) -> true | nil, err: writes a 0600 file atomically
- * (temporary file, fsync, rename), so state survives a crash whole or not at all */
-static int l_write_private(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
-  size_t len;
-  const char *data = luaL_checklstring(L, 2, &len);
-  lua_pushfstring(L, "%s.tmp", path);
-  const char *tmp = lua_tostring(L, -1);
-  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) goto fail;
-  size_t done = 0;
-  while (done < len) {
-    ssize_t n = write(fd, data + done, len - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      close(fd);
-      goto fail;
-    }
-    done += (size_t)n;
-  }
-  if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, path) != 0) goto fail;
-  lua_pushboolean(L, 1);
-  return 1;
-fail:
-  lua_pushnil(L);
-  lua_pushfstring(L, "cannot write %s: %s", path, strerror(errno));
-  return 2;
-}
-
-/* core.file_size(path) -> bytes | nil */
-static int l_file_size(lua_State *L) {
-  struct stat st;
-  if (stat(luaL_checkstring(L, 1), &st) != 0) return 0;
-  lua_pushinteger(L, (lua_Integer)st.st_size);
-  return 1;
-}
-
 int tb_sink_open_lua(lua_State *L) {
-  static const luaL_Reg methods[] = {{"write", l_sink_write}, {"reset", l_sink_reset},
-    {"size", l_sink_size}, {"finish", l_sink_finish}, {"close", l_sink_gc}, {NULL, NULL}};
-  if (luaL_newmetatable(L, SINK_MT)) {
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_sink_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_sink_gc);
-    lua_setfield(L, -2, "__close");
-  }
-  lua_pop(L, 1);
-  static const luaL_Reg fns[] = {{"sink_open", l_sink_open}, {"mkdirs", l_mkdirs},
-    {"file_size", l_file_size}, {"write_private", l_write_private}, {NULL, NULL}};
-  luaL_setfuncs(L, fns, 0);
+  static const luaL_Reg methods[] = {{"write", l_sink_write}, {"size", l_sink_size},
+    {"finish", l_sink_finish}, {"close", l_sink_gc}, {"__gc", l_sink_gc}, {"__close", l_sink_gc},
+    {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"sink_open", l_sink_open}, {NULL, NULL}};
+  tb_core_register(L, SINK_MT, methods, fns);
   return 0;
 }

@@ -1,8 +1,10 @@
 /* store.c: the durable outbox, an SQLite database in WAL mode in the state directory.
- * A record is inserted, and deleted only when the broker acknowledged it. Inserts, marks of
- * "sent" and deletions are grouped into one transaction that Lua commits when the handler
- * that sent yields or ends, before the records are published (tb.session): a commit per
- * record would cost more than the rest of the agent's work per message. The database is
+ * A record is inserted, and deleted only when the broker acknowledged it. Inserts, deletions
+ * and the high-water mark of what was sent are grouped into one transaction that Lua commits
+ * when the handler that sent yields or ends, before the records are published (tb.session): a
+ * commit per record would cost more than the rest of the agent's work per message. Lua
+ * publishes the records it has in hand; reading back (store:next) is for a restart or a
+ * backlog. The database is
  * opened in exclusive locking mode (one agent per state directory; no shared-memory index)
  * with 1 KiB pages (a commit of one small record writes one small page).
  * Lua sees userdata "tb.store"; all statements are prepared once. */
@@ -18,7 +20,7 @@
 
 typedef struct {
   sqlite3 *db;
-  sqlite3_stmt *insert, *next, *del, *mark, *count, *oldest, *drop_oldest, *drop_before, *resend;
+  sqlite3_stmt *insert, *next, *del, *sent_upto, *count, *oldest, *drop_oldest, *drop_before, *resend;
   int in_batch;
 } tb_store;
 
@@ -29,7 +31,10 @@ static const char *SCHEMA =
   "PRAGMA synchronous=NORMAL;"
   "CREATE TABLE IF NOT EXISTS outbox("
   "  seq INTEGER PRIMARY KEY AUTOINCREMENT, created INTEGER NOT NULL, topic TEXT NOT NULL,"
-  "  payload BLOB NOT NULL, qos INTEGER NOT NULL, kind TEXT, points INTEGER, sent INTEGER DEFAULT 0);";
+  "  payload BLOB NOT NULL, qos INTEGER NOT NULL, kind TEXT, points INTEGER, sent INTEGER DEFAULT 0);"
+  /* sent_upto: the highest seq handed to a connection, one row updated per commit (the `sent`
+   * column above is only read, from databases of versions that marked each record) */
+  "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);";
 
 static tb_store *check_store(lua_State *L) {
   tb_store *s = luaL_checkudata(L, 1, STORE_MT);
@@ -44,7 +49,7 @@ static int db_error(lua_State *L, tb_store *s, const char *what) {
 }
 
 static void store_close(tb_store *s) {
-  sqlite3_stmt **stmts[] = {&s->insert, &s->next, &s->del, &s->mark, &s->count, &s->oldest,
+  sqlite3_stmt **stmts[] = {&s->insert, &s->next, &s->del, &s->sent_upto, &s->count, &s->oldest,
                             &s->drop_oldest, &s->drop_before, &s->resend};
   for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++) {
     sqlite3_finalize(*stmts[i]);
@@ -81,14 +86,15 @@ static int l_store_open(lua_State *L) {
   }
   struct { sqlite3_stmt **st; const char *sql; } prep[] = {
     {&s->insert, "INSERT INTO outbox(created, topic, payload, qos, kind, points) VALUES(?,?,?,?,?,?)"},
-    {&s->next, "SELECT seq, created, topic, payload, qos, kind, points, sent FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"},
-    {&s->del, "DELETE FROM outbox WHERE seq = ?"},
-    {&s->mark, "UPDATE outbox SET sent = 1 WHERE seq = ?"},
+    {&s->next, "SELECT seq, created, topic, payload, qos, kind, points FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"},
+    {&s->del, "DELETE FROM outbox WHERE seq BETWEEN ? AND ?"},
+    {&s->sent_upto, "INSERT INTO meta(k, v) VALUES('sent_upto', ?) ON CONFLICT(k) DO UPDATE SET v = max(v, excluded.v)"},
     {&s->count, "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(seq), 0) FROM outbox"},
     {&s->oldest, "SELECT seq, created FROM outbox ORDER BY seq LIMIT 1"},
     {&s->drop_oldest, "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?)"},
     {&s->drop_before, "DELETE FROM outbox WHERE created < ?"},
-    {&s->resend, "SELECT count(*) FROM outbox WHERE sent = 1"},
+    {&s->resend, "SELECT count(*) FROM outbox WHERE sent = 1"
+                 " OR seq <= (SELECT coalesce(max(v), 0) FROM meta WHERE k = 'sent_upto')"},
   };
   for (size_t i = 0; i < sizeof prep / sizeof prep[0]; i++) {
     if (sqlite3_prepare_v3(s->db, prep[i].sql, -1, SQLITE_PREPARE_PERSISTENT, prep[i].st, NULL) != SQLITE_OK) {
@@ -135,7 +141,7 @@ static int l_push(lua_State *L) {
   return 1;
 }
 
-/* store:next(after_seq, n) -> {{seq=, created=, topic=, payload=, qos=, kind=, points=, sent=}...} */
+/* store:next(after_seq, n) -> {{seq=, created=, topic=, payload=, qos=, kind=, points=}...} */
 static int l_next(lua_State *L) {
   tb_store *s = check_store(L);
   lua_Integer after = luaL_checkinteger(L, 2);
@@ -146,7 +152,7 @@ static int l_next(lua_State *L) {
   lua_newtable(L);
   int i = 0, rc;
   while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-    lua_createtable(L, 0, 8);
+    lua_createtable(L, 0, 7);
     lua_pushinteger(L, sqlite3_column_int64(st, 0));
     lua_setfield(L, -2, "seq");
     lua_pushinteger(L, sqlite3_column_int64(st, 1));
@@ -162,8 +168,6 @@ static int l_next(lua_State *L) {
     lua_setfield(L, -2, "kind");
     lua_pushinteger(L, sqlite3_column_int64(st, 6));
     lua_setfield(L, -2, "points");
-    lua_pushboolean(L, sqlite3_column_int(st, 7));
-    lua_setfield(L, -2, "sent");
     lua_rawseti(L, -2, ++i);
   }
   sqlite3_reset(st);
@@ -171,33 +175,35 @@ static int l_next(lua_State *L) {
   return 1;
 }
 
-static int run_seq(lua_State *L, tb_store *s, sqlite3_stmt *st, const char *what) {
-  lua_Integer seq = luaL_checkinteger(L, 2);
-  if (batch_begin(s) != SQLITE_OK) return db_error(L, s, what);
-  sqlite3_bind_int64(st, 1, seq);
-  int rc = sqlite3_step(st);
-  sqlite3_reset(st);
-  if (rc != SQLITE_DONE) return db_error(L, s, what);
+/* store:ack(first_seq [, last_seq]) -> true | nil, err: the broker has the records from
+ * first_seq to last_seq (one range: acknowledgements mostly come in order); batched until
+ * store:commit() */
+static int l_ack(lua_State *L) {
+  tb_store *s = check_store(L);
+  lua_Integer first = luaL_checkinteger(L, 2);
+  lua_Integer last = luaL_optinteger(L, 3, first);
+  if (batch_begin(s) != SQLITE_OK) return db_error(L, s, "cannot delete record");
+  sqlite3_bind_int64(s->del, 1, first);
+  sqlite3_bind_int64(s->del, 2, last);
+  int rc = sqlite3_step(s->del);
+  sqlite3_reset(s->del);
+  if (rc != SQLITE_DONE) return db_error(L, s, "cannot delete record");
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* store:ack(seq) -> true | nil, err: the broker has it (batched until store:commit()) */
-static int l_ack(lua_State *L) {
-  tb_store *s = check_store(L);
-  return run_seq(L, s, s->del, "cannot delete record");
-}
-
-/* store:mark_sent(seq) -> true | nil, err (batched) */
-static int l_mark_sent(lua_State *L) {
-  tb_store *s = check_store(L);
-  return run_seq(L, s, s->mark, "cannot mark record");
-}
-
-/* store:commit() -> true | nil, err: ends the batch of inserts, acks and marks; on failure it
- * is rolled back */
+/* store:commit([sent_upto]) -> true | nil, err: ends the batch of inserts and acks, with the
+ * highest seq handed to a connection when given; on failure it is rolled back */
 static int l_commit(lua_State *L) {
   tb_store *s = check_store(L);
+  if (!lua_isnoneornil(L, 2)) {
+    lua_Integer upto = luaL_checkinteger(L, 2);
+    if (batch_begin(s) != SQLITE_OK) return db_error(L, s, "cannot record sent records");
+    sqlite3_bind_int64(s->sent_upto, 1, upto);
+    int rc = sqlite3_step(s->sent_upto);
+    sqlite3_reset(s->sent_upto);
+    if (rc != SQLITE_DONE) return db_error(L, s, "cannot record sent records");
+  }
   if (s->in_batch) {
     s->in_batch = 0;
     if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
@@ -245,30 +251,28 @@ static int l_stats(lua_State *L) {
   return 6;
 }
 
+/* Runs a DELETE whose parameters are bound: the number of records dropped | nil, err */
+static int run_drop(lua_State *L, tb_store *s, sqlite3_stmt *st, const char *what) {
+  int rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  if (rc != SQLITE_DONE) return db_error(L, s, what);
+  lua_pushinteger(L, sqlite3_changes(s->db));
+  return 1;
+}
+
 /* store:drop_oldest(after_seq, n) -> dropped | nil, err: the n oldest records after after_seq */
 static int l_drop_oldest(lua_State *L) {
   tb_store *s = check_store(L);
-  lua_Integer after = luaL_checkinteger(L, 2);
-  lua_Integer n = luaL_checkinteger(L, 3);
-  sqlite3_bind_int64(s->drop_oldest, 1, after);
-  sqlite3_bind_int64(s->drop_oldest, 2, n);
-  int rc = sqlite3_step(s->drop_oldest);
-  sqlite3_reset(s->drop_oldest);
-  if (rc != SQLITE_DONE) return db_error(L, s, "cannot trim outbox");
-  lua_pushinteger(L, sqlite3_changes(s->db));
-  return 1;
+  sqlite3_bind_int64(s->drop_oldest, 1, luaL_checkinteger(L, 2));
+  sqlite3_bind_int64(s->drop_oldest, 2, luaL_checkinteger(L, 3));
+  return run_drop(L, s, s->drop_oldest, "cannot trim outbox");
 }
 
 /* store:drop_before(created_ms) -> dropped | nil, err */
 static int l_drop_before(lua_State *L) {
   tb_store *s = check_store(L);
-  lua_Integer t = luaL_checkinteger(L, 2);
-  sqlite3_bind_int64(s->drop_before, 1, t);
-  int rc = sqlite3_step(s->drop_before);
-  sqlite3_reset(s->drop_before);
-  if (rc != SQLITE_DONE) return db_error(L, s, "cannot expire outbox records");
-  lua_pushinteger(L, sqlite3_changes(s->db));
-  return 1;
+  sqlite3_bind_int64(s->drop_before, 1, luaL_checkinteger(L, 2));
+  return run_drop(L, s, s->drop_before, "cannot expire outbox records");
 }
 
 static int l_close(lua_State *L) {
@@ -278,19 +282,10 @@ static int l_close(lua_State *L) {
 
 int tb_store_open(lua_State *L) {
   static const luaL_Reg methods[] = {{"push", l_push}, {"next", l_next}, {"ack", l_ack},
-    {"mark_sent", l_mark_sent}, {"commit", l_commit}, {"stats", l_stats},
+    {"commit", l_commit}, {"stats", l_stats},
     {"drop_oldest", l_drop_oldest}, {"drop_before", l_drop_before}, {"close", l_close},
-    {NULL, NULL}};
-  if (luaL_newmetatable(L, STORE_MT)) {
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, l_close);
-    lua_setfield(L, -2, "__close");
-  }
-  lua_pop(L, 1);
-  lua_pushcfunction(L, l_store_open);
-  lua_setfield(L, -2, "store_open");
+    {"__gc", l_close}, {"__close", l_close}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"store_open", l_store_open}, {NULL, NULL}};
+  tb_core_register(L, STORE_MT, methods, fns);
   return 0;
 }

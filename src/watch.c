@@ -13,17 +13,7 @@
 
 static int watch_fd = -1;
 
-static int src_fd(void *ctx) {
-  (void)ctx;
-  return watch_fd;
-}
-
-static short src_events(void *ctx) {
-  (void)ctx;
-  return POLLIN;
-}
-
-static void src_ready(void *ctx, short revents) {
+static void watch_ready(void *ctx, short revents) {
   (void)ctx;
   if (!(revents & POLLIN)) return;
   char buf[8192] __attribute__((aligned(__alignof__(struct inotify_event))));
@@ -57,26 +47,26 @@ static void src_ready(void *ctx, short revents) {
 static int l_watch_dir(lua_State *L) {
   const char *dir = luaL_checkstring(L, 1);
   if (watch_fd < 0) {
-    watch_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-    if (watch_fd < 0) goto fail;
-    tb_source src = {src_fd, src_events, src_ready, NULL, &watch_fd};
-    tb_loop_add_source(&src);
+    int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (fd < 0) return tb_core_errno(L, "cannot watch %s", dir);
+    watch_fd = fd;
+    if (tb_loop_add_reader(&watch_fd, watch_ready) != 0) {
+      close(fd);
+      watch_fd = -1;
+      return tb_core_fail(L, TB_LOOP_FULL, "cannot watch %s", dir);
+    }
   }
   /* no IN_MODIFY or IN_CREATE: they fire while a truncate-and-write save is half done, and
    * a pause in the writer longer than the debounce would load half a file */
   if (inotify_add_watch(watch_fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM |
                         IN_DELETE_SELF | IN_MOVE_SELF) < 0)
-    goto fail;
+    return tb_core_errno(L, "cannot watch %s", dir);
   lua_pushboolean(L, 1);
   return 1;
-fail:
-  lua_pushnil(L);
-  lua_pushfstring(L, "cannot watch %s: %s", dir, strerror(errno));
-  return 2;
 }
 
 int tb_watch_open(lua_State *L) {
-  lua_pushcfunction(L, l_watch_dir);
-  lua_setfield(L, -2, "watch_dir");
+  static const luaL_Reg fns[] = {{"watch_dir", l_watch_dir}, {NULL, NULL}};
+  tb_core_register(L, NULL, NULL, fns);
   return 0;
 }

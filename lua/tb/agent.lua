@@ -4,9 +4,12 @@ local sched_mod = require "tb.sched"
 local session_mod = require "tb.session"
 local loader_mod = require "tb.loader"
 local api = require "tb"
-local firmware = require "tb.firmware"
+local ota = require "tb.ota"
+local ota_mqtt = require "tb.ota_mqtt"
+local ota_http = require "tb.ota_http"
 local reload = require "tb.reload"
-local store = require "tb.store"
+local router = require "tb.router"
+local sqlite_outbox = require "tb.sqlite_outbox"
 
 local M = {}
 
@@ -26,17 +29,22 @@ function M.build(core, config, log)
   ctx.rpc_timeout = config.rpc_timeout
   ctx.load_budget_ms = config.load_budget or 5000
   ctx.loader = loader_mod.new(ctx)
-  -- firmware and software share one lock: one MQTT chunk download at a time, so an error on
+  -- firmware (fw_*) and software (sw_*) packages, installed by the script's tb.firmware{} and
+  -- tb.software{}; they share one lock: one MQTT chunk download at a time, so an error on
   -- v2/fw/error (where ThingsBoard reports both) belongs to the one download running
-  ctx.ota_lock = firmware.new_lock()
-  ctx.firmware = firmware.new("fw", ctx)
-  ctx.software = firmware.new("sw", ctx)
+  local mqtt_lock = ota_mqtt.new_lock(ctx)
+  local function package_updater(kind, name)
+    return ota.new(ctx, {prefix = kind .. "_", name = name, policy = function() return ctx.current[name] end,
+      mqtt = ota_mqtt.new(ctx, kind, mqtt_lock), http = ota_http.new(ctx)})
+  end
+  ctx.firmware = package_updater("fw", "firmware")
+  ctx.software = package_updater("sw", "software")
   return ctx
 end
 
 -- open_outbox(core, config, log, path) -> the durable outbox, or nil (logged) to stay in memory
 function M.open_outbox(core, config, log, path)
-  local box, err = store.open{core = core, path = path, log = log, limit = config.outbox_limit,
+  local box, err = sqlite_outbox.open{core = core, path = path, log = log, limit = config.outbox_limit,
     max_bytes = config.outbox_max_bytes, max_age_ms = config.outbox_max_age and config.outbox_max_age * 1000,
     clock = config.clock or core.wall}
   if not box then
@@ -68,7 +76,6 @@ function M.run(core, config, log)
   end
   local session, sched = ctx.session, ctx.sched
   local exit_code, exit_message = 0, nil
-  local signals = 0
   ctx.on_script_exit = function(status, where)
     if ctx.script_exit then return end
     ctx.script_exit = {code = status, message = string.format("the script called os.exit at %s (status %d)", where, status)}
@@ -76,44 +83,7 @@ function M.run(core, config, log)
     session:stop(config.shutdown_timeout or 3000)
   end
 
-  local function dispatch(kind, a, b, c, s1, s2)
-    if kind == "signal" then
-      if s1 == "HUP" then
-        if ctx.reloader or config.reload == false then
-          ctx.reloader = ctx.reloader or reload.new(ctx)
-          ctx.reloader:reload("SIGHUP")
-        end
-        return
-      end
-      signals = signals + 1
-      if signals > 1 then
-        log.warn("second SIG%s: exiting now", s1)
-        session.finished = true
-        return
-      end
-      log.info("SIG%s: finishing in-flight messages, then disconnecting", s1)
-      session:stop(config.shutdown_timeout or 3000)
-      return
-    end
-    if kind == "exit" then
-      sched:wake("exec:" .. a, b, c, s1)
-      return
-    end
-    if kind == "watch" then
-      if ctx.reloader then ctx.reloader:on_watch(s1) end
-      return
-    end
-    if kind == "http_done" then
-      -- a download's end goes to the updater that started it (each knows its own ids)
-      local okh, errh = xpcall(function()
-        return ctx.firmware:on_http_done(a, b, c, s1, s2) or ctx.software:on_http_done(a, b, c, s1, s2)
-      end, debug.traceback)
-      if not okh then log.error("internal error while handling http_done: %s", errh) end
-      return
-    end
-    local okd, errd = xpcall(session.on_event, debug.traceback, session, kind, a, b, c, s1, s2)
-    if not okd then log.error("internal error while handling %s: %s", kind, errd) end
-  end
+  local dispatch = router.bound(ctx)
 
   session:start()
   while not session.finished do
@@ -121,8 +91,9 @@ function M.run(core, config, log)
       exit_code, exit_message = ctx.fatal.code, ctx.fatal.message
       break
     end
-    local due = sched:next_due()
-    core.poll(due or 3600000, dispatch)
+    local due = sched:next_due() or 3600000
+    local acks_due = session.outbox:idle_commit_in()
+    core.poll(acks_due and acks_due < due and acks_due or due, dispatch)
     sched:run_due()
     session.outbox:commit()
   end

@@ -47,7 +47,9 @@ function M.new_generation(id)
 end
 
 -- bind(ctx, gen) -> tb: the API table for one generation. ctx = {session=, sched=, log=,
--- state=, core=, clock=fn() -> wall ms, on_send=fn(kind, topic, payload, entries)|nil}
+-- state=, core=, clock=fn() -> wall ms}. What a script sends and the agent accepts goes to
+-- the session's "accepted" listeners as (kind, data): telemetry as a list of {ts=, values=}
+-- (the time of the call when the record has none), attributes as the table sent.
 function M.bind(ctx, gen)
   local tb = {}
   local session, sched, core = ctx.session, ctx.sched, ctx.core
@@ -64,6 +66,29 @@ function M.bind(ctx, gen)
     return session:submit(topic, payload, kind, points)
   end
 
+  -- telemetry_entry(v, stamp, now, entries) -> body | nil, err, points: one {k = v} or
+  -- {ts=, values=} entry, checked; entries (when someone listens) collects {ts=, values=}.
+  -- ThingsBoard closes the connection for anything but objects here (docs/thingsboard.md
+  -- §4.1), so a list where key = value belongs is refused at the call, never queued
+  local function telemetry_entry(v, stamp, now, entries, with_ts)
+    if type(v) ~= "table" then return nil, "telemetry entries must be tables" end
+    if v.ts ~= nil and v.values ~= nil then
+      if math.type(v.ts) ~= "integer" then return nil, "ts must be integer milliseconds" end
+      if type(v.values) ~= "table" or is_array(v.values, array_mt) then
+        return nil, with_ts and "with a ts, send one table of key = value (each entry of a list carries its own ts)"
+          or "values must be a table of key = value"
+      end
+      if entries then entries[#entries + 1] = {ts = v.ts, values = v.values} end
+      return v, nil, count_keys(v.values)
+    end
+    if next(v) == nil then return nil, "no values to send" end
+    if is_array(v, array_mt) then return nil, "telemetry entries must be tables of key = value, not lists" end
+    if entries then entries[#entries + 1] = {ts = now, values = v} end
+    -- data sent later keeps the time it was measured
+    if stamp then return {ts = now, values = v}, nil, count_keys(v) end
+    return v, nil, count_keys(v)
+  end
+
   -- send_telemetry(values [, ts_ms]) -> true | nil, err
   function tb.send_telemetry(values, ts)
     typecheck(values, 1, "send_telemetry", "table")
@@ -72,54 +97,36 @@ function M.bind(ctx, gen)
       values = {ts = ts, values = values}
     end
     local stamp = session:would_queue() or gen.loading
-    local now = ctx.clock()
-    local entries, points = {}, 0
-    local body
-    -- ThingsBoard closes the connection for anything but objects here (protocol.md 4.1), so
-    -- a list where key = value belongs is refused at the call, never queued
-    local function entry(v)
-      if type(v) ~= "table" then return nil, "telemetry entries must be tables" end
-      if v.ts ~= nil and v.values ~= nil then
-        if math.type(v.ts) ~= "integer" then return nil, "ts must be integer milliseconds" end
-        if type(v.values) ~= "table" or is_array(v.values, array_mt) then
-          return nil, ts and v == values and "with a ts, send one table of key = value (each entry of a list carries its own ts)"
-            or "values must be a table of key = value"
-        end
-        entries[#entries + 1] = {ts = v.ts, values = v.values}
-        points = points + count_keys(v.values)
-        return v
-      end
-      if next(v) == nil then return nil, "no values to send" end
-      if is_array(v, array_mt) then return nil, "telemetry entries must be tables of key = value, not lists" end
-      entries[#entries + 1] = {ts = now, values = v}
-      points = points + count_keys(v)
-      -- data sent later keeps the time it was measured
-      if stamp then return {ts = now, values = v} end
-      return v
-    end
+    -- the time of the call, when a record will carry it or a listener gets it
+    local listeners = session.listeners.accepted
+    local entries = #listeners > 0 and {}
+    local now = (stamp or entries) and ctx.clock() or nil
+    local body, err, points
     if is_array(values, array_mt) then
-      body = {}
+      body, points = {}, 0
       for i, v in ipairs(values) do
-        local e, err = entry(v)
-        if not e then return nil, err end
-        body[i] = e
+        local e, eerr, n = telemetry_entry(v, stamp, now, entries, false)
+        if not e then return nil, eerr end
+        body[i], points = e, points + n
       end
       if #body == 0 then return nil, "no values to send" end
     else
-      local e, err = entry(values)
-      if not e then return nil, err end
-      body = e
+      body, err, points = telemetry_entry(values, stamp, now, entries, ts ~= nil)
+      if not body then return nil, err end
     end
-    local payload, err = encode(body, session.payload_limit, true)
+    local payload, code
+    payload, err, code = encode(body, session.payload_limit, true)
     if not payload then
-      if err:find("^too large") then return nil, too_large(session) end
+      if code == "too_large" then return nil, too_large(session) end
       -- name the place in the caller's table, not in the {ts=, values=} we wrapped it in
       if stamp or ts then err = err:gsub("%.values([%.%[])", "%1"):gsub(" at %.values$", "") end
       return nil, err
     end
     local ok
     ok, err = deliver("telemetry", session.topics.telemetry, payload, points)
-    if ok and ctx.on_send then ctx.on_send("telemetry", entries) end
+    if ok and entries then
+      for _, fn in ipairs(listeners) do fn("telemetry", entries) end
+    end
     return ok, err
   end
 
@@ -128,11 +135,13 @@ function M.bind(ctx, gen)
     typecheck(values, 1, "send_attributes", "table")
     if is_array(values, array_mt) then return nil, "attributes must be a table of key = value" end
     if next(values) == nil then return nil, "no values to send" end
-    local payload, err = encode(values, session.payload_limit, true)
-    if not payload then return nil, err:find("^too large") and too_large(session) or err end
+    local payload, err, code = encode(values, session.payload_limit, true)
+    if not payload then return nil, code == "too_large" and too_large(session) or err end
     local ok
     ok, err = deliver("attributes", session.topics.attributes, payload, count_keys(values))
-    if ok and ctx.on_send then ctx.on_send("attributes", values) end
+    if ok then
+      for _, fn in ipairs(session.listeners.accepted) do fn("attributes", values) end
+    end
     return ok, err
   end
 
@@ -215,7 +224,7 @@ function M.bind(ctx, gen)
   -- exec(command [, {timeout=ms, output_limit=bytes}]) -> output | nil, err, code, output
   -- Runs a command without blocking the agent: a string goes to /bin/sh -c, a table is an
   -- argv (no shell). Yields until it ends. err: "exit N: <last output line>", "signal N",
-  -- "timeout" (the command is killed) or why it could not start.
+  -- "timeout" (the command is killed), why it could not start, or why the agent killed it.
   function tb.exec(command, opts)
     opts = opts or {}
     local argv
@@ -235,11 +244,12 @@ function M.bind(ctx, gen)
     -- the timeout goes along for tb.testing's core, which runs the command at once
     local id, err = core.spawn(argv, opts.output_limit or 65536, opts.timeout or 600000)
     if not id then return nil, err end
-    local code, sig, output = sched:wait("exec:" .. id, opts.timeout or 600000)
+    local code, sig, output, killed_why = sched:wait("exec:" .. id, opts.timeout or 600000)
     if code == nil then
       core.spawn_kill(id)
       return nil, "timeout"
     end
+    if killed_why then return nil, killed_why, code, output end
     if code == 0 then return output end
     if code < 0 then return nil, "signal " .. tostring(sig), code, output end
     local last = output:match("([^\n]+)\n*$")

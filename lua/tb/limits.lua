@@ -26,6 +26,7 @@ function M.new(buckets, now)
   for i, b in ipairs(buckets or {}) do
     self.buckets[i] = {cap = b.cap, per_ms = b.per_ms, tokens = b.cap, at = now}
   end
+  self.none = #self.buckets == 0   -- nothing to pace: callers skip take() on the hot path
   return self
 end
 

@@ -210,7 +210,7 @@ function M:spawn(name, fn, ...)
       report(self, info, res[2])
     end
   end
-  exempt[body] = true
+  if not AGENT_SRC then exempt[body] = true end   -- (sched.lua is agent code by its source otherwise)
   local co = co_create(body)
   self.handlers[co] = info
   self.running_count = self.running_count + 1

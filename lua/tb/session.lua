@@ -1,13 +1,15 @@
 -- tb.session: the ThingsBoard device session over one MQTT connection at a time. It owns the
--- connection lifecycle (connect, CONNACK, subscribe order, reconnect with backoff and jitter,
--- flapping detection), the outbox and its in-flight window and pacing, request ids, and the
--- routing of incoming topics to the current generation's handlers.
+-- connection lifecycle (connect, CONNACK, subscribe order, reconnect with backoff and jitter),
+-- flushing the outbox through its in-flight window and pacing, request ids, and the routing of
+-- incoming topics to the current generation's handlers. What a dropped connection says (a
+-- poison record, a flapping session) is tb.drops' to judge.
 -- Invariants: records leave the outbox only on PUBACK (QoS 1); a connection loss puts every
 -- unacknowledged record back at the front, in order; nothing the server could disconnect
 -- for (QoS 2, invalid JSON, oversize) is ever queued.
-local outbox_mod = require "tb.outbox"
+local memory_outbox = require "tb.memory_outbox"
 local limits = require "tb.limits"
 local logmod = require "tb.log"
+local drops = require "tb.drops"
 
 local M = {}
 M.__index = M
@@ -22,10 +24,6 @@ local T_CLAIM = "v1/devices/me/claim"
 M.topics = {telemetry = T_TELEMETRY, attributes = T_ATTR, claim = T_CLAIM,
   attr_req = T_ATTR_REQ, attr_res = T_ATTR_RES, rpc_req = T_RPC_REQ, rpc_res = T_RPC_RES}
 
-local STABLE_MS = 10000      -- a connection that lasts this long resets the backoff
-local PROBE_MS = 2000        -- a drop this soon after a suspected record went alone blames it
-local FLAP_WINDOW_MS = 120000
-local FLAP_COUNT = 3
 
 -- new{core=, sched=, log=, config=, generation=fn() -> gen, outbox=, on_fatal=fn(code, msg)}
 function M.new(o)
@@ -33,15 +31,17 @@ function M.new(o)
   local self = setmetatable({
     core = o.core, sched = o.sched, log = o.log, config = c, generation = o.generation,
     on_fatal = o.on_fatal or function() end,
-    outbox = o.outbox or outbox_mod.new{limit = c.outbox_limit or 10000, max_bytes = c.outbox_max_bytes,
+    outbox = o.outbox or memory_outbox.new{limit = c.outbox_limit or 10000, max_bytes = c.outbox_max_bytes,
       max_age_ms = c.outbox_max_age and c.outbox_max_age * 1000, clock = o.clock, log = o.log},
     json_encode = o.core.json_encode, json_decode = o.core.json_decode,
     state = "offline", conn = nil, conn_id = nil,
     inflight = {}, inflight_n = 0, window = c.max_inflight or 100,
     payload_limit = c.payload_limit or 65536,
     seq = 0, next_req = 0, attempts = 0, ever_connected = false,
-    short_sessions = {}, flap_warned = false,
-    own_requests = {}, listeners = {attributes = {}, message = {}, connect = {}, disconnect = {}, subscriptions = {}},
+    own_requests = {},
+    -- what other parts of the agent follow: attribute pushes, messages no route took,
+    -- connects, disconnects, extra subscriptions, and the script's accepted sends
+    listeners = {attributes = {}, message = {}, connect = {}, disconnect = {}, subscriptions = {}, accepted = {}},
     stats = {sent = 0, acked = 0, dropped = 0, reconnects = 0, refused = 0, set_aside = 0},
     clock = o.clock,
   }, M)
@@ -51,6 +51,11 @@ function M.new(o)
   self.limiter = limits.new(buckets, self.sched.now())
   self.tele_limiter = limits.new({}, self.sched.now())
   self.sched.after_resume = function() self:after_handler() end
+  self.drops = drops.new{now = self.sched.now, log = o.log, limit = c.poison_drops,
+    keep = function(rec)
+      if not c.state_dir or c.memory_outbox then return "; not kept: no state directory in use" end
+      return drops.keep_in_file(c.state_dir, rec, self.json_encode, self.core.mkdirs, self.clock)
+    end}
   return self
 end
 
@@ -272,7 +277,13 @@ function M:on_disconnect(conn_id, rc, why)
   for _, rec in pairs(self.inflight) do back[#back + 1] = rec end
   table.sort(back, function(a, b) return a.seq < b.seq end)
   self.inflight, self.inflight_n = {}, 0
-  back = self:set_aside_poison(back, was_online)
+  local lasted = self.sched.now() - (self.connected_at or 0)
+  local poison = self.drops:on_drop(back, was_online, lasted)
+  if poison then
+    table.remove(back, 1)
+    self.outbox:ack(poison)
+    self.stats.set_aside = self.stats.set_aside + 1
+  end
   if #back > 0 then
     local dropped = self.outbox:unshift(back)
     if type(dropped) == "number" and dropped > 0 then
@@ -285,13 +296,12 @@ function M:on_disconnect(conn_id, rc, why)
   self.sched:wake_all("rpc:", nil, "disconnected")
   self.own_requests = {}
   if was_online then
-    local lasted = self.sched.now() - (self.connected_at or 0)
     if self.stopping then
       self.log.info("disconnected")
     else
       self.log.warn("connection lost after %.1f s: %s", lasted / 1000, tostring(why))
     end
-    self:note_session_length(lasted)
+    if self.drops:session_ended(lasted) then self.attempts = 0 end
     local gen = self.generation()
     for _, fn in ipairs(gen.disconnect_handlers) do
       self.sched:spawn("on_disconnect handler", {fn = fn, gen = gen}, tostring(why))
@@ -304,94 +314,6 @@ function M:on_disconnect(conn_id, rc, why)
     return
   end
   self:schedule_reconnect()
-end
-
--- A record the server disconnects for (a rate limit aside, ThingsBoard closes the connection
--- on a payload it cannot take) would be sent again after every reconnect and block all
--- behind it. When the same record heads the in-flight window at drops in a row of sessions
--- shorter than STABLE_MS, the next session sends it alone (self.probe) before anything else;
--- only when the connection drops again with it alone in flight, within PROBE_MS of sending
--- it, is it set aside: written to
--- <state-dir>/set-aside.jsonl with an error log line, so a link that merely flaps (or another
--- client kicking this one) cannot make a healthy record disappear.
-function M:set_aside_poison(back, was_online)
-  local head = back[1]
-  local lasted = self.sched.now() - (self.connected_at or 0)
-  if not (was_online and head and lasted < STABLE_MS) then
-    self:clear_suspect()
-    return back
-  end
-  -- while probing, a drop counts only when the suspect was alone in flight and the server
-  -- closed soon after it arrived (ThingsBoard closes as it parses the payload)
-  if self.probe and not (#back == 1 and head.seq == self.probe and self.sched.now() - (head.sent_at or 0) <= PROBE_MS) then
-    return back
-  end
-  if self.suspect == head.seq then   -- by seq: a durable outbox reads records back as new tables
-    self.suspect_hits = self.suspect_hits + 1
-  else
-    self.suspect, self.suspect_hits = head.seq, 1
-  end
-  local limit = self.config.poison_drops or 3
-  if self.suspect_hits < limit then
-    if self.suspect_hits == limit - 1 then self.probe = head.seq end
-    return back
-  end
-  self.log.error("set aside a %s record of %d bytes: the server closed the connection %d times while it was in flight, " ..
-    "the last time alone (%s)%s", head.kind or "queued", #head.payload, self.suspect_hits, head.payload:sub(1, 120),
-    self:keep_set_aside(head))
-  self.outbox:ack(head)
-  self.stats.set_aside = (self.stats.set_aside or 0) + 1
-  self:clear_suspect()
-  table.remove(back, 1)
-  return back
-end
-
--- clear_suspect(): no record is suspected any more; the window is whole again
-function M:clear_suspect()
-  self.suspect, self.suspect_hits, self.probe = nil, 0, nil
-end
-
--- keep_set_aside(rec) -> text for the log line: where the record was kept, or why not
-function M:keep_set_aside(rec)
-  local dir = self.config.state_dir
-  if not dir or self.config.memory_outbox then return "; not kept: no state directory in use" end
-  local path = dir .. "/set-aside.jsonl"
-  local line, err = self.json_encode({at = self.clock and self.clock() or nil, topic = rec.topic, kind = rec.kind, payload = rec.payload})
-  if not line then return "; not kept: " .. tostring(err) end
-  local f
-  f, err = self.core.mkdirs(dir, 448)
-  if f then f, err = io.open(path, "a") end
-  if f then
-    local ok, werr = f:write(line, "\n")
-    f:close()
-    if ok then return "; kept in " .. path end
-    err = werr
-  end
-  return "; could not keep it in " .. path .. ": " .. tostring(err)
-end
-
--- A server that keeps closing a freshly accepted session usually means a second client uses
--- the same credentials (ThingsBoard keeps one session per device and closes the older).
-function M:note_session_length(lasted)
-  local now = self.sched.now()
-  if lasted >= STABLE_MS then
-    self.attempts = 0
-    self.short_sessions = {}
-    self.flap_warned = false
-    return
-  end
-  local kept = {}
-  for _, t in ipairs(self.short_sessions) do
-    if now - t <= FLAP_WINDOW_MS then kept[#kept + 1] = t end
-  end
-  kept[#kept + 1] = now
-  self.short_sessions = kept
-  if #kept >= FLAP_COUNT and not self.flap_warned then
-    self.flap_warned = true
-    self.log.warn("the server closed %d sessions within %d s of accepting them: another device or agent is " ..
-      "probably using the same credentials (ThingsBoard keeps one session per device and closes the older); " ..
-      "backing off", #kept, FLAP_WINDOW_MS // 1000)
-  end
 end
 
 -------------------------------------------------------------------------------------------
@@ -419,11 +341,12 @@ function M:submit(topic, payload, kind, points)
   local ok, err = self:check_size(topic, payload)
   if not ok then return nil, err end
   self.seq = self.seq + 1
-  local rec = {topic = topic, payload = payload, qos = self.config.qos or 1, seq = self.seq,
-    kind = kind, points = points or 0, created = self.clock and self.clock() or nil}
+  local qos = self.config.qos or 1
   -- QoS 0 is at most once by the script's choice: online with nothing queued ahead it goes
   -- straight to the socket (the disk is for what has to wait)
-  if rec.qos == 0 and self.outbox:count() == 0 and self:send_now(rec) then return true end
+  if qos == 0 and self.outbox:count() == 0 and self:send_now(topic, payload, kind, points) then return true end
+  local rec = {topic = topic, payload = payload, qos = qos, seq = self.seq,
+    kind = kind, points = points or 0, created = self.clock and self.clock() or nil}
   local dropped = self.outbox:push(rec)
   if dropped > 0 then
     self.stats.dropped = self.stats.dropped + dropped
@@ -456,20 +379,30 @@ function M:warn_dropped()
   end, nil, nil, "outbox warning")
 end
 
--- send_now(rec) -> true when a QoS 0 record went out at once (online, not paced).
-function M:send_now(rec)
+-- send_now(topic, payload, kind, points) -> true when a QoS 0 record went out at once
+-- (online, not paced).
+function M:send_now(topic, payload, kind, points)
   if not self.ready or self.flush_timer or self.closing or self.stop_seq then return false end
-  local now = self.sched.now()
   -- the same pacing as flush (which then waits for the tokens this may have used up)
-  local ok = self.limiter:take(1, now)
-  if ok and rec.kind == "telemetry" then
-    ok = self.tele_limiter:take(1, now)
-    if ok and self.dp_limiter then ok = self.dp_limiter:take(rec.points, now) end
-  end
-  if not ok or not self.conn:publish(rec.topic, rec.payload, 0) then return false end
+  if not self:pace(kind, points) then return false end
+  if not self.conn:publish(topic, payload, 0) then return false end
   self.stats.sent = self.stats.sent + 1
   self.stats.acked = self.stats.acked + 1
   return true
+end
+
+-- pace(kind, points [, now]) -> true, or false and the ms to wait: one record within the
+-- message, telemetry-message and data-point rate limits (each takes its tokens)
+function M:pace(kind, points, now)
+  local limiter, tele, dp = self.limiter, self.tele_limiter, self.dp_limiter
+  if limiter.none and tele.none and not dp then return true end
+  now = now or self.sched.now()
+  local ok, wait = limiter:take(1, now)
+  if ok and kind == "telemetry" then
+    ok, wait = tele:take(1, now)
+    if ok and dp then ok, wait = dp:take(points or 0, now) end
+  end
+  return ok, wait
 end
 
 -- commit_and_flush(): what the outbox holds goes to disk, then out as the window allows.
@@ -487,23 +420,17 @@ end
 function M:flush()
   if not self.ready or self.flush_timer or self.closing then return end
   local conn, outbox, now = self.conn, self.outbox, self.sched.now()
-  -- a suspected record goes alone (set_aside_poison); one that left the outbox otherwise
-  -- (dropped by its bounds, expired) is no longer suspected
-  if self.probe and self.inflight_n == 0 then
-    local head = outbox:peek()
-    if not head or head.seq ~= self.probe then self:clear_suspect() end
-  end
-  while self.inflight_n < (self.probe and 1 or self.window) do
+  -- a suspected record goes alone (tb.drops)
+  local guard = self.drops
+  if guard.probe and self.inflight_n == 0 then guard:before_flush(outbox:peek()) end
+  local window = guard.probe and guard:window(self.window) or self.window
+  while self.inflight_n < window do
     local rec = outbox:peek()
     if not rec then break end
     -- on the way out only what was already queued at the signal leaves
     if self.stop_seq and (rec.mem or not outbox.durable) and rec.seq > self.stop_seq then break end
     if self.stop_seq and outbox.durable and not rec.mem and rec.seq > self.stop_disk_seq then break end
-    local ok, wait = self.limiter:take(1, now)
-    if ok and rec.kind == "telemetry" then
-      ok, wait = self.tele_limiter:take(1, now)
-      if ok and self.dp_limiter then ok, wait = self.dp_limiter:take(rec.points, now) end
-    end
+    local ok, wait = self:pace(rec.kind, rec.points, now)
     if not ok then
       self.flush_timer = self.sched:timer(wait, function()
         self.flush_timer = nil
@@ -534,7 +461,7 @@ function M:on_puback(mid)
     self.inflight[mid] = nil
     self.inflight_n = self.inflight_n - 1
     self.stats.acked = self.stats.acked + 1
-    if self.suspect == rec.seq then self:clear_suspect() end
+    if self.drops.suspect then self.drops:acked(rec) end
     self.outbox:ack(rec)
     self:flush()
   end
@@ -652,8 +579,8 @@ function M:respond(id, value, is_error)
   end
   local topic = T_RPC_RES .. id
   local room = self.payload_limit - #topic - 4
-  local payload, err = self.json_encode(body, room)
-  if not payload and err:find("^too large") then
+  local payload, err, code = self.json_encode(body, room)
+  if code == "too_large" then
     -- an answer the server would disconnect for: still answer, with what fits
     if is_error then
       self.log.warn("RPC %s: error text cut to fit the payload limit", id)

@@ -4,8 +4,9 @@
 -- the same in the agent. The clock is virtual: advance() never really sleeps.
 local agent = require "tb.agent"
 local reload = require "tb.reload"
+local router = require "tb.router"
 local logmod = require "tb.log"
-local firmware = require "tb.firmware"
+local ota = require "tb.ota"
 
 local M = {}
 
@@ -62,7 +63,7 @@ local function fake_core(s)
     if not sink then return nil, err end
     if not bytes then
       sink:close()
-      s:queue("http_done", id, 404, 22, "The requested URL returned error: 404", "")
+      s:queue("http_done", id, 404, 0, "HTTP error status", "http")   -- as src/http.c reports it
     else
       sink:write(bytes)
       local hex = sink:finish()
@@ -126,7 +127,10 @@ function M.load(path, opts)
     config.outbox = agent.open_outbox(core, config, s.log, ":memory:")
   end
   local ctx = agent.build(core, config, s.log)
-  ctx.on_send = function(kind, data)
+  -- s.telemetry and s.attributes: what the script's sends were accepted with (the wire also
+  -- carries the agent's own OTA reports, and queued records only once online)
+  local accepted = ctx.session.listeners.accepted
+  accepted[#accepted + 1] = function(kind, data)
     if kind == "telemetry" then
       for _, e in ipairs(data) do s.telemetry[#s.telemetry + 1] = e end
     else
@@ -150,14 +154,8 @@ function Session:pump()
   for _ = 1, 100000 do
     if #self.events > 0 then
       local e = table.remove(self.events, 1)
-      if e[1] == "exit" then
-        self.sched:wake("exec:" .. e[2], e[3], e[4], e[5])
-      elseif e[1] == "http_done" then
-        local _ = self.ctx.firmware:on_http_done(e[2], e[3], e[4], e[5], e[6])
-          or self.ctx.software:on_http_done(e[2], e[3], e[4], e[5], e[6])
-      else
-        self.session:on_event(e[1], e[2], e[3], e[4], e[5], e[6])
-      end
+      local ok, err = router.route(self.ctx, e[1], e[2], e[3], e[4], e[5], e[6])
+      if not ok then error("tb.testing: internal error of the agent: " .. tostring(err), 2) end
     else
       local due = self.sched:next_due()
       if due ~= 0 then return end
@@ -273,13 +271,29 @@ local function queue_delete(s, keys)
     assert(s.core.json_encode({deleted = setmetatable(keys, s.core.json_array_mt)})))
 end
 
+-- ota_states(s, kind, from) -> the <kind>_state values the agent published after message
+-- number `from`, and the last <kind>_error among them
+local function ota_states(s, kind, from)
+  local states, last_error = {}, nil
+  for i = from + 1, #s.published do
+    local m = s.published[i]
+    if m.topic == "v1/devices/me/telemetry" then
+      local v = decode(s, m.payload).values or {}
+      if v[kind .. "_state"] then states[#states + 1] = v[kind .. "_state"] end
+      if v[kind .. "_error"] then last_error = v[kind .. "_error"] end
+    end
+  end
+  return states, last_error
+end
+
 local ALGORITHMS = {MD5 = true, SHA256 = true, SHA384 = true, SHA512 = true, CRC32 = true,
   MURMUR3_32 = true, MURMUR3_128 = true}
 
 -- offer_firmware(info, bytes) -> result: assigns a package the way ThingsBoard does (the
 -- fw_* shared attributes) and runs the script's policy against it to the end. info:
 -- {title=, version=, checksum_algorithm="SHA256", checksum=(computed if absent), url=,
--- kind="fw"|"sw", expire_at_chunk=} -> {state=, states={...}, error=, installed=bool}
+-- kind="fw"|"sw", expire_at_chunk=} -> {state=, states={...}, error=, installed=bool}: the
+-- <kind>_state and <kind>_error telemetry the server received for it
 function Session:offer_firmware(info, bytes)
   assert(type(info) == "table" and info.title and info.version, "offer_firmware needs {title=, version=}")
   bytes = bytes or ""
@@ -300,11 +314,7 @@ function Session:offer_firmware(info, bytes)
   attrs[p .. "checksum"] = checksum
   if info.tag then attrs[p .. "tag"] = info.tag end
   local updater = kind == "fw" and self.ctx.firmware or self.ctx.software
-  local states, last_error = {}, nil
-  updater.on_state = function(state, err)
-    states[#states + 1] = state
-    if err then last_error = err end
-  end
+  local from = #self.published
   -- as ThingsBoard's OTA update: one push with the package's keys, then at once a second
   -- with the keys it has no value for deleted (both queued before the agent runs)
   local gone = {}
@@ -314,14 +324,17 @@ function Session:offer_firmware(info, bytes)
   queue_push(self, attrs)
   if #gone > 0 then queue_delete(self, gone) end
   self:pump()
-  self:advance(firmware.OFFER_SETTLE_MS)   -- the agent waits that long for deletions after a push
+  self:advance(ota.OFFER_SETTLE_MS)   -- the agent waits that long for deletions after a push
+  -- the states are what the server received: the update runs to UPDATED or FAILED, or ends
+  -- without either (declined, nothing to do, withdrawn) once what it reported has gone out
+  local states, last_error
   for _ = 1, 10000 do
+    states, last_error = ota_states(self, kind, from)
     local st = states[#states]
-    if st == "UPDATED" or st == "FAILED" or (not updater.job and #states > 0) then break end
-    if not updater.job and #states == 0 then break end   -- declined, or nothing to do
+    if st == "UPDATED" or st == "FAILED" then break end
+    if not updater.job and self.session.outbox:count() == 0 then break end
     self:advance(100)
   end
-  updater.on_state = nil
   return {state = states[#states], states = states, error = last_error,
     installed = states[#states] == "UPDATED"}
 end
@@ -347,6 +360,13 @@ end
 -- refuse(code): the next connection attempts get this CONNACK code (nil to accept again).
 function Session:refuse(code)
   self.refuse_with = code
+  return self
+end
+
+-- signal(name): the agent gets SIGname ("HUP" reloads the script, "TERM"/"INT" stop it)
+function Session:signal(name)
+  self:queue("signal", 0, 0, 0, name)
+  self:pump()
   return self
 end
 
@@ -447,9 +467,10 @@ function Session:reload(text)
     f:write(text)
     f:close()
   end
-  self.reloader = self.reloader or reload.new(self.ctx)
+  local ctx = self.ctx
+  ctx.reloader = ctx.reloader or reload.new(ctx)
   -- new text is a file change (skipped when it is the same, as the agent does); none is SIGHUP
-  local ok, err = self.reloader:reload(text and "file change" or "tb.testing")
+  local ok, err = ctx.reloader:reload(text and "file change" or "tb.testing")
   self:pump()
   return ok, err
 end

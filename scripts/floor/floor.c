@@ -4,8 +4,9 @@
  *
  *   floor -p PORT [-q QOS] [-m MAX_INFLIGHT] [-b BATCH] [-N]
  *
- * It connects (MQTT 3.1.1, user name "bench"), subscribes to v1/devices/me/rpc/request/+ at
- * QoS 1 and answers on v1/devices/me/rpc/response/{id} at QoS 1, like the agent:
+ * It connects (MQTT 3.1.1, user name "bench"), subscribes at QoS 1 to what the agent subscribes
+ * (attributes, attribute responses, RPC responses, then RPC requests) and answers on
+ * v1/devices/me/rpc/response/{id} at QoS 1, like the agent:
  *   bench_ping              -> "pong"
  *   bench_start {"n": N}    -> true, then publishes N telemetry messages
  *                              {"temperature":21.5,"humidity":40.25} (built with snprintf each
@@ -44,6 +45,12 @@ static void on_connect(struct mosquitto *m, void *ud, int rc) {
   }
   connected = 1;
   inflight = 0;
+  /* the agent's subscriptions (docs/thingsboard.md §4): on a plain broker its own RPC answers
+   * come back on rpc/response/+, which it subscribes for client-side RPC; the floor takes the
+   * same echo, so both do the same work per round trip */
+  mosquitto_subscribe(m, NULL, "v1/devices/me/attributes", 1);
+  mosquitto_subscribe(m, NULL, "v1/devices/me/attributes/response/+", 1);
+  mosquitto_subscribe(m, NULL, TOPIC_RPC_RES "+", 1);
   mosquitto_subscribe(m, NULL, TOPIC_RPC_REQ "+", 1);
 }
 

@@ -382,7 +382,9 @@ async function errorsEverywhere(t, ctx) {
   assert.match(failed.json.values.fw_error, re);
   await logged(ctx, re, mark, { traceback: false });
   await t.test('an error in firmware accept() is logged as an error with a traceback', async () => {
-    await logged(ctx, new RegExp(`ERROR .*${re.source}`), mark, { n: 1000 });
+    // as any error in the script's code: "<what> failed: <file:line: message>", then the traceback
+    const at = `device\\.lua:${script.line('accept-error')}: accept boom 9\\.9`;
+    await logged(ctx, new RegExp(`ERROR .*firmware accept\\(\\) failed: .*${at}`), mark, { n: 1000 });
   });
 
   // on_disconnect (and on_connect again): the broker restarts

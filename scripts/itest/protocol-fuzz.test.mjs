@@ -64,7 +64,7 @@ function rng(seed) {
 const ids = (r) => r.pick(['0', '1', '2', '3', String(r.int(50)), String(r.int(100000)), '2147483647',
   '2147483648', '9223372036854775807', '99999999999999999999', '00000000000000000001']);
 
-// Every topic the agent subscribes to (session.lua, firmware.lua), with fresh ids.
+// Every topic the agent subscribes to (session.lua, ota_mqtt.lua), with fresh ids.
 const TOPICS = [
   () => 'v1/devices/me/attributes',
   (r) => `v1/devices/me/attributes/response/${ids(r)}`,

@@ -74,14 +74,14 @@ local FAMILIES = {
   function(b1) return "v1/devices/me/rpc/request/" .. id(b1) end,
   function(b1) return "v1/devices/me/rpc/response/" .. id(b1) end,
   function(b1, b2)
-    local job = s.ctx.firmware.job
-    local req = (b1 >= 128 and job and job.req_id) and tostring(job.req_id) or id(b1)
+    local run = s.ctx.firmware.mqtt.run   -- the chunk download running (tb.ota_mqtt)
+    local req = (b1 >= 128 and run and run.req_id) and tostring(run.req_id) or id(b1)
     return "v2/fw/response/" .. req .. "/chunk/" .. b2 % 16
   end,
   function() return "v2/fw/error" end,
   function(b1, b2)
-    local job = s.ctx.software.job
-    local req = (b1 >= 128 and job and job.req_id) and tostring(job.req_id) or id(b1)
+    local run = s.ctx.software.mqtt.run   -- the chunk download running (tb.ota_mqtt)
+    local req = (b1 >= 128 and run and run.req_id) and tostring(run.req_id) or id(b1)
     return "v2/sw/response/" .. req .. "/chunk/" .. b2 % 16
   end,
 }

@@ -245,9 +245,10 @@ static void test_encode_tables(void) {
                 "  if back[k] ~= v then return k end end\n"
                 "for k in pairs(back) do if t[k] == nil then return k end end return 'same'"),
             "same");
-  /* failures return exactly nil and a message; misuse raises like Lua */
-  CHECK_STR(run("return select('#', core.json_encode(0/0)) == 2 and"
-                " select(1, core.json_encode(0/0)) == nil"),
+  /* failures return exactly nil, a message and a code; misuse raises like Lua */
+  CHECK_STR(run("return select('#', core.json_encode(0/0)) == 3 and"
+                " select(1, core.json_encode(0/0)) == nil and"
+                " select(3, core.json_encode(0/0)) == 'not_finite'"),
             "true");
   CHECK_STR(run("local ok, e = pcall(function() local r = core.json_encode() return r end)\n"
                 "return e:match('bad argument.*')"),
@@ -521,6 +522,41 @@ static int double_round_trip(int i, int core, int bad) {
   return 0;
 }
 
+/* The fast path of tb_json_float_text (common decimals without printf) writes exactly the
+ * text of the slow path: on decimals it is meant for (random digits with random decimals,
+ * both signs), on their neighbours one ulp away, and on random bit patterns. */
+static void test_fast_float_text(int n) {
+  static const double pow10[] = {1, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11,
+                                 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18};
+  char fast[TB_JSON_FLOAT_MAX + 1], slow[TB_JSON_FLOAT_MAX + 1];
+  int bad = 0, taken = 0;
+  for (int i = 0; i < n; i++) {
+    double x;
+    uint64_t r = rng();
+    if (i % 3 == 2) {
+      uint64_t bits = r;
+      memcpy(&x, &bits, sizeof x);
+      if (!isfinite(x)) continue;
+    } else {
+      int digits = 1 + (int)(r % 17), decimals = (int)((r >> 8) % 19);
+      uint64_t m = rng() % (uint64_t)pow10[digits];
+      x = (double)m / pow10[decimals];
+      if (r & (1u << 20)) x = -x;
+      if (i % 3 == 1) x = nextafter(x, (r >> 21) & 1 ? INFINITY : -INFINITY);
+    }
+    for (int tb = 0; tb <= 1; tb++) {
+      size_t nf = tb_json_float_text(x, tb, 1, fast), ns = tb_json_float_text(x, tb, 0, slow);
+      fast[nf] = slow[ns] = 0;
+      if (nf != ns || memcmp(fast, slow, nf) != 0) {
+        if (bad++ < 5) fprintf(stderr, "%a: fast %s, slow %s\n", x, fast, slow);
+      }
+    }
+    if (tb_json_short_decimal(x, fast) > 0) taken++;
+  }
+  CHECK(bad == 0);
+  CHECK(taken > n / 4);   /* the comparison reached the fast path, not only the fallback */
+}
+
 /* With tb_values every float has 1..16 digits after its '.' (ThingsBoard keeps more than 16
  * as a STRING), reads back within 5e-17 plus the half ulp of reading the decimal back, and
  * for |x| >= 0.5 reads back bit for bit. */
@@ -646,9 +682,10 @@ static void test_c_entries(void) {
   lua_getfield(L, LUA_REGISTRYINDEX, "test.core");
   lua_getfield(L, -1, "json_encode");
   lua_pushlightuserdata(L, &b);
-  lua_call(L, 1, 2);
-  CHECK(lua_isnil(L, -2));
-  CHECK_STR(lua_tostring(L, -1), "cannot encode userdata");
+  lua_call(L, 1, LUA_MULTRET);
+  CHECK(lua_gettop(L) == base + 4 && lua_isnil(L, -3));
+  CHECK_STR(lua_tostring(L, -2), "cannot encode userdata");
+  CHECK_STR(lua_tostring(L, -1), "bad_type");
   lua_settop(L, base);
   /* the module table and the registry share the array metatable */
   lua_getfield(L, LUA_REGISTRYINDEX, "test.core");
@@ -715,6 +752,7 @@ int main(void) {
   test_decode_depth();
   check_round_trips(100000, double_round_trip);
   check_round_trips(100000, tb_value_round_trip);
+  test_fast_float_text(300000);
   check_round_trips(100000, integer_round_trip);
   test_hostile_input();
   test_c_entries();

@@ -1,14 +1,21 @@
--- tb.store: the durable outbox, with the same interface as tb.outbox (push, peek, pop, ack,
--- unshift, count, commit) over tb.core's SQLite store in the state directory. A record
--- stays on disk until the broker acknowledged it; after a restart what is left goes out
--- first, in order. Records after `cursor` are waiting; those up to it are in flight.
+-- tb.sqlite_outbox: the durable outbox, with the same interface as tb.memory_outbox (push,
+-- peek, pop, ack, unshift, count, commit) over tb.core's SQLite store in the state directory.
+-- A record stays on disk until the broker acknowledged it; after a restart what is left goes
+-- out first, in order. Records after `cursor` are waiting; those up to it are in flight.
+-- SQLite is for durability only: the records in hand are published from memory (`buffer`, a
+-- window of at most BATCH waiting records, always the oldest ones), and read back from disk
+-- only after a restart or when more than that waits (a backlog stays on disk, not in memory).
 -- When the disk fails the records go to a memory outbox instead and the agent keeps going.
-local memory = require "tb.outbox"
+local memory = require "tb.memory_outbox"
 
 local M = {}
 M.__index = M
 
 local BATCH = 256
+-- Acknowledgements are not worth a disk write each: one lost in a crash only sends that record
+-- again (QoS 1 is at least once anyway). They are committed with the next records, or when
+-- ACK_COMMIT_N have gathered, or ACK_COMMIT_MS after the first of them (M:idle_commit_in).
+local ACK_COMMIT_N, ACK_COMMIT_MS = 1024, 1000
 
 -- open{core=, path=, limit=, max_bytes=, max_age_ms=, clock=fn, log=} -> store | nil, err
 function M.open(o)
@@ -23,6 +30,8 @@ function M.open(o)
     fallback = memory.new{limit = limit, max_bytes = max_bytes, max_age_ms = max_age_ms, clock = o.clock, log = o.log}}, M)
   local n, bytes, _, _, in_flight, newest = db:stats()
   self.n, self.bytes, self.pending, self.last_seq = n, bytes, n, newest
+  self.sent_upto, self.sent_committed = 0, 0
+  self.acked, self.first_ack_at = {}, nil
   self.possible_duplicates = in_flight
   if n > 0 then
     self.log.info("outbox: %d records kept from before the restart go out first%s", n,
@@ -44,6 +53,9 @@ function M:push(rec)
       rec.seq = seq
       self.last_seq = seq
       self.uncommitted[#self.uncommitted + 1] = rec
+      -- kept in hand when every waiting record is (the window is the oldest ones, in order)
+      local buffered = #self.buffer - self.head + 1
+      if buffered == self.pending and buffered < BATCH then self.buffer[#self.buffer + 1] = rec end
       self.n, self.bytes, self.pending = self.n + 1, self.bytes + #rec.payload, self.pending + 1
       return self:enforce_bounds()
     end
@@ -82,6 +94,7 @@ function M:drop(n)
 end
 
 function M:recount()
+  self:delete_acked()   -- so the counts read from disk are the records still waiting or in flight
   self.buffer, self.head = {}, 1
   local n, bytes = self.db:stats()
   local in_flight = self.n - self.pending
@@ -102,23 +115,25 @@ function M:expire()
 end
 
 function M:peek()
-  if self.head > #self.buffer and self.pending > 0 then
-    self.buffer, self.head = self.db:next(self.cursor, BATCH) or {}, 1
-  end
   local rec = self.buffer[self.head]
   if rec then return rec end
+  if self.pending > 0 then
+    self.buffer, self.head = self.db:next(self.cursor, BATCH) or {}, 1
+    rec = self.buffer[1]
+    if rec then return rec end
+  end
   return self.fallback:peek()
 end
 
 function M:pop()
-  self:peek()
-  local rec = self.buffer[self.head]
-  if rec then
+  local rec = self.buffer[self.head] or self:peek()
+  if rec and not rec.mem then
     self.buffer[self.head] = nil
     self.head = self.head + 1
     self.cursor = rec.seq
+    if rec.seq > self.sent_upto then self.sent_upto = rec.seq end
     self.pending = self.pending - 1
-    self.db:mark_sent(rec.seq)
+    if self.head > #self.buffer then self.buffer, self.head = {}, 1 end
     return rec
   end
   return self.fallback:pop()
@@ -127,8 +142,36 @@ end
 -- ack(rec): the broker has it; it leaves the disk.
 function M:ack(rec)
   if rec.mem then return end
-  self.db:ack(rec.seq)
+  local acked = self.acked
+  acked[#acked + 1] = rec.seq
   self.n, self.bytes = self.n - 1, self.bytes - #rec.payload
+  self.first_ack_at = self.first_ack_at or self.clock()
+end
+
+-- delete_acked(): the gathered acknowledgements leave the disk (in the open batch), one
+-- statement per run of consecutive seqs
+function M:delete_acked()
+  local acked = self.acked
+  if #acked == 0 then return end
+  self.acked, self.first_ack_at = {}, nil
+  table.sort(acked)
+  local first, last = acked[1], acked[1]
+  for i = 2, #acked + 1 do
+    local seq = acked[i]
+    if seq ~= last + 1 then
+      local ok, err = self.db:ack(first, last)
+      if not ok then self.log.warn("outbox: %s (those records may be sent again)", err) end
+      first = seq
+    end
+    last = seq
+  end
+end
+
+-- idle_commit_in() -> ms until gathered acknowledgements are due on disk, or nil (the loop
+-- waits no longer than that, then calls commit)
+function M:idle_commit_in()
+  if #self.acked == 0 or self.broken then return nil end
+  return math.max(0, self.first_ack_at + ACK_COMMIT_MS - self.clock())
 end
 
 -- unshift(records): in-flight records go back in front (the connection dropped).
@@ -141,20 +184,36 @@ function M:unshift(records)
   local dropped = 0
   if #mem > 0 then dropped = self.fallback:unshift(mem) end
   if lowest and lowest <= self.cursor then
+    -- the records in hand go back in front of the window, which stays the oldest waiting ones
+    -- (what was acknowledged in between has left the disk too)
+    local back = {}
+    for _, rec in ipairs(records) do if not rec.mem then back[#back + 1] = rec end end
+    for i = self.head, #self.buffer do back[#back + 1] = self.buffer[i] end
+    self.buffer, self.head = back, 1
     self.cursor = lowest - 1
-    self.buffer, self.head = {}, 1
     self.pending = self.pending + (#records - #mem)
   end
   return dropped
 end
 
--- commit() -> true | nil, err: puts the records pushed since the last commit on disk, with
--- the acks and sent marks (tb.session commits when a handler yields or ends, and once per
--- loop iteration). When the disk fails, those records stay in memory and so does all that
--- follows, until a restart.
-function M:commit()
+-- commit([all]) -> true | nil, err: puts the records pushed since the last commit on disk,
+-- with the acks and the sent mark (tb.session commits when a handler yields or ends, the loop
+-- once per iteration). Acks alone wait (ACK_COMMIT_N, ACK_COMMIT_MS) unless all is true.
+-- When the disk fails, those records stay in memory and so does all that follows, until a
+-- restart.
+function M:commit(all)
   if self.broken then return true end
-  local ok, err = self.db:commit()
+  local acks = #self.acked
+  if #self.uncommitted == 0 and not all then
+    if acks == 0 then return true end
+    if acks < ACK_COMMIT_N and self.clock() - self.first_ack_at < ACK_COMMIT_MS then return true end
+  end
+  self:delete_acked()
+  -- how far records were handed to the connection: after a crash, those still on disk up to
+  -- there may reach the server twice (one number per commit, not a mark per record)
+  local sent = self.sent_upto > self.sent_committed and self.sent_upto or nil
+  local ok, err = self.db:commit(sent)
+  if ok and sent then self.sent_committed = sent end
   local batch = self.uncommitted
   self.uncommitted = {}
   if ok then return true end
@@ -171,7 +230,7 @@ function M:commit()
 end
 
 function M:close()
-  self:commit()
+  self:commit(true)
   self.db:close()
 end
 

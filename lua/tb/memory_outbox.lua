@@ -1,5 +1,5 @@
--- tb.outbox: the bounded in-memory store of records waiting to be published. The session
--- only uses push/peek/pop/unshift/count, so a durable store can replace this one.
+-- tb.memory_outbox: the bounded in-memory outbox of records waiting to be published. The session
+-- only uses push/peek/pop/unshift/count, so tb.sqlite_outbox can replace this one.
 -- When full (records or payload bytes), the oldest records are dropped and counted (the
 -- newest data matters most); expire() drops those older than max_age_ms.
 local M = {}
@@ -69,6 +69,7 @@ end
 function M:ack() end
 function M:commit() end
 function M:close() end
+function M.idle_commit_in() return nil end
 
 -- unshift(records): puts records back at the front, keeping their order (records[1] first).
 -- Used when a connection drops with records in flight: they go out again first.
