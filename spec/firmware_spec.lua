@@ -485,11 +485,7 @@ describe("firmware offers that change while the agent is away, retries and progr
       fw_checksum_algorithm = "SHA256", fw_checksum = core.hash_hex("SHA256", img)}
   end
 
-  local function exists(path)
-    local f = io.open(path, "rb")
-    if f then f:close() end
-    return f ~= nil
-  end
+  local exists = require("spec.support.files").exists
 
   -- serves only the first n chunk requests: the download stops part-way
   local function serve_only(s, n)
@@ -663,10 +659,13 @@ describe("firmware offers that change while the agent is away, retries and progr
     assert.matches("download failed: Failed to connect", r.error)
   end)
 
-  -- failing_http(s, failures, img) -> attempts(): core.http_download ends its first attempts as
-  -- failures[i] = {status, curl_code, message, reason} say (as src/http.c reports them), then
-  -- serves img whole
-  local function failing_http(s, failures, img)
+  -- offered_by_url(failures) -> r, attempts, s: a new agent (1000-byte chunks) offered a
+  -- fw_url package of 3000 bytes; core.http_download ends its first attempts as failures[i] =
+  -- {status, curl_code, message, reason} say (as src/http.c reports them), then serves the
+  -- image whole; attempts: how many downloads it started
+  local function offered_by_url(failures)
+    local s = load(1000)
+    local img = image(3000)
     local attempts = 0
     s.core.http_download = function(o)
       attempts = attempts + 1
@@ -681,40 +680,32 @@ describe("firmware offers that change while the agent is away, retries and progr
       end
       return dl, attempts
     end
-    return function() return attempts end
+    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    return r, attempts, s
   end
 
   it("downloads again from byte 0, once and without counting it, when the server sends another range", function()
-    local s = load(1000)
-    local img = image(3000)
     local misranged = {206, 23, "the server sent a range starting at byte 0, not 1000", "range"}
     local cut = {200, 18, "transfer closed with outstanding read data remaining", "curl"}
-    local attempts = failing_http(s, {misranged, cut, cut, cut, cut}, img)
-    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    local r, attempts, s = offered_by_url({misranged, cut, cut, cut, cut})
     assert.equal("UPDATED", r.state)
-    assert.equal(6, attempts())
+    assert.equal(6, attempts)
     assert.truthy(s:logged("server refused the resume %(the server sent a range starting at byte 0, not 1000%); downloading again from byte 0"))
   end)
 
   it("gives up at once on a body larger than the announced size, by the reason code, not the message", function()
-    local s = load(1000)
-    local img = image(3000)
     -- a libcurl failure whose text happens to read like the size refusal is retried
-    local attempts = failing_http(s, {{200, 56, "received data larger than expected", "curl"},
-      {200, 23, "download is larger than the announced size", "too_large"}}, img)
-    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    local r, attempts = offered_by_url({{200, 56, "received data larger than expected", "curl"},
+      {200, 23, "download is larger than the announced size", "too_large"}})
     assert.equal("FAILED", r.state)
-    assert.equal(2, attempts())
+    assert.equal(2, attempts)
     assert.equal("download failed: download is larger than the announced size (HTTP 200)", r.error)
   end)
 
   it("fails at once on an HTTP status of 4xx, and retries a 5xx", function()
-    local s = load(1000)
-    local img = image(3000)
-    local attempts = failing_http(s, {{503, 0, "HTTP error status", "http"}, {404, 0, "HTTP error status", "http"}}, img)
-    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    local r, attempts = offered_by_url({{503, 0, "HTTP error status", "http"}, {404, 0, "HTTP error status", "http"}})
     assert.equal("FAILED", r.state)
-    assert.equal(2, attempts())
+    assert.equal(2, attempts)
     assert.equal("download failed: HTTP error status (HTTP 404)", r.error)
   end)
 

@@ -4,6 +4,13 @@ local testing = require "tb.testing"
 
 local script = require("spec.support.files").script
 
+-- connects_sending_nothing(s): s connects, and nothing it was asked to send goes out
+local function connects_sending_nothing(s)
+  s:connect()
+  assert.equal(0, #s:sent("v1/devices/me/telemetry"))
+  assert.equal(0, #s:sent("v1/devices/me/attributes"))
+end
+
 describe("session", function()
   it("subscribes, fetches shared attributes, runs on_connect, and subscribes to RPC last", function()
     local s = testing.load(script([[
@@ -106,9 +113,7 @@ describe("session", function()
     assert.equal(too_large, s:state().err)
     assert.same({nil, too_large}, s:state().with_ts)
     assert.same({nil, too_large}, s:state().attrs)
-    s:connect()
-    assert.equal(0, #s:sent("v1/devices/me/telemetry"))
-    assert.equal(0, #s:sent("v1/devices/me/attributes"))
+    connects_sending_nothing(s)
   end)
 
   it("answers an RPC whose result or error text is over the limit with what fits", function()
@@ -156,9 +161,7 @@ describe("session", function()
     assert.equal("values must be a table of key = value", r[3][2])
     assert.equal("with a ts, send one table of key = value (each entry of a list carries its own ts)", r[4][2])
     assert.equal("attributes must be a table of key = value", r[5][2])
-    s:connect()
-    assert.equal(0, #s:sent("v1/devices/me/telemetry"))
-    assert.equal(0, #s:sent("v1/devices/me/attributes"))
+    connects_sending_nothing(s)
   end)
 
   it("sends floats as ThingsBoard stores DOUBLEs: positional, at most 16 decimals", function()

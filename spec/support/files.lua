@@ -1,4 +1,5 @@
--- Files for specs: a device script written where tb.testing (or the real agent) can load it.
+-- Files for specs: a device script written where tb.testing (or the real agent) can load it,
+-- and the files a test wrote or expects.
 local M = {}
 
 -- write(path, text): the file holds exactly text, replaced whole
@@ -13,6 +14,21 @@ function M.script(text)
   local path = os.tmpname() .. ".lua"
   M.write(path, text)
   return path
+end
+
+-- read(path) -> the file's bytes; raises when it cannot be read
+function M.read(path)
+  local f = assert(io.open(path, "rb"))
+  local text = f:read("a")
+  f:close()
+  return text
+end
+
+-- exists(path) -> whether path can be opened for reading
+function M.exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() end
+  return f ~= nil
 end
 
 return M
