@@ -11,12 +11,11 @@ local function tmpdir()
   return dir
 end
 
+local files = require "spec.support.files"
+
+-- read(path) -> the file's text, or nil when there is none
 local function read(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local t = f:read("a")
-  f:close()
-  return t
+  return files.exists(path) and files.read(path) or nil
 end
 
 -- quiet(fn, ...) -> fn's results, and what it wrote to stdout and stderr
@@ -54,9 +53,7 @@ describe("tbagent init", function()
   it("never overwrites: exit 2 naming the file, nothing written", function()
     local dir = tmpdir()
     assert(core.mkdirs(dir, 448))
-    local f = assert(io.open(dir .. "/.luacheckrc", "w"))
-    f:write("mine")
-    f:close()
+    files.write(dir .. "/.luacheckrc", "mine")
     local code, out, err = quiet(init_command.run, core, dir)
     assert.equal(2, code)
     assert.equal("", out)

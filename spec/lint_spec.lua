@@ -12,10 +12,10 @@ local function folder()
   return dir
 end
 
+local files = require "spec.support.files"
+
 local function write(path, text)
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
+  files.write(path, text)
   return path
 end
 
@@ -137,6 +137,6 @@ tb.every(1000, function() tb.send_telemetry{boots = tb.persist.get("boots")} end
     local code, out = run_check(path)
     assert.equal(0, code)
     assert.equal(path .. ": ok: 0 RPC methods, 0 attribute handlers, 1 timer\n", out)
-    assert.is_nil(io.open(dir .. "/.tbagent/outbox.db"))
+    assert.is_false(files.exists(dir .. "/.tbagent/outbox.db"))
   end)
 end)

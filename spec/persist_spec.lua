@@ -4,13 +4,7 @@ local testing = require "tb.testing"
 local persist = require "tb.persist"
 local core = require "tb.core"
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local script = require("spec.support.files").script
 
 local function store_on(backend, opts)
   opts = opts or {}

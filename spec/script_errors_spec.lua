@@ -4,13 +4,7 @@
 local testing = require "tb.testing"
 local strict = require "tb.strict"
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local script = require("spec.support.files").script
 
 -- fails(fn) -> the message of the error fn raises (the spec failure tb.testing raises)
 local function fails(fn)
