@@ -75,6 +75,26 @@ describe("tbagent init", function()
   end)
 end)
 
+describe("the command line of init and test", function()
+  local cli = require "tb.cli"
+
+  it("init takes one folder; test and init come first", function()
+    local code, out, err = quiet(cli.main, {[0] = "tbagent", "init"})
+    assert.equal(2, code)
+    assert.equal("", out)
+    assert.equal("tbagent: usage: tbagent init DIR (one folder, created if missing)\n", err)
+    assert.equal(2, (quiet(cli.main, {[0] = "tbagent", "init", "a", "b"})))
+    assert.equal(2, (quiet(cli.main, {[0] = "tbagent", "init", "--force"})))
+    local _, perr = cli.parse({"--log-level", "debug", "test"})
+    assert.equal("test must come first: tbagent test ...", perr)
+  end)
+
+  it("--help lists test and init", function()
+    assert.matches("tbagent test [SPEC|DIR ...]", cli.help_text(), 1, true)
+    assert.matches("tbagent init DIR", cli.help_text(), 1, true)
+  end)
+end)
+
 describe("tbagent test", function()
   it("hands Busted its arguments, ignoring a .busted's lua directive", function()
     assert.same({"--ignore-lua"}, test_command.busted_args({}))
