@@ -153,9 +153,9 @@ function Store:api(gen)
   function api.set(key, value)
     check_key(key, "set")
     if value == nil then return api.delete(key) end
-    local text, err = store.encode(value, store.max_bytes)
+    local text, err, code = store.encode(value, store.max_bytes)
     if not text then
-      if err and err:find("too large", 1, true) then
+      if code == "too_large" then
         err = string.format("value too large: over %d bytes", store.max_bytes)
       end
       return nil, string.format("tb.persist.set(%q): %s", key, err)
