@@ -6,29 +6,19 @@ import assert from 'node:assert/strict'
 import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
-import { chromium } from 'playwright-core'
-import { startEmu, connect, subscribe, publish, end, waitFor, sleep, HERE } from './helpers.mjs'
+import { startEmu, connect, subscribe, publish, end, waitFor, sleep, HERE, openBrowser } from './helpers.mjs'
 
-const CHROMIUM = '/usr/bin/chromium'
 const SHOTS = path.resolve(HERE, '..', '..', '..', 'build', 'screenshots')
 const T = { timeout: 15000 } // generous: 2 cores shared with other test runs
 const waitMsg = (c, pred, what) => waitFor(() => c.received.find(m => typeof pred === 'string' ? m.topic === pred : pred(m)), { what, timeoutMs: 15000 })
-let browser, profile
+let browser, opened
 
 before(async () => {
-  assert.ok(fs.existsSync(CHROMIUM), `${CHROMIUM} is missing: apt-get install -y chromium`)
-  profile = fs.mkdtempSync(path.join(os.tmpdir(), 'tbemu-chromium-'))
-  browser = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    viewport: { width: 1280, height: 900 },
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync']
-  })
+  opened = await openBrowser()
+  browser = opened.browser
 })
 after(async () => {
-  if (browser) await browser.close()
-  if (profile) fs.rmSync(profile, { recursive: true, force: true })
+  if (opened) await opened.close()
 })
 
 async function shot (page, name) {
