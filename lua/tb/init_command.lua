@@ -125,11 +125,6 @@ function M.luacheckrc()
   }, "\n")
 end
 
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() end
-  return f ~= nil
-end
 
 -- run(core, dir) -> exit status
 function M.run(core, dir)
@@ -143,7 +138,7 @@ function M.run(core, dir)
   }
   for _, f in ipairs(files) do
     local path = dir .. "/" .. f[1]
-    if exists(path) then
+    if core.file_size(path) then
       io.stderr:write("tbagent: ", path, " exists: init never overwrites (choose a new or empty folder)\n")
       return 2
     end

@@ -6,6 +6,7 @@
 -- are skipped as wholes), so "tb.x" inside a string or a comment is not a use.
 -- It also writes the luacheck standard of the tb API for `tbagent init`.
 local strict = require "tb.strict"
+local read = require("tb.loader").read_file
 
 local M = {}
 
@@ -206,14 +207,6 @@ function M.scan(path, text, shape)
     end
   end
   return problems, requires
-end
-
-local function read(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local text = f:read("a")
-  f:close()
-  return text
 end
 
 -- check(path [, text]) -> problems: scan() of the script and of every module it requires

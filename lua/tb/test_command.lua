@@ -3,6 +3,8 @@
 -- folder needs no install, no LUA_PATH and no .busted (one that is there is honoured, except
 -- its `lua` directive: this is the Lua the specs must run on). Busted itself is a Lua library
 -- (busted.runner), found on Lua 5.4's usual directories whatever LUA_PATH_5_4 says.
+local core = require "tb.core"
+
 local M = {}
 
 -- where Debian (lua-busted) and luarocks put Lua 5.4 modules
@@ -34,11 +36,7 @@ function M.search_paths()
   package.cpath = extended(package.cpath, c)
 end
 
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() end
-  return f ~= nil
-end
+local function exists(path) return core.file_size(path) ~= nil end
 
 -- busted_args(args) -> the arguments for Busted. One directory that is a script folder (it has
 -- a .busted or a spec/ directory) is run from inside, as `cd DIR && tbagent test` would be, so
@@ -62,7 +60,7 @@ function M.busted_args(args)
     i = i + 1
   end
   local only = #positional == 1 and args[positional[1]]
-  local folder = only and (exists(only .. "/.busted") or exists(only .. "/spec/."))
+  local folder = only and (exists(only .. "/.busted") or exists(only .. "/spec"))
   for k, a in ipairs(args) do
     if folder and k == positional[1] then
       out[#out + 1] = "--directory=" .. a
