@@ -59,6 +59,10 @@ local CASES = {
   {"tb.json.array('x')", "bad argument #1 to 'array' (table expected, got string)"},
   {"tb.json.array(setmetatable({}, {}))", "bad argument #1 to 'array' (the table has a metatable of its own)"},
   {"tb.json.decode({})", "bad argument #1 to 'decode' (string expected, got table)"},
+  {"tb.persist.get(42)", "bad argument #1 to 'get' (key must be a non-empty string of at most 256 bytes, got number)"},
+  {"tb.persist.set('', 1)", "bad argument #1 to 'set' (key must be a non-empty string of at most 256 bytes, got \"\")"},
+  {"tb.persist.delete(false)", "bad argument #1 to 'delete' (key must be a non-empty string of at most 256 bytes, got boolean)"},
+  {"tb.persist.keys(5)", "bad argument #1 to 'keys' (string expected, got number)"},
 }
 
 describe("argument errors name the script's file and line", function()
@@ -76,8 +80,13 @@ describe("argument errors name the script's file and line", function()
       it("in a handler: " .. call, function()
         local path = script("local tb = require 'tb'\ntb.on_rpc('go', function()\n\n  " .. call .. "\nend)\n")
         local s = testing.load(path)
-        local res = s:rpc("go")
-        assert.same({error = msg}, res)   -- the answer carries the message without the position
+        -- a misuse fails the spec that ran the handler, at the script's line
+        local ok, err = pcall(s.rpc, s, "go")
+        assert.is_false(ok)
+        assert.truthy(err:find("RPC go failed: " .. path .. ":4: " .. msg, 1, true), err)
+        -- declared, it is the RPC's error answer (without the position), and logged with it
+        s:expect_error(msg:gsub("%p", "%%%0"))
+        assert.same({error = msg}, s:rpc("go"))
         assert.truthy(s:logged("RPC go failed: " .. path:gsub("%p", "%%%0") .. ":4: " .. msg:gsub("%p", "%%%0"), "error"))
       end)
     end
@@ -93,6 +102,7 @@ describe("argument errors name the script's file and line", function()
       "tb.on_rpc('tail', function() return tb.every(0, print) end)",
     }, "\n"))
     local s = testing.load(path)
+    s:expect_error("bad argument")
     assert.equal(path .. ":3: bad argument #1 to 'on_rpc' (string expected, got number)", s:state().pcall_err)
     s:rpc("reg")
     assert.truthy(s:logged(path:gsub("%p", "%%%0") .. ":2: bad argument #1 to 'on_rpc'"))
@@ -115,6 +125,7 @@ describe("argument errors name the script's file and line", function()
   it("names a timer by where the script made it", function()
     local path = script("local tb = require 'tb'\n\ntb.after(10, function() error('boom') end)\n")
     local s = testing.load(path)
+    s:expect_error("boom")
     s:advance(20)
     assert.truthy(s:logged("^timer at " .. path:gsub("%p", "%%%0") .. ":3 failed: " .. path:gsub("%p", "%%%0") .. ":3: boom"))
   end)

@@ -130,6 +130,7 @@ end)
 
   it("is logged in full once, then counted once a minute", function()
     local s = testing.load(PUMP)
+    s:expect_error()
     s:advance(2000)
     assert.equal(1, count_logged(s, "^timer at .*:3 failed: .*:7: sensor gone"))
     -- the first repeat (at 4 s) opens a minute: its 30 runs are one line at its end
@@ -146,6 +147,7 @@ end)
 
   it("logs a different error in full, after the count of the one before", function()
     local s = testing.load(PUMP)
+    s:expect_error()
     s:advance(10000)   -- the first in full, 4 repeats
     s:state().other = true
     s:advance(2000)
@@ -159,6 +161,7 @@ end)
 
   it("logs the same error in full again after ten quiet minutes", function()
     local s = testing.load(PUMP)
+    s:expect_error()
     s:advance(4000)
     s:state().fixed = true
     s:advance(700000)

@@ -1,13 +1,13 @@
 -- Hot reload through tb.testing: the same loader and generation swap as the agent.
 local testing = require "tb.testing"
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local script = require("spec.support.files").script
+
+-- the first version of a script whose RPC "ver" answers 1
+local VER1 = [[
+      local tb = require "tb"
+      tb.on_rpc("ver", function() return 1 end)
+    ]]
 
 describe("hot reload", function()
   it("swaps handlers, keeps tb.state, retires old timers", function()
@@ -68,10 +68,7 @@ describe("hot reload", function()
   end)
 
   it("hands the current shared attributes to a reload that brings the first on_attributes or tb.firmware", function()
-    local s = testing.load(script([[
-      local tb = require "tb"
-      tb.on_rpc("ver", function() return 1 end)
-    ]]))
+    local s = testing.load(script(VER1))
     local img = string.rep("z", 1500)
     s.packages.fw = {bytes = img}
     s:set_attributes{shared = {target = 21, fw_title = "dev", fw_version = "2.0", fw_size = #img,
@@ -88,10 +85,7 @@ describe("hot reload", function()
   end)
 
   it("rejects a version that fails to load and keeps the old one, sending nothing of it", function()
-    local s = testing.load(script([[
-      local tb = require "tb"
-      tb.on_rpc("ver", function() return 1 end)
-    ]]))
+    local s = testing.load(script(VER1))
     s:connect()
     local before = #s.published
     local ok, err = s:reload([[
@@ -108,10 +102,7 @@ describe("hot reload", function()
   end)
 
   it("never runs the timers a rejected version made before it failed", function()
-    local s = testing.load(script([[
-      local tb = require "tb"
-      tb.on_rpc("ver", function() return 1 end)
-    ]]))
+    local s = testing.load(script(VER1))
     s:connect()
     local before = #s:sent("v1/devices/me/telemetry")
     assert.is_nil(s:reload([[
@@ -126,10 +117,7 @@ describe("hot reload", function()
   end)
 
   it("loads a changed file from the loop, not a handler: a yielding call at top level is rejected", function()
-    local path = script([[
-      local tb = require "tb"
-      tb.on_rpc("ver", function() return 1 end)
-    ]])
+    local path = script(VER1)
     local s = testing.load(path)
     s:connect()
     local reload = require "tb.reload"
@@ -156,8 +144,38 @@ describe("hot reload", function()
     f:close()
     r:on_watch("x.lua")
     s:advance(100)
-    assert.is_true(s:generation() > 1)
+    assert.equal(2, s:generation())   -- the rejected version used up no number
     assert.equal(3, s:rpc("ver"))
+  end)
+
+  it("numbers only versions that went live, and says so when a save restores the running text", function()
+    local v1 = 'local tb = require "tb"\ntb.on_rpc("ver", function() return 1 end)\n'
+    local path = script(v1)
+    local s = testing.load(path)
+    assert.is_nil(s:reload('local tb = require "tb"\nerror("half-written")\n'))
+    assert.is_nil(s:reload('local tb = require "tb"\ntb.on_rpc("ver", function()\n'))
+    assert.equal(1, s:generation())
+    assert.is_true(s:reload(v1))   -- the text that runs, saved again
+    assert.truthy(s:logged("is back to the text of generation 1, which is running: nothing changed", "info"))
+    assert.equal(1, s:generation())
+    assert.is_true(s:reload(v1))   -- an unchanged save is skipped quietly
+    assert.truthy(s:logged("reload skipped: no loaded file changed", "debug"))
+    assert.is_true(s:reload('local tb = require "tb"\ntb.on_rpc("ver", function() return 2 end)\n'))
+    assert.equal(2, s:generation())
+    assert.truthy(s:logged("reloaded .*: generation 2 live %(file change, %d+ ms after the change%)", "info"))
+  end)
+
+  it("says SIGHUP on a reload by signal, not a file change", function()
+    local path = script('local tb = require "tb"\n')
+    local s = testing.load(path)
+    s:signal("HUP")
+    assert.truthy(s:logged("reloaded .*: generation 2 live %(SIGHUP; the same text as generation 1%)", "info"))
+    local f = assert(io.open(path, "w"))
+    f:write('local tb = require "tb"\ntb.on_rpc("v", function() return 3 end)\n')
+    f:close()
+    s:signal("HUP")
+    assert.truthy(s:logged("reloaded .*: generation 3 live %(SIGHUP%)$", "info"))
+    assert.is_nil(s:logged("after the change"))
   end)
 
   it("lets a running handler finish on the old code", function()
@@ -165,7 +183,8 @@ describe("hot reload", function()
       local tb = require "tb"
       tb.on_rpc("slow", function() tb.sleep(1000) return "old" end)
     ]]))
-    local _, id = s:rpc("slow")
+    s:rpc("slow")
+    local id = s.last_rpc_id
     s:reload([[
       local tb = require "tb"
       tb.on_rpc("slow", function() return "new" end)

@@ -2,12 +2,13 @@
 -- fake transport. These are the contract's behaviours as a script sees them.
 local testing = require "tb.testing"
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
+local script = require("spec.support.files").script
+
+-- connects_sending_nothing(s): s connects, and nothing it was asked to send goes out
+local function connects_sending_nothing(s)
+  s:connect()
+  assert.equal(0, #s:sent("v1/devices/me/telemetry"))
+  assert.equal(0, #s:sent("v1/devices/me/attributes"))
 end
 
 describe("session", function()
@@ -112,9 +113,7 @@ describe("session", function()
     assert.equal(too_large, s:state().err)
     assert.same({nil, too_large}, s:state().with_ts)
     assert.same({nil, too_large}, s:state().attrs)
-    s:connect()
-    assert.equal(0, #s:sent("v1/devices/me/telemetry"))
-    assert.equal(0, #s:sent("v1/devices/me/attributes"))
+    connects_sending_nothing(s)
   end)
 
   it("answers an RPC whose result or error text is over the limit with what fits", function()
@@ -162,9 +161,7 @@ describe("session", function()
     assert.equal("values must be a table of key = value", r[3][2])
     assert.equal("with a ts, send one table of key = value (each entry of a list carries its own ts)", r[4][2])
     assert.equal("attributes must be a table of key = value", r[5][2])
-    s:connect()
-    assert.equal(0, #s:sent("v1/devices/me/telemetry"))
-    assert.equal(0, #s:sent("v1/devices/me/attributes"))
+    connects_sending_nothing(s)
   end)
 
   it("sends floats as ThingsBoard stores DOUBLEs: positional, at most 16 decimals", function()
@@ -236,8 +233,8 @@ describe("session", function()
     assert.same({error = "not now"}, s:rpc("soft"))
     assert.is_nil(s:rpc("oneway"))
     assert.same({error = "unknown method: nope"}, s:rpc("nope"))
-    local r1, id1 = s:rpc("slow", 1)
-    local r2, id2 = s:rpc("slow", 2)
+    local r1, id1 = s:rpc("slow", 1), s.last_rpc_id
+    local r2, id2 = s:rpc("slow", 2), s.last_rpc_id
     assert.is_nil(r1); assert.is_nil(r2)
     s:advance(100)
     assert.equal(1, s.rpc_responses[id1])
@@ -265,7 +262,8 @@ describe("session", function()
     s:answer_rpc_call("getTime", {time = 42})
     s:answer_rpc_call("busy", {error = "timeout"})
     s:connect()
-    local _, id = s:rpc("go")
+    s:rpc("go")
+    local id = s.last_rpc_id
     s:advance(500)
     assert.same({time = 42}, s:state().time)
     assert.equal("timeout", s:state().err)
@@ -380,9 +378,12 @@ describe("session", function()
       tb.on_rpc("spin", function() while true do end end)
       tb.on_rpc("ping", function() return "pong" end)
     ]]), {budget_ms = 100})
+    s:expect_error("without yielding")
     local res = s:rpc("spin")
     assert.matches("without yielding", res.error)
     assert.equal("pong", s:rpc("ping"))
+    assert.equal(1, #s.errors)
+    assert.is_true(s.errors[1].expected)
   end)
 
   it("keeps timers independent and cancellable", function()

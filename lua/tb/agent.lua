@@ -10,6 +10,7 @@ local ota_http = require "tb.ota_http"
 local reload = require "tb.reload"
 local router = require "tb.router"
 local sqlite_outbox = require "tb.sqlite_outbox"
+local persist = require "tb.persist"
 
 local M = {}
 
@@ -24,6 +25,7 @@ function M.build(core, config, log)
     outbox = config.outbox, clock = ctx.clock,
     generation = function() return ctx.current end,
     on_fatal = function(code, msg) ctx.fatal = ctx.fatal or {code = code, message = msg} end}
+  ctx.persist = persist.attach(ctx)
   ctx.sched:timer(60000, function() ctx.session.outbox:expire() end, 60000, nil, "outbox expiry")
   ctx.request_timeout = config.request_timeout
   ctx.rpc_timeout = config.rpc_timeout
@@ -54,8 +56,8 @@ function M.open_outbox(core, config, log, path)
 end
 
 -- lock_state_dir(core, config, log) -> lock | nil, exit message: one agent per state
--- directory (its outbox, downloads and job files); the kernel releases the lock when the
--- process ends, however it ends. A lock that cannot be taken for another reason (a
+-- directory (its outbox, tb.persist, downloads and job files); the kernel releases the lock
+-- when the process ends, however it ends. A lock that cannot be taken for another reason (a
 -- read-only directory) is logged and the agent goes on, as with an unusable directory.
 function M.lock_state_dir(core, config, log)
   local lock, err, pid = core.state_lock(config.state_dir .. "/agent.lock")
@@ -68,28 +70,43 @@ function M.lock_state_dir(core, config, log)
   return false
 end
 
+-- load_error(core, config) -> "file:line: message" when the script does not load, else nil:
+-- loaded as `tbagent check` does (offline, nothing kept, its log silent), so that a bad script
+-- on a directory another agent holds says what is wrong with the script
+function M.load_error(core, config)
+  local quiet = require("tb.log").new(function() end, "error")
+  local ctx = M.build(core, {script = config.script, host = "offline", port = 0, token = "check",
+    session_limits = false, load_budget = config.load_budget}, quiet)
+  local gen, err = ctx.loader:load(config.script)
+  if gen then return nil end
+  return err
+end
+
 -- run(core, config, log) -> exit_code, message
 function M.run(core, config, log)
   local ok, err = core.signals_open()
   if not ok then return 2, err end
   local sok, serr = core.mkdirs(config.state_dir, 448)
   if not sok then log.error("state directory unusable (%s): downloads will fail, data stays in memory", serr) end
+  local lock, busy
+  if sok then
+    lock, busy = M.lock_state_dir(core, config, log)
+    if lock == nil then
+      local bad = M.load_error(core, config)
+      if bad then return 1, "cannot load " .. config.script .. ": " .. bad end
+      return 2, busy
+    end
+  end
+  if sok and not config.memory_outbox then
+    config.outbox = M.open_outbox(core, config, log, config.state_dir .. "/outbox.db")
+  end
+  if sok then config.persist_db, config.persist_db_owned = persist.open_db(core, config, log) end
   local ctx = M.build(core, config, log)
-  -- the script first: a bad script says what is wrong with it, also on a busy directory
-  -- (what it sends while loading is held until commit, so no outbox is needed yet)
+  ctx.state_lock = lock or nil
   local gen
   gen, err = ctx.loader:load(config.script)
   if not gen then
     return 1, "cannot load " .. config.script .. ": " .. err
-  end
-  if sok then
-    local lock, busy = M.lock_state_dir(core, config, log)
-    if lock == nil then return 2, busy end
-    ctx.state_lock = lock or nil
-    if not config.memory_outbox then
-      local box = M.open_outbox(core, config, log, config.state_dir .. "/outbox.db")
-      if box then ctx.session:use_outbox(box) end
-    end
   end
   ctx.loader:commit(gen)
   log.info("tbagent %s running %s (generation %d)", core.version, config.script, gen.id)
@@ -120,6 +137,7 @@ function M.run(core, config, log)
     sched:run_due()
     session.outbox:commit()
   end
+  ctx.persist:close()
   session.outbox:close()
   if ctx.state_lock then ctx.state_lock:release() end
   if ctx.fatal and exit_code == 0 then exit_code, exit_message = ctx.fatal.code, ctx.fatal.message end

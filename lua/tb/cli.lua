@@ -5,7 +5,12 @@ local M = {}
 
 local USAGE = [[
 usage: tbagent run SCRIPT.lua [options]   connect to ThingsBoard and run a device script
-       tbagent check SCRIPT.lua           load the script against an offline session
+       tbagent check SCRIPT.lua           load the script against an offline session and
+                                          find every tb.<name> that does not exist
+       tbagent test [SPEC|DIR ...]        run Busted specs on the agent's own Lua 5.4 and tb
+                                          library (busted options pass through)
+       tbagent init DIR                   a new script folder: device.lua, a spec, .busted and
+                                          .luacheckrc; never overwrites
        tbagent --help | --version]]
 
 -- name, env, kind, default, help. Every option can also come from its TB_* variable;
@@ -59,6 +64,7 @@ local function help_text()
   end
   lines[#lines + 1] = ""
   lines[#lines + 1] = "exit status: 0 clean shutdown, 1 script failed to load, 2 bad usage, 3 credentials refused"
+  lines[#lines + 1] = "(check: 1 when it finds a problem; test: Busted's status, 1 when a spec fails)"
   return table.concat(lines, "\n") .. "\n"
 end
 
@@ -150,6 +156,10 @@ function M.parse(argv, getenv)
   res.command, res.script = positional[1], positional[2]
   if not res.command then return nil, "missing command" end
   if res.command ~= "run" and res.command ~= "check" then
+    -- test and init are handled before options are parsed (M.main); here they are misplaced
+    if res.command == "test" or res.command == "init" then
+      return nil, res.command .. " must come first: tbagent " .. res.command .. " ..."
+    end
     return nil, "unknown command " .. res.command
   end
   if not res.script then return nil, "missing SCRIPT.lua after " .. res.command end
@@ -226,6 +236,15 @@ end
 -- main(argv) -> exit status
 function M.main(argv)
   local core = require "tb.core"
+  -- test hands everything after it to Busted; init takes one folder
+  if argv[1] == "test" then
+    return require("tb.test_command").run(table.move(argv, 2, #argv, 1, {}))
+  elseif argv[1] == "init" then
+    if not argv[2] or argv[3] or argv[2]:sub(1, 1) == "-" then
+      return fail(2, "usage: tbagent init DIR (one folder, created if missing)")
+    end
+    return require("tb.init_command").run(core, argv[2])
+  end
   local parsed, err = M.parse(argv)
   if not parsed then return fail(2, err .. "; see tbagent --help") end
   if parsed.command == "help" then

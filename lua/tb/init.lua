@@ -1,6 +1,9 @@
 -- tb: the module a device script requires. Each loaded version of a script (a generation)
 -- gets its own tb table, so registrations land in that generation and a hot reload can swap
 -- all of them at once. Misuse raises with Lua's wording; the world failing returns nil, err.
+-- Reading a name the API does not have raises too, with the closest real one (tb.strict).
+local strict = require "tb.strict"
+
 local M = {}
 
 -- "@lua/tb/" embedded in the binary, "@/usr/.../tb/" installed: the library's own frames
@@ -269,7 +272,7 @@ function M.bind(ctx, gen)
     typecheck(fn, 2, fname, "function")
     ms = math.floor(ms)
     -- named by where the script made it: its errors are reported (and counted) under that
-    local t = sched:timer(ms, fn, periodic and ms or nil, gen, "timer at " .. script_where())
+    local t = sched.strict_timer(sched:timer(ms, fn, periodic and ms or nil, gen, "timer at " .. script_where()))
     if gen.retired then t:cancel() end
     return t
   end
@@ -346,8 +349,13 @@ function M.bind(ctx, gen)
   function tb.now() return ctx.clock() end
 
   tb.state = ctx.state
-  tb.log = ctx.script_log or ctx.log
-  tb.json = {
+  local log = ctx.script_log or ctx.log
+  tb.log = {}
+  for k, v in pairs(log) do
+    if type(v) == "function" then tb.log[k] = v end
+  end
+  strict.table("tb.log", tb.log)
+  tb.json = strict.table("tb.json", {
     encode = encode, decode = decode, null = core.json_null,
     array = function(t)
       argcheck(t == nil or type(t) == "table", 1, "array", "table expected, got " .. type(t))
@@ -355,9 +363,10 @@ function M.bind(ctx, gen)
         "the table has a metatable of its own")
       return setmetatable(t or {}, array_mt)
     end,
-  }
+  })
+  if ctx.persist then tb.persist = strict.table("tb.persist", ctx.persist:api(gen)) end
   tb.version = core.version
-  return tb
+  return strict.table("tb", tb)
 end
 
 return M

@@ -70,13 +70,6 @@ function M.new(o)
   return self
 end
 
--- use_outbox(box): the outbox records wait in from now on (tb.agent opens the one on disk
--- once it knows the script loads and holds the state directory); only before start
-function M:use_outbox(box)
-  assert(self.outbox:count() == 0 and not self.conn, "use_outbox: the session is in use")
-  self.outbox = box
-end
-
 local function strip_position(err)
   if type(err) ~= "string" then return err end
   err = err:match("^([^\n]*)") or err
@@ -725,7 +718,7 @@ function M:on_rpc_request(id, payload)
   end
   self.log.debug("RPC %s: %s", id, method)
   self.sched:spawn("RPC " .. method, {
-    fn = fn, gen = gen,
+    fn = fn, gen = gen, answers_errors = true,
     on_done = function(...)
       local n = select("#", ...)
       local result, rerr = ...
@@ -737,6 +730,11 @@ function M:on_rpc_request(id, payload)
   }, params, id, method)
 end
 
+local RESPONSES = {
+  {pattern = "^v1/devices/me/attributes/response/(%d+)$", key = "attr:", what = "attribute"},
+  {pattern = "^v1/devices/me/rpc/response/(%d+)$", key = "rpc:", what = "RPC"},
+}
+
 function M:on_message(topic, payload)
   local b = topic:byte(1)
   if b == 118 then -- "v"
@@ -746,19 +744,13 @@ function M:on_message(topic, payload)
       if self.own_requests[topic] == payload then return end
       return self:on_rpc_request(math.tointeger(tonumber(id)) or id, payload)
     end
-    id = topic:match("^v1/devices/me/attributes/response/(%d+)$")
-    if id then
-      if not self.sched:wake("attr:" .. id, payload) then
-        self.log.debug("late attribute response %s ignored", id)
+    -- answers to our own requests wake the handler waiting under that id
+    for _, r in ipairs(RESPONSES) do
+      id = topic:match(r.pattern)
+      if id then
+        if not self.sched:wake(r.key .. id, payload) then self.log.debug("late %s response %s ignored", r.what, id) end
+        return
       end
-      return
-    end
-    id = topic:match("^v1/devices/me/rpc/response/(%d+)$")
-    if id then
-      if not self.sched:wake("rpc:" .. id, payload) then
-        self.log.debug("late RPC response %s ignored", id)
-      end
-      return
     end
   end
   for _, fn in ipairs(self.listeners.message) do
