@@ -517,7 +517,7 @@ describe("tb.cli", function()
       assert.equal("", err)
       assert.equal(cli.help_text(), out)
       assert.matches("usage: tbagent run SCRIPT.lua [options]", out, 1, true)
-      assert.matches("exit status: 0 clean shutdown, 1 script failed to load, 2 bad usage, 3 credentials refused",
+      assert.matches("exit status: 0 clean shutdown, 1 script failed to load, 2 bad usage or state directory in use, 3 credentials refused",
         out, 1, true)
       for _, o in ipairs(OPTIONS) do
         assert.matches("--" .. o[1], out, 1, true)

@@ -1,6 +1,6 @@
 -- tb.cli: the tbagent command line: options and environment variables, validation with
 -- one clear line per problem, and the exit codes of the contract
--- (0 clean shutdown, 1 script failed to load, 2 bad usage, 3 credentials refused).
+-- (0 clean shutdown, 1 script failed to load, 2 bad usage or state directory in use, 3 credentials refused).
 local M = {}
 
 local USAGE = [[
@@ -63,7 +63,7 @@ local function help_text()
     lines[#lines + 1] = string.format("  --%-24s %-22s %s%s", o[1] .. arg, o[2], o[5], def)
   end
   lines[#lines + 1] = ""
-  lines[#lines + 1] = "exit status: 0 clean shutdown, 1 script failed to load, 2 bad usage, 3 credentials refused"
+  lines[#lines + 1] = "exit status: 0 clean shutdown, 1 script failed to load, 2 bad usage or state directory in use, 3 credentials refused"
   lines[#lines + 1] = "(check: 1 when it finds a problem; test: Busted's status, 1 when a spec fails)"
   return table.concat(lines, "\n") .. "\n"
 end
