@@ -1,9 +1,8 @@
 /* clock.c: whether the system clock may put a time on data. A device without a real-time
  * clock starts at whatever time it last saved (fake-hwclock) or at 1970 until NTP has set it;
- * a timestamp from that clock files the data at the wrong time in ThingsBoard, and one in the
- * past is not even taken as the latest value. The kernel knows: adjtimex() reports TIME_ERROR
- * (and STA_UNSYNC in its status) until a time daemon (ntpd, chrony, systemd-timesyncd) has
- * synchronised the clock, and again when it loses it.
+ * a timestamp from that clock files the data at the wrong time in ThingsBoard. The kernel
+ * knows: adjtimex() reports TIME_ERROR (and STA_UNSYNC in its status) until a time daemon
+ * (ntpd, chrony, systemd-timesyncd) has synchronised the clock, and again when it loses it.
  *
  * TB_CLOCK_SYNCED=1 or 0 overrides the kernel's answer: for tests, and for devices whose time
  * comes from a source the kernel is not told about (a GPS receiver, an RTC set at the factory). */

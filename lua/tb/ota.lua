@@ -104,9 +104,9 @@ end
 -- report(values [, at_once]): telemetry with its own strictly increasing timestamp while the
 -- clock can be trusted (session:clock_trusted): ThingsBoard keeps one value per key and
 -- millisecond, so states sent in the same millisecond would overwrite each other. Otherwise
--- without one: a time from an unsynchronised clock may lie in the past, where ThingsBoard
--- would not even take it as the latest state. at_once: published now, ahead of what waits
--- in the outbox (the connect report, which only makes sense on this connection).
+-- without one: a time from an unsynchronised clock may lie days away and would file the
+-- states there (ThingsBoard then stamps them on arrival). at_once: published now, ahead of
+-- what waits in the outbox (the connect report, which only makes sense on this connection).
 function M:report(values, at_once)
   local body = values
   if self.session:clock_trusted() then
