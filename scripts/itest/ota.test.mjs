@@ -576,8 +576,12 @@ test('mosquitto: the agent killed during install() (an installer that reboots): 
   await agent.waitFor(/INSTALL START r1/, 10000)
   await agent.kill('SIGKILL')
   server.forgetSession()
-  // the device comes back up running r1: the script names it as current
-  let since = Date.now()
+  // the device comes back up running r1: the script names it as current. What counts is what
+  // the new agent reports: the killed one's states may still arrive (from its outbox), with
+  // strictly increasing timestamps that can run a few ms ahead of the clock (one per state
+  // sent within the same ms), so the new agent starts 60 ms past `since`
+  const after = async () => { const t = Date.now() + 50; await sleep(60); return t }
+  let since = await after()
   let nreq = server.requests.length
   const a2 = start({ dir: agent.dir, env: { ...slow, FW_CURRENT: 'r1' } })
   await server.waitState('fw', ['UPDATED', 'FAILED'], 10000, since)
@@ -590,7 +594,7 @@ test('mosquitto: the agent killed during install() (an installer that reboots): 
   await a2.waitFor(/INSTALL START r2/, 10000)
   await a2.kill('SIGKILL')
   server.forgetSession()
-  since = Date.now()
+  since = await after()
   nreq = server.requests.length
   const a3 = start({ dir: agent.dir, env: { ...slow, FW_CURRENT: 'r1' } })
   await server.waitState('fw', ['UPDATED', 'FAILED'], 10000, since)
