@@ -16,6 +16,7 @@ int tb_http_open(lua_State *L);   /* http.c: libcurl downloads in the poll loop 
 int tb_watch_open(lua_State *L);  /* watch.c: inotify on the script's directory */
 int tb_proc_open(lua_State *L);   /* proc.c: child processes for tb.exec */
 int tb_store_open(lua_State *L);  /* store.c: the durable outbox (SQLite) */
+int tb_notify_open(lua_State *L); /* notify.c: the service manager's notify socket */
 
 int luaopen_tb_core(lua_State *L);
 
