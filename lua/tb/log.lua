@@ -6,7 +6,10 @@ local LEVELS = {debug = 10, info = 20, warn = 30, error = 40}
 M.LEVELS = LEVELS
 
 -- new(writer, level) -> logger; writer(level_name, message) does the output.
+-- logger.on_line(fn): fn(level, message) also sees every line written (tb.status keeps the
+-- last error); level is "debug", "info", "warn" or "error".
 function M.new(writer, level)
+  local taps = {}
   local self = {threshold = LEVELS[level or "info"] or LEVELS.info}
   local function emit(name, upper)
     return function(fmt, ...)
@@ -25,6 +28,7 @@ function M.new(writer, level)
         end
       end
       writer(upper, msg)
+      for i = 1, #taps do taps[i](name, msg) end
     end
   end
   self.debug = emit("debug", "DEBUG")
@@ -36,6 +40,7 @@ function M.new(writer, level)
     self.threshold = LEVELS[name]
   end
   function self.enabled(name) return LEVELS[name] >= self.threshold end
+  function self.on_line(fn) taps[#taps + 1] = fn end
   return self
 end
 

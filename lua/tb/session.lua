@@ -40,7 +40,7 @@ function M.new(o)
     seq = 0, next_req = 0, attempts = 0, ever_connected = false,
     own_requests = {},
     -- what other parts of the agent follow: attribute pushes, messages no route took,
-    -- connects, disconnects, extra subscriptions, and the script's accepted sends
+    -- connects, disconnects (fn(why)), extra subscriptions, and the script's accepted sends
     listeners = {attributes = {}, message = {}, connect = {}, disconnect = {}, subscriptions = {}, accepted = {}},
     stats = {sent = 0, acked = 0, dropped = 0, reconnects = 0, refused = 0, set_aside = 0},
     clock = o.clock,
@@ -291,7 +291,7 @@ function M:on_disconnect(conn_id, rc, why)
       self:warn_dropped()
     end
   end
-  for _, fn in ipairs(self.listeners.disconnect) do fn() end
+  for _, fn in ipairs(self.listeners.disconnect) do fn(why) end
   self.sched:wake_all("attr:", nil, "disconnected")
   self.sched:wake_all("rpc:", nil, "disconnected")
   self.own_requests = {}
