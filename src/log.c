@@ -101,14 +101,27 @@ static void add_printable(luaL_Buffer *b, const char *msg, size_t len, const cha
   }
 }
 
+/* logging_to_journal() -> stderr_is_journal(), asked once: stderr does not change under a
+ * running agent */
+static int logging_to_journal(void) {
+  static int journal = -1;
+  if (journal < 0) journal = stderr_is_journal();
+  return journal;
+}
+
+/* core.log_journal() -> true when log lines go to the journal (see the top of the file) */
+static int l_log_journal(lua_State *L) {
+  lua_pushboolean(L, logging_to_journal());
+  return 1;
+}
+
 /* core.log_write(level, message): "2026-11-25T18:00:00.123Z INFO message\n" on stderr, or
  * "<6>INFO message\n" when stderr is the journal (the journal stamps each line itself) */
 static int l_log_write(lua_State *L) {
-  static int journal = -1;  /* stderr does not change under a running agent: ask once */
   const char *level = luaL_checkstring(L, 1);
   size_t len;
   const char *msg = luaL_checklstring(L, 2, &len);
-  if (journal < 0) journal = stderr_is_journal();
+  int journal = logging_to_journal();
   const char *prefix = journal ? journal_prefix(level) : "";
   char stamp[40] = "";
   if (!journal) {
@@ -158,7 +171,8 @@ static int l_mask(lua_State *L) {
 
 int tb_log_open(lua_State *L) {
   static const luaL_Reg fns[] = {
-    {"log_write", l_log_write}, {"log_secret", l_log_secret}, {"mask", l_mask}, {NULL, NULL}};
+    {"log_write", l_log_write}, {"log_secret", l_log_secret}, {"mask", l_mask},
+    {"log_journal", l_log_journal}, {NULL, NULL}};
   tb_core_register(L, NULL, NULL, fns);
   return 0;
 }

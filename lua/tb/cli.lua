@@ -319,8 +319,10 @@ function M.config(o, script)
   return c
 end
 
-local function fail(code, msg)
-  io.stderr:write("tbagent: ", msg, "\n")
+local function fail(core, code, msg)
+  -- in the journal the last word is an error too (journalctl -p err shows why it stopped)
+  local prefix = core.log_journal and core.log_journal() and "<3>" or ""
+  io.stderr:write(prefix, "tbagent: ", msg, "\n")
   return code
 end
 
@@ -328,7 +330,7 @@ end
 function M.main(argv)
   local core = require "tb.core"
   local parsed, err = M.parse(argv)
-  if not parsed then return fail(2, err .. "; see tbagent --help") end
+  if not parsed then return fail(core, 2, err .. "; see tbagent --help") end
   if parsed.command == "help" then
     io.stdout:write(help_text())
     return 0
@@ -350,11 +352,11 @@ function M.main(argv)
   end
   local config
   config, err = M.config(parsed.options, parsed.script)
-  if not config then return fail(2, err) end
+  if not config then return fail(core, 2, err) end
   M.register_secrets(core, config)
   local code, msg = require("tb.agent").run(core, config, log)
   if code ~= 0 then
-    return fail(code, core.mask(msg or "stopped"))
+    return fail(core, code, core.mask(msg or "stopped"))
   end
   return 0
 end

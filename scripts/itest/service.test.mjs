@@ -152,6 +152,20 @@ test('journal: JOURNAL_STREAM naming stderr gives "<N>LEVEL message" lines, no t
   assert.ok(!lines.some((l) => l.includes('secret-token-1')));
 });
 
+test('journal: the last line of a failed start is an error too (journalctl -p err shows it)', async () => {
+  const dir = tmpdir('tbitest-journal-');
+  const errPath = path.join(dir, 'stderr');
+  const fd = fs.openSync(errPath, 'w');
+  const st = fs.fstatSync(fd, { bigint: true });
+  const proc = spawn(TBAGENT, ['run', path.join(dir, 'missing.lua'), '--token', 'x', '--state-dir', path.join(dir, 'state')],
+    { stdio: ['ignore', 'ignore', fd], env: { ...process.env, JOURNAL_STREAM: `${st.dev}:${st.ino}` } });
+  fs.closeSync(fd);
+  const code = await new Promise((resolve) => proc.on('close', resolve));
+  assert.equal(code, 1);
+  const lines = fs.readFileSync(errPath, 'utf8').split('\n').filter((l) => l !== '');
+  assert.match(lines[lines.length - 1], /^<3>tbagent: cannot load .*missing\.lua/);
+});
+
 test('journal: JOURNAL_STREAM naming another file leaves the terminal format', async () => {
   const lines = await journalRun(NOISY, (st) => `${st.dev}:${st.ino + 1n}`);
   assert.ok(lines.some((l) => /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z WARN a warning$/.test(l)), lines.join('\n'));
