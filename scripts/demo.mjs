@@ -1,7 +1,9 @@
 // The demo walk-through (run by scripts/demo): tbemu + tbagent + examples/thermostat.lua,
 // driven through ThingsBoard's own REST paths, each step printed as it happens and checked.
 // TBAGENT overrides the agent binary (default build/tbagent). Any failed step, or the agent
-// or the emulator exiting before the end, stops both and exits 1.
+// or the emulator exiting before the end, stops both and exits 1. tbemu keeps its state (the
+// device, its telemetry history, packages) in .tbemu-data/ (TBEMU_DATA_DIR to choose another),
+// so the page shows earlier runs too.
 import { spawn } from 'node:child_process'
 import fs from 'node:fs'
 import os from 'node:os'
@@ -17,6 +19,7 @@ const children = []
 let stopping = false
 let fatal = null // set when a child exits (or fails to start) before the demo is over
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'tbagent-demo-'))
+const dataDir = process.env.TBEMU_DATA_DIR ? path.resolve(process.env.TBEMU_DATA_DIR) : path.join(root, '.tbemu-data')
 
 function say (line) { process.stdout.write(line + '\n') }
 const running = (c) => c.exitCode === null && c.signalCode === null && c.pid !== undefined
@@ -83,7 +86,7 @@ async function waitFor (what, fn, timeoutMs = 20000) {
 async function main () {
   let ready
   const emuReady = new Promise((resolve, reject) => {
-    const emu = start(process.execPath, ['scripts/tbemu/tbemu.js', '--mqtt-port', '0', '--http-port', '0', '--device', `thermostat:${token}`], 'tbemu',
+    const emu = start(process.execPath, ['scripts/tbemu/tbemu.js', '--mqtt-port', '0', '--http-port', '0', '--device', `thermostat:${token}`, '--data-dir', dataDir], 'tbemu',
       (line, isStdout) => { if (isStdout && line.startsWith('{')) resolve(JSON.parse(line)) })
     emu.on('exit', code => reject(new Error(`tbemu exited with ${code}; see ${work}/tbemu.log`)))
     setTimeout(() => reject(new Error('tbemu did not start within 15 s')), 15000).unref()
@@ -96,7 +99,10 @@ async function main () {
     let json; try { json = JSON.parse(text) } catch {}
     return { status: r.status, json, text }
   }
-  say(`[1/6] ThingsBoard emulator up: MQTT on 127.0.0.1:${ready.mqtt}, page at ${base}/`)
+  say(`[1/6] ThingsBoard emulator up: MQTT on 127.0.0.1:${ready.mqtt}, page at ${base}/, state in ${path.relative(root, dataDir) || dataDir}/`)
+  // a firmware assigned in an earlier run would start updating the fresh agent at once
+  await api('POST', '/emu/devices/thermostat/unassign', { type: 'FIRMWARE' })
+  const started = Date.now() // the data dir has earlier runs' values: only newer ones count
 
   const agent = start(AGENT, ['run', 'examples/thermostat.lua', '--port', String(ready.mqtt), '--token', token,
     '--state-dir', path.join(work, 'state'), '--no-reload'], 'tbagent',
@@ -107,7 +113,7 @@ async function main () {
 
   const tele = await waitFor('telemetry', async () => {
     const r = await api('GET', `/api/plugins/telemetry/DEVICE/${id}/values/timeseries?keys=temperature,humidity&useStrictDataTypes=true`)
-    return r.json && r.json.temperature && r.json
+    return r.json && r.json.temperature && r.json.temperature[0].ts >= started && r.json
   })
   say(`[3/6] telemetry arrived: temperature=${tele.temperature[0].value}, humidity=${tele.humidity[0].value}`)
 
@@ -117,11 +123,12 @@ async function main () {
   if (!rpc.json || rpc.json.setpoint !== 23.5 || Object.keys(rpc.json).length !== 1) throw new Error(`RPC setSpValue(23.5): expected {"setpoint":23.5}, got ${rpc.text}`)
   say(`[4/6] RPC setSpValue(23.5) answered: ${rpc.text}`)
 
+  const setAt = Date.now()
   const attr = await api('POST', `/api/plugins/telemetry/DEVICE/${id}/attributes/SHARED_SCOPE`, { target: 20.5 })
   if (attr.status !== 200) throw new Error(`setting the shared attribute failed: HTTP ${attr.status} ${attr.text}`)
   await waitFor('the script to apply the shared attribute', async () => {
     const r = await api('GET', `/api/plugins/telemetry/DEVICE/${id}/values/attributes/CLIENT_SCOPE?keys=setpoint`)
-    return r.json && r.json[0] && r.json[0].value === 20.5
+    return r.json && r.json[0] && r.json[0].value === 20.5 && r.json[0].lastUpdateTs >= setAt
   })
   say('[5/6] shared attribute target=20.5 reached the script: it reported setpoint=20.5 back')
 

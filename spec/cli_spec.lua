@@ -17,6 +17,13 @@ local function parse(argv, vars)
   return cli.parse(argv, env(vars))
 end
 
+-- parse must refuse argv: returns the error
+local function parse_err(argv, vars)
+  local res, err = parse(argv, vars)
+  assert.is_nil(res)
+  return err
+end
+
 -- `run x.lua` followed by args; returns the options table or raises with parse's error
 local function opts(args, vars)
   local argv = {"run", "x.lua"}
@@ -208,13 +215,11 @@ describe("tb.cli", function()
       for _, name in ipairs(INT_OPTIONS) do
         local var = "TB_" .. name:upper():gsub("%-", "_")
         for _, bad in ipairs({"abc", "1.5", "-1", "", "10ms", "99999999999999999999"}) do
-          local res, err = parse({"run", "x.lua", "--" .. name, bad})
-          assert.is_nil(res)
-          assert.equal(string.format("--%s must be a non-negative integer (got %q)", name, bad), err)
+          assert.equal(string.format("--%s must be a non-negative integer (got %q)", name, bad),
+            parse_err({"run", "x.lua", "--" .. name, bad}))
           if bad ~= "" then   -- an empty variable is unset, not an error
-            res, err = parse({"run", "x.lua"}, {[var] = bad})
-            assert.is_nil(res)
-            assert.equal(string.format("%s must be a non-negative integer (got %q)", var, bad), err)
+            assert.equal(string.format("%s must be a non-negative integer (got %q)", var, bad),
+              parse_err({"run", "x.lua"}, {[var] = bad}))
           end
         end
         assert.equal(0, opts({"--" .. name, "0"})[name])   -- 0 parses; config() judges the range
@@ -223,26 +228,20 @@ describe("tb.cli", function()
 
     it("--port must be 1 to 65535", function()
       for _, bad in ipairs({"0", "65536", "-1", "http", "1.5"}) do
-        local res, err = parse({"run", "x.lua", "--port", bad})
-        assert.is_nil(res)
-        assert.equal(string.format("--port must be a port number from 1 to 65535 (got %q)", bad), err)
+        assert.equal(string.format("--port must be a port number from 1 to 65535 (got %q)", bad),
+          parse_err({"run", "x.lua", "--port", bad}))
       end
       assert.equal(1, opts({"--port", "1"}).port)
       assert.equal(65535, opts({"--port", "65535"}).port)
-      local res, err = parse({"run", "x.lua"}, {TB_PORT = "70000"})
-      assert.is_nil(res)
-      assert.matches("^TB_PORT must be a port number", err)
+      assert.matches("^TB_PORT must be a port number", parse_err({"run", "x.lua"}, {TB_PORT = "70000"}))
     end)
 
     it("--qos takes 0 or 1 and refuses 2 saying why", function()
       for _, bad in ipairs({"2", "01", "one", "-1"}) do
-        local res, err = parse({"run", "x.lua", "--qos", bad})
-        assert.is_nil(res)
-        assert.matches("^%-%-qos must be 0 or 1 %(ThingsBoard answers QoS 2", err)
+        assert.matches("^%-%-qos must be 0 or 1 %(ThingsBoard answers QoS 2",
+          parse_err({"run", "x.lua", "--qos", bad}))
       end
-      local res, err = parse({"run", "x.lua"}, {TB_QOS = "2"})
-      assert.is_nil(res)
-      assert.matches("^TB_QOS must be 0 or 1", err)
+      assert.matches("^TB_QOS must be 0 or 1", parse_err({"run", "x.lua"}, {TB_QOS = "2"}))
       assert.equal(0, opts({"--qos", "0"}).qos)
     end)
 
@@ -251,13 +250,11 @@ describe("tb.cli", function()
         assert.equal(level, opts({"--log-level", level})["log-level"])
       end
       for _, bad in ipairs({"verbose", "INFO", "warning"}) do
-        local res, err = parse({"run", "x.lua", "--log-level", bad})
-        assert.is_nil(res)
-        assert.equal(string.format("--log-level must be debug, info, warn or error (got %q)", bad), err)
+        assert.equal(string.format("--log-level must be debug, info, warn or error (got %q)", bad),
+          parse_err({"run", "x.lua", "--log-level", bad}))
       end
-      local res, err = parse({"run", "x.lua"}, {TB_LOG_LEVEL = "trace"})
-      assert.is_nil(res)
-      assert.equal('TB_LOG_LEVEL must be debug, info, warn or error (got "trace")', err)
+      assert.equal('TB_LOG_LEVEL must be debug, info, warn or error (got "trace")',
+        parse_err({"run", "x.lua"}, {TB_LOG_LEVEL = "trace"}))
     end)
 
     it("flags accept 1/true/yes and 0/false/no, from the command line and the environment", function()
@@ -269,25 +266,19 @@ describe("tb.cli", function()
         assert.is_false(opts({"--tls=" .. no}).tls)
         assert.is_false(opts({}, {TB_NO_RELOAD = no})["no-reload"])
       end
-      local res, err = parse({"run", "x.lua", "--tls=maybe"})
-      assert.is_nil(res)
-      assert.equal('--tls must be 1 or 0 (got "maybe")', err)
-      res, err = parse({"run", "x.lua"}, {TB_NO_SESSION_LIMITS = "on"})
-      assert.is_nil(res)
-      assert.equal('TB_NO_SESSION_LIMITS must be 1 or 0 (got "on")', err)
+      assert.equal('--tls must be 1 or 0 (got "maybe")', parse_err({"run", "x.lua", "--tls=maybe"}))
+      assert.equal('TB_NO_SESSION_LIMITS must be 1 or 0 (got "on")',
+        parse_err({"run", "x.lua"}, {TB_NO_SESSION_LIMITS = "on"}))
     end)
 
     it("a flag takes no separate value: the next word is an argument", function()
-      local res, err = parse({"run", "x.lua", "--tls", "1"})
-      assert.is_nil(res)
-      assert.equal("unexpected argument 1", err)
+      assert.equal("unexpected argument 1", parse_err({"run", "x.lua", "--tls", "1"}))
     end)
 
     it("string options refuse an empty value on the command line", function()
       for _, args in ipairs({{"--host", ""}, {"--host="}, {"--token", ""}, {"--state-dir="}}) do
-        local res, err = parse({"run", "x.lua", args[1], args[2]})
-        assert.is_nil(res)
-        assert.matches("must be a non%-empty string %(got \"\"%)$", err)
+        assert.matches("must be a non%-empty string %(got \"\"%)$",
+          parse_err({"run", "x.lua", args[1], args[2]}))
       end
     end)
 
@@ -299,12 +290,10 @@ describe("tb.cli", function()
     it("file options must name a readable file", function()
       for _, name in ipairs({"cafile", "cert", "key", "http-cafile"}) do
         local var = "TB_" .. name:upper():gsub("%-", "_")
-        local res, err = parse({"run", "x.lua", "--" .. name, MISSING})
-        assert.is_nil(res)
-        assert.equal(string.format("--%s must be a readable file (got %q)", name, MISSING), err)
-        res, err = parse({"run", "x.lua"}, {[var] = MISSING})
-        assert.is_nil(res)
-        assert.equal(string.format("%s must be a readable file (got %q)", var, MISSING), err)
+        assert.equal(string.format("--%s must be a readable file (got %q)", name, MISSING),
+          parse_err({"run", "x.lua", "--" .. name, MISSING}))
+        assert.equal(string.format("%s must be a readable file (got %q)", var, MISSING),
+          parse_err({"run", "x.lua"}, {[var] = MISSING}))
       end
     end)
 
@@ -335,8 +324,15 @@ describe("tb.cli", function()
       assert.equal("-", assert(parse({"run", "-"})).script)
     end)
 
+    -- each case {argv, err}: parse refuses argv with err
+    local function refuses_each(cases)
+      for _, case in ipairs(cases) do
+        assert.equal(case[2], parse_err(case[1]))
+      end
+    end
+
     it("refuses a missing or unknown command, a missing script and extra arguments", function()
-      local cases = {
+      refuses_each({
         {{}, "missing command"},
         {{"--host", "h"}, "missing command"},
         {{"start", "x.lua"}, "unknown command start"},
@@ -344,34 +340,22 @@ describe("tb.cli", function()
         {{"run"}, "missing SCRIPT.lua after run"},
         {{"check"}, "missing SCRIPT.lua after check"},
         {{"run", "a.lua", "b.lua"}, "unexpected argument b.lua"},
-      }
-      for _, case in ipairs(cases) do
-        local res, err = parse(case[1])
-        assert.is_nil(res)
-        assert.equal(case[2], err)
-      end
+      })
     end)
 
     it("refuses unknown options, long or short, with or without a value", function()
-      local cases = {
+      refuses_each({
         {{"run", "x.lua", "--bogus"}, "unknown option --bogus"},
         {{"run", "x.lua", "--bogus=1"}, "unknown option --bogus"},
         {{"run", "x.lua", "--Host", "h"}, "unknown option --Host"},   -- names are case-sensitive
         {{"run", "x.lua", "-v"}, "unknown option -v"},
         {{"run", "x.lua", "-host"}, "unknown option -host"},
-      }
-      for _, case in ipairs(cases) do
-        local res, err = parse(case[1])
-        assert.is_nil(res)
-        assert.equal(case[2], err)
-      end
+      })
     end)
 
     it("an option that needs a value says so when it is last", function()
       for _, name in ipairs({"host", "port", "keepalive", "cafile", "rate-limits"}) do
-        local res, err = parse({"run", "x.lua", "--" .. name})
-        assert.is_nil(res)
-        assert.equal("--" .. name .. " needs a value", err)
+        assert.equal("--" .. name .. " needs a value", parse_err({"run", "x.lua", "--" .. name}))
       end
     end)
 
@@ -384,9 +368,8 @@ describe("tb.cli", function()
     end)
 
     it("an error in the environment is reported by its variable's name", function()
-      local res, err = parse({"run", "x.lua"}, {TB_KEEPALIVE = "sixty"})
-      assert.is_nil(res)
-      assert.equal('TB_KEEPALIVE must be a non-negative integer (got "sixty")', err)
+      assert.equal('TB_KEEPALIVE must be a non-negative integer (got "sixty")',
+        parse_err({"run", "x.lua"}, {TB_KEEPALIVE = "sixty"}))
       -- not when the command line overrides it: the variable is never looked at
       assert.equal(30, opts({"--keepalive", "30"}, {TB_KEEPALIVE = "sixty"}).keepalive)
     end)
@@ -397,6 +380,17 @@ describe("tb.cli", function()
       local c, err = config(args, vars)
       assert.is_nil(c)
       return err
+    end
+
+    -- an integer option's bounds: each good value kept as config[field], each bad one refused
+    -- with msg
+    local function bounded(flag, field, msg, good, bad)
+      for _, v in ipairs(good) do
+        assert.equal(tonumber(v), assert(config({"--token", "t", flag, v}))[field])
+      end
+      for _, v in ipairs(bad) do
+        assert.equal(msg, refused({"--token", "t", flag, v}))
+      end
     end
 
     it("needs credentials: a token, MQTT basic credentials or a certificate", function()
@@ -425,12 +419,8 @@ describe("tb.cli", function()
     end)
 
     it("--keepalive is 0 (off) or 5 to 65535", function()
-      for _, ok in ipairs({"0", "5", "65535"}) do
-        assert.equal(tonumber(ok), assert(config({"--token", "t", "--keepalive", ok})).keepalive)
-      end
-      for _, bad in ipairs({"1", "4", "65536"}) do
-        assert.equal("--keepalive must be 0 (off) or 5 to 65535 seconds", refused({"--token", "t", "--keepalive", bad}))
-      end
+      bounded("--keepalive", "keepalive", "--keepalive must be 0 (off) or 5 to 65535 seconds",
+        {"0", "5", "65535"}, {"1", "4", "65536"})
     end)
 
     it("--outbox-limit must be at least 1, from the command line or TB_OUTBOX_LIMIT", function()
@@ -440,16 +430,12 @@ describe("tb.cli", function()
     end)
 
     it("--max-inflight is 1 to 65535 (MQTT packet ids)", function()
-      for _, bad in ipairs({"0", "65536"}) do
-        assert.equal("--max-inflight must be 1 to 65535", refused({"--token", "t", "--max-inflight", bad}))
-      end
-      assert.equal(1, assert(config({"--token", "t", "--max-inflight", "1"})).max_inflight)
-      assert.equal(65535, assert(config({"--token", "t", "--max-inflight", "65535"})).max_inflight)
+      bounded("--max-inflight", "max_inflight", "--max-inflight must be 1 to 65535",
+        {"1", "65535"}, {"0", "65536"})
     end)
 
     it("--payload-limit is at least 64 bytes", function()
-      assert.equal("--payload-limit must be at least 64 bytes", refused({"--token", "t", "--payload-limit", "63"}))
-      assert.equal(64, assert(config({"--token", "t", "--payload-limit", "64"})).payload_limit)
+      bounded("--payload-limit", "payload_limit", "--payload-limit must be at least 64 bytes", {"64"}, {"63"})
     end)
 
     it("--backoff-min is at least 1 and --backoff-max not below it", function()
@@ -463,11 +449,7 @@ describe("tb.cli", function()
     end)
 
     it("--fw-window is 1 to 64", function()
-      for _, bad in ipairs({"0", "65"}) do
-        assert.equal("--fw-window must be 1 to 64", refused({"--token", "t", "--fw-window", bad}))
-      end
-      assert.equal(1, assert(config({"--token", "t", "--fw-window", "1"})).fw_window)
-      assert.equal(64, assert(config({"--token", "t", "--fw-window", "64"})).fw_window)
+      bounded("--fw-window", "fw_window", "--fw-window must be 1 to 64", {"1", "64"}, {"0", "65"})
     end)
 
     it("times and outbox bounds must be at least 1 (0 would drop or time out at once)", function()
@@ -482,14 +464,12 @@ describe("tb.cli", function()
       end
       -- refused while parsing (so `check` sees it too), naming where the value came from
       for _, bad in ipairs({"20", "20:0", "0:1", "a:b", "20/1", "20:1.5", "-20:1", "20:1,600"}) do
-        local res, err = parse({"run", "x.lua", "--token", "t", "--rate-limits", bad})
-        assert.is_nil(res)
+        local err = parse_err({"run", "x.lua", "--token", "t", "--rate-limits", bad})
         assert.matches("^%-%-rate%-limits: bad rate limit \"", err)
         assert.matches("(expected capacity:seconds, e.g. 20:1)", err, 1, true)
       end
-      local res, err = parse({"run", "x.lua", "--token", "t"}, {TB_RATE_LIMITS = "20/1"})
-      assert.is_nil(res)
-      assert.equal('TB_RATE_LIMITS: bad rate limit "20/1" (expected capacity:seconds, e.g. 20:1)', err)
+      assert.equal('TB_RATE_LIMITS: bad rate limit "20/1" (expected capacity:seconds, e.g. 20:1)',
+        parse_err({"run", "x.lua", "--token", "t"}, {TB_RATE_LIMITS = "20/1"}))
       assert.equal("600:60", assert(config({"--token", "t"}, {TB_RATE_LIMITS = "600:60"})).rate_limits)
     end)
   end)
@@ -546,14 +526,9 @@ describe("tb.cli", function()
 end)
 
 describe("tb.cli parse: review fixes", function()
-  local function parse_err(argv)
-    local res, err = cli.parse(argv, function() return nil end)
-    assert.is_nil(res)
-    return err
-  end
-
   it("refuses a directory where a file is wanted", function()
-    assert.equal('--cafile must be a readable file (got "/tmp")', parse_err({"run", "x.lua", "--cafile", "/tmp"}))
+    assert.equal('--cafile must be a readable file (got "/tmp")',
+      parse_err({"run", "x.lua", "--cafile", "/tmp"}))
   end)
 
   it("takes an option name after an option for a forgotten value", function()
@@ -564,7 +539,8 @@ describe("tb.cli parse: review fixes", function()
 
   it("takes digits only for numbers", function()
     for _, bad in ipairs({"1e3", "0x10", " 16 ", "16 "}) do
-      assert.matches("^%-%-keepalive must be a non%-negative integer", parse_err({"run", "x.lua", "--keepalive", bad}))
+      assert.matches("^%-%-keepalive must be a non%-negative integer",
+        parse_err({"run", "x.lua", "--keepalive", bad}))
       assert.matches("^%-%-port must be a port number", parse_err({"run", "x.lua", "--port", bad}))
     end
   end)

@@ -6,14 +6,7 @@
 local drivers = require "spec.support.drivers"
 
 -- deep equality that keeps Lua number subtypes apart (42 ~= 42.0 here)
-local function same(a, b)
-  if type(a) ~= type(b) then return false end
-  if type(a) == "number" then return math.type(a) == math.type(b) and a == b end
-  if type(a) ~= "table" then return a == b end
-  for k, v in pairs(a) do if not same(v, b[k]) then return false end end
-  for k in pairs(b) do if a[k] == nil then return false end end
-  return true
-end
+local same = require("spec.support.equal").typed
 
 local function show(v)
   if type(v) == "number" then return math.type(v) .. " " .. tostring(v) end
@@ -369,6 +362,12 @@ for _, kind in ipairs{"fake", "real"} do
         return l[1].value, l[1].ts
       end
 
+      -- points(key, n) -> the n points of key, once all have arrived
+      local function points(key, n)
+        assert.truthy(d:wait_for(function() return #d:telemetry(key) == n end, 3000), key .. " points")
+        return d:telemetry(key)
+      end
+
       it("keeps every value type of a plain table", function()
         start(script)
         assert_same(true, (rpc("send")), "send")
@@ -384,37 +383,33 @@ for _, kind in ipairs{"fake", "real"} do
         assert.equal("integer", math.type(ts))
       end)
 
-      it("uses the given timestamp with send_telemetry(values, ts)", function()
-        start(script)
-        rpc("send")
-        local v, ts = one("i1")
-        assert_same(43, v, "value")
-        assert_same(1600000001000, ts, "ts")
-        assert_same(0.25, (one("f1")), "float value")
-      end)
+      -- one value stamped by the script, and the other key sent with it
+      for _, case in ipairs({
+        {"uses the given timestamp with send_telemetry(values, ts)", "i1", 43, 1600000001000, "f1", 0.25, "float value"},
+        {"takes a single {ts, values} table", "i3", 46, 1600000004000, "s3", "four", "string value"},
+      }) do
+        local name, key, value, at, other, other_value, what = table.unpack(case)
+        it(name, function()
+          start(script)
+          rpc("send")
+          local v, ts = one(key)
+          assert_same(value, v, "value")
+          assert_same(at, ts, "ts")
+          assert_same(other_value, (one(other)), what)
+        end)
+      end
 
       it("keeps each timestamp of an array of {ts, values}", function()
         start(script)
         rpc("send")
-        assert.truthy(d:wait_for(function() return #d:telemetry("i2") == 2 end, 3000), "i2 points")
-        assert_same({{ts = 1600000002000, value = 44}, {ts = 1600000003000, value = 45}}, d:telemetry("i2"), "i2")
+        assert_same({{ts = 1600000002000, value = 44}, {ts = 1600000003000, value = 45}}, points("i2", 2), "i2")
         assert_same({{ts = 1600000002000, value = 4.0}}, d:telemetry("f2"), "f2")
-      end)
-
-      it("takes a single {ts, values} table", function()
-        start(script)
-        rpc("send")
-        local v, ts = one("i3")
-        assert_same(46, v, "value")
-        assert_same(1600000004000, ts, "ts")
-        assert_same("four", (one("s3")), "string value")
       end)
 
       it("mixes {ts, values} and plain tables in one array", function()
         start(script)
         rpc("send")
-        assert.truthy(d:wait_for(function() return #d:telemetry("m") == 2 end, 3000), "m points")
-        local l = d:telemetry("m")
+        local l = points("m", 2)
         assert_same({ts = 1600000005000, value = 1}, l[1], "timestamped entry")
         assert_same(2, l[2].value, "plain entry")
         assert.is_true(l[2].ts > 1600000005000, "plain entry stamped with the current time")

@@ -3,13 +3,7 @@
 local testing = require "tb.testing"
 local core = require "tb.core"
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local script = require("spec.support.files").script
 
 local POLICY = [[
   local tb = require "tb"
@@ -39,14 +33,20 @@ local function load(chunk, opts)
   return testing.load(script(POLICY:format(chunk or 1024)), opts)
 end
 
+-- offered(n, info) -> r, s, img: a new agent (1000-byte chunks) offered info and an image of
+-- n bytes (r as Session:offer_firmware gives it)
+local function offered(n, info)
+  local s = load(1000)
+  local img = image(n)
+  return s:offer_firmware(info, img), s, img
+end
+
 describe("firmware over MQTT", function()
   local FULL = {"DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING", "UPDATED"}
 
   for _, alg in ipairs({"MD5", "SHA256", "SHA384", "SHA512", "CRC32", "MURMUR3_32", "MURMUR3_128"}) do
     it("verifies " .. alg .. " and installs", function()
-      local s = load(1000)
-      local img = image(4321)
-      local r = s:offer_firmware({title = "dev", version = "2.0", checksum_algorithm = alg}, img)
+      local r, s, img = offered(4321, {title = "dev", version = "2.0", checksum_algorithm = alg})
       assert.same(FULL, r.states)
       assert.equal(img, s:state().image)
     end)
@@ -85,18 +85,14 @@ describe("firmware over MQTT", function()
   end)
 
   it("fails a wrong size clearly", function()
-    local s = load(1000)
-    local img = image(3000)
-    local r = s:offer_firmware({title = "dev", version = "2.0", size = 2500,
-      checksum = core.hash_hex("SHA256", img)}, img)
+    local r = offered(3000, {title = "dev", version = "2.0", size = 2500,
+      checksum = core.hash_hex("SHA256", image(3000))})
     assert.equal("FAILED", r.state)
     assert.matches("size mismatch: chunk 2 has 1000 bytes where fw_size 2500 leaves 500", r.error, 1, true)
   end)
 
   it("restarts under a new request id when a chunk comes back empty before the end", function()
-    local s = load(1000)
-    local img = image(5500)
-    local r = s:offer_firmware({title = "dev", version = "2.0", expire_at_chunk = 3}, img)
+    local r, s, img = offered(5500, {title = "dev", version = "2.0", expire_at_chunk = 3})
     assert.equal("UPDATED", r.state)
     assert.equal(img, s:state().image)
     assert.truthy(s:logged("chunk 3 has 0 bytes, expected 1000; restarting at byte 3000", "warn"))
@@ -265,9 +261,7 @@ end)
 
 describe("firmware over HTTP and software", function()
   it("downloads fw_url packages", function()
-    local s = load(1000)
-    local img = image(2000)
-    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    local r, s, img = offered(2000, {title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"})
     assert.equal("UPDATED", r.state)
     assert.equal(img, s:state().image)
   end)
@@ -424,9 +418,7 @@ describe("firmware and software together, server text and a changing offer", fun
   end)
 
   it("says the size is wrong when a fresh request id gets the same short chunk", function()
-    local s = load(1000)
-    local img = image(3300)
-    local r = s:offer_firmware({title = "dev", version = "2.0", size = 5000}, img)
+    local r = offered(3300, {title = "dev", version = "2.0", size = 5000})
     assert.equal("FAILED", r.state)
     assert.equal("size mismatch: the image ends at byte 3300 but fw_size is 5000", r.error)
   end)
@@ -450,9 +442,7 @@ describe("firmware and software together, server text and a changing offer", fun
   end)
 
   it("makes fw_* values from the server printable before they reach names, logs and telemetry", function()
-    local s = load(1000)
-    local img = image(1500)
-    local r = s:offer_firmware({title = "../../etc/\nx", version = "..", checksum_algorithm = "SHA256"}, img)
+    local r, s, img = offered(1500, {title = "../../etc/\nx", version = "..", checksum_algorithm = "SHA256"})
     assert.equal("UPDATED", r.state)
     assert.truthy(s:logged("firmware download 100%%"))
     for _, l in ipairs(s.logs) do assert.is_nil(l.message:find("\n"), l.message) end
@@ -495,11 +485,7 @@ describe("firmware offers that change while the agent is away, retries and progr
       fw_checksum_algorithm = "SHA256", fw_checksum = core.hash_hex("SHA256", img)}
   end
 
-  local function exists(path)
-    local f = io.open(path, "rb")
-    if f then f:close() end
-    return f ~= nil
-  end
+  local exists = require("spec.support.files").exists
 
   -- serves only the first n chunk requests: the download stops part-way
   local function serve_only(s, n)
@@ -521,6 +507,13 @@ describe("firmware offers that change while the agent is away, retries and progr
     s:push_attributes(offer_attrs({title = "dev", version = "2.0"}, img))
     s:advance(150)
     return s, img
+  end
+
+  -- stopped_state(n) -> a new state dir left by a download stopped after n chunks
+  local function stopped_state(n)
+    local dir = os.tmpname() .. ".state"
+    stopped_download(n, dir)
+    return dir
   end
 
   it("abandons a download whose package was unassigned while the agent was offline", function()
@@ -570,8 +563,7 @@ describe("firmware offers that change while the agent is away, retries and progr
   end)
 
   it("removes the partial download of an earlier package when another one is offered after a restart", function()
-    local dir = os.tmpname() .. ".state"
-    stopped_download(4, dir)
+    local dir = stopped_state(4)
     assert.equal(4000, core.file_size(dir .. "/firmware/dev-2.0.part"))
     local s2 = load(1000, {state_dir = dir})
     local img3 = image(2500)
@@ -585,8 +577,7 @@ describe("firmware offers that change while the agent is away, retries and progr
   end)
 
   it("keeps the partial download while the current offer is not known yet (no connection)", function()
-    local dir = os.tmpname() .. ".state"
-    stopped_download(4, dir)
+    local dir = stopped_state(4)
     assert.is_true(exists(dir .. "/firmware/dev-2.0.part"))
     -- restarted while the broker is unreachable, then the script is edited: a reload looks at
     -- the (still empty) offer before any current set came
@@ -598,8 +589,7 @@ describe("firmware offers that change while the agent is away, retries and progr
   end)
 
   it("removes the partial download left by a stopped agent when nothing is offered any more", function()
-    local dir = os.tmpname() .. ".state"
-    stopped_download(4, dir)
+    local dir = stopped_state(4)
     assert.is_true(exists(dir .. "/firmware/job.json"))
     local s2 = load(1000, {state_dir = dir})
     s2:connect()
@@ -669,10 +659,13 @@ describe("firmware offers that change while the agent is away, retries and progr
     assert.matches("download failed: Failed to connect", r.error)
   end)
 
-  -- failing_http(s, failures, img) -> attempts(): core.http_download ends its first attempts as
-  -- failures[i] = {status, curl_code, message, reason} say (as src/http.c reports them), then
-  -- serves img whole
-  local function failing_http(s, failures, img)
+  -- offered_by_url(failures) -> r, attempts, s: a new agent (1000-byte chunks) offered a
+  -- fw_url package of 3000 bytes; core.http_download ends its first attempts as failures[i] =
+  -- {status, curl_code, message, reason} say (as src/http.c reports them), then serves the
+  -- image whole; attempts: how many downloads it started
+  local function offered_by_url(failures)
+    local s = load(1000)
+    local img = image(3000)
     local attempts = 0
     s.core.http_download = function(o)
       attempts = attempts + 1
@@ -687,40 +680,32 @@ describe("firmware offers that change while the agent is away, retries and progr
       end
       return dl, attempts
     end
-    return function() return attempts end
+    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    return r, attempts, s
   end
 
   it("downloads again from byte 0, once and without counting it, when the server sends another range", function()
-    local s = load(1000)
-    local img = image(3000)
     local misranged = {206, 23, "the server sent a range starting at byte 0, not 1000", "range"}
     local cut = {200, 18, "transfer closed with outstanding read data remaining", "curl"}
-    local attempts = failing_http(s, {misranged, cut, cut, cut, cut}, img)
-    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    local r, attempts, s = offered_by_url({misranged, cut, cut, cut, cut})
     assert.equal("UPDATED", r.state)
-    assert.equal(6, attempts())
+    assert.equal(6, attempts)
     assert.truthy(s:logged("server refused the resume %(the server sent a range starting at byte 0, not 1000%); downloading again from byte 0"))
   end)
 
   it("gives up at once on a body larger than the announced size, by the reason code, not the message", function()
-    local s = load(1000)
-    local img = image(3000)
     -- a libcurl failure whose text happens to read like the size refusal is retried
-    local attempts = failing_http(s, {{200, 56, "received data larger than expected", "curl"},
-      {200, 23, "download is larger than the announced size", "too_large"}}, img)
-    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    local r, attempts = offered_by_url({{200, 56, "received data larger than expected", "curl"},
+      {200, 23, "download is larger than the announced size", "too_large"}})
     assert.equal("FAILED", r.state)
-    assert.equal(2, attempts())
+    assert.equal(2, attempts)
     assert.equal("download failed: download is larger than the announced size (HTTP 200)", r.error)
   end)
 
   it("fails at once on an HTTP status of 4xx, and retries a 5xx", function()
-    local s = load(1000)
-    local img = image(3000)
-    local attempts = failing_http(s, {{503, 0, "HTTP error status", "http"}, {404, 0, "HTTP error status", "http"}}, img)
-    local r = s:offer_firmware({title = "dev", version = "2.0", url = "http://example.invalid/fw.bin"}, img)
+    local r, attempts = offered_by_url({{503, 0, "HTTP error status", "http"}, {404, 0, "HTTP error status", "http"}})
     assert.equal("FAILED", r.state)
-    assert.equal(2, attempts())
+    assert.equal(2, attempts)
     assert.equal("download failed: HTTP error status (HTTP 404)", r.error)
   end)
 

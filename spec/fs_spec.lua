@@ -1,18 +1,8 @@
 -- The state directory's file helpers of tb.core (src/fs.c): mkdirs, write_private, file_size.
 local core = require "tb.core"
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() end
-  return f ~= nil
-end
+local files = require "spec.support.files"
+local read, exists = files.read, files.exists
 
 describe("tb.core file helpers", function()
   local base

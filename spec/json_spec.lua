@@ -1,6 +1,7 @@
 -- The wire JSON codec of tb.core (src/json.c), checked from Lua against contract.md "Values and
 -- JSON", and against lua-cjson as an independent parser where it is installed.
 local core = require "tb.core"
+local equal = require "spec.support.equal"
 local has_cjson, cjson = pcall(require, "cjson")
 
 local null, array_mt = core.json_null, core.json_array_mt
@@ -26,20 +27,7 @@ end
 
 -- Deep equality that also compares number subtypes and array marks.
 local function same_typed(a, b)
-  if type(a) ~= type(b) then return false end
-  if type(a) == "number" then
-    return math.type(a) == math.type(b) and (a == b or a ~= a and b ~= b)
-      and (a ~= 0 or 1 / a == 1 / b)
-  end
-  if type(a) ~= "table" then return a == b end
-  if (getmetatable(a) == array_mt) ~= (getmetatable(b) == array_mt) then return false end
-  for k, v in pairs(a) do
-    if not same_typed(v, b[k]) then return false end
-  end
-  for k in pairs(b) do
-    if a[k] == nil then return false end
-  end
-  return true
+  return equal.typed(a, b, array_mt)
 end
 
 describe("tb.core json_encode", function()
@@ -278,16 +266,10 @@ local cjson_describe = has_cjson and describe or pending
 cjson_describe("tb.core json against lua-cjson", function()
   -- cjson reads every number as a float and arrays as plain tables
   local function agree(ours, theirs)
-    if type(ours) == "number" then return type(theirs) == "number" and ours == theirs end
-    if type(ours) ~= "table" then return ours == theirs end
-    if type(theirs) ~= "table" then return false end
-    for k, v in pairs(ours) do
-      if not agree(v, theirs[k]) then return false end
-    end
-    for k in pairs(theirs) do
-      if ours[k] == nil then return false end
-    end
-    return true
+    return equal.deep(ours, theirs, function(a, b)
+      if type(a) == "number" then return type(b) == "number" and a == b end
+      return a == b
+    end)
   end
 
   local rnd = 1

@@ -1,13 +1,13 @@
 -- Hot reload through tb.testing: the same loader and generation swap as the agent.
 local testing = require "tb.testing"
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local script = require("spec.support.files").script
+
+-- the first version of a script whose RPC "ver" answers 1
+local VER1 = [[
+      local tb = require "tb"
+      tb.on_rpc("ver", function() return 1 end)
+    ]]
 
 describe("hot reload", function()
   it("swaps handlers, keeps tb.state, retires old timers", function()
@@ -67,10 +67,7 @@ describe("hot reload", function()
   end)
 
   it("hands the current shared attributes to a reload that brings the first on_attributes or tb.firmware", function()
-    local s = testing.load(script([[
-      local tb = require "tb"
-      tb.on_rpc("ver", function() return 1 end)
-    ]]))
+    local s = testing.load(script(VER1))
     local img = string.rep("z", 1500)
     s.packages.fw = {bytes = img}
     s:set_attributes{shared = {target = 21, fw_title = "dev", fw_version = "2.0", fw_size = #img,
@@ -87,10 +84,7 @@ describe("hot reload", function()
   end)
 
   it("rejects a version that fails to load and keeps the old one, sending nothing of it", function()
-    local s = testing.load(script([[
-      local tb = require "tb"
-      tb.on_rpc("ver", function() return 1 end)
-    ]]))
+    local s = testing.load(script(VER1))
     s:connect()
     local before = #s.published
     local ok, err = s:reload([[
@@ -107,10 +101,7 @@ describe("hot reload", function()
   end)
 
   it("never runs the timers a rejected version made before it failed", function()
-    local s = testing.load(script([[
-      local tb = require "tb"
-      tb.on_rpc("ver", function() return 1 end)
-    ]]))
+    local s = testing.load(script(VER1))
     s:connect()
     local before = #s:sent("v1/devices/me/telemetry")
     assert.is_nil(s:reload([[
@@ -125,10 +116,7 @@ describe("hot reload", function()
   end)
 
   it("loads a changed file from the loop, not a handler: a yielding call at top level is rejected", function()
-    local path = script([[
-      local tb = require "tb"
-      tb.on_rpc("ver", function() return 1 end)
-    ]])
+    local path = script(VER1)
     local s = testing.load(path)
     s:connect()
     local reload = require "tb.reload"

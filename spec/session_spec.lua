@@ -2,12 +2,13 @@
 -- fake transport. These are the contract's behaviours as a script sees them.
 local testing = require "tb.testing"
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
+local script = require("spec.support.files").script
+
+-- connects_sending_nothing(s): s connects, and nothing it was asked to send goes out
+local function connects_sending_nothing(s)
+  s:connect()
+  assert.equal(0, #s:sent("v1/devices/me/telemetry"))
+  assert.equal(0, #s:sent("v1/devices/me/attributes"))
 end
 
 describe("session", function()
@@ -112,9 +113,7 @@ describe("session", function()
     assert.equal(too_large, s:state().err)
     assert.same({nil, too_large}, s:state().with_ts)
     assert.same({nil, too_large}, s:state().attrs)
-    s:connect()
-    assert.equal(0, #s:sent("v1/devices/me/telemetry"))
-    assert.equal(0, #s:sent("v1/devices/me/attributes"))
+    connects_sending_nothing(s)
   end)
 
   it("answers an RPC whose result or error text is over the limit with what fits", function()
@@ -162,9 +161,7 @@ describe("session", function()
     assert.equal("values must be a table of key = value", r[3][2])
     assert.equal("with a ts, send one table of key = value (each entry of a list carries its own ts)", r[4][2])
     assert.equal("attributes must be a table of key = value", r[5][2])
-    s:connect()
-    assert.equal(0, #s:sent("v1/devices/me/telemetry"))
-    assert.equal(0, #s:sent("v1/devices/me/attributes"))
+    connects_sending_nothing(s)
   end)
 
   it("sends floats as ThingsBoard stores DOUBLEs: positional, at most 16 decimals", function()

@@ -66,13 +66,7 @@ function M:on_watch(name)
   end, "reload")
 end
 
-local function read(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local t = f:read("a")
-  f:close()
-  return t
-end
+local read = require("tb.loader").read_file
 
 -- reload(reason) -> true | nil, err
 function M:reload(reason)

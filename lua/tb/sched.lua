@@ -196,19 +196,22 @@ end
 
 -- spawn(name, fn, ...) -> coroutine: runs fn(...) as a handler now, until it yields or ends.
 -- opts (optional, as fn = {fn=, gen=, on_error=, on_done=}) lets callers see errors/results.
+-- finish(self, info, on_done, ok, ...): the end of a handler, with what xpcall returned
+local function finish(self, info, on_done, ok, ...)
+  sethook()   -- the handler is over: the budget no longer applies (see set_budget)
+  if ok then
+    if on_done then on_done(...) end
+  else
+    report(self, info, (...))
+  end
+end
+
 function M:spawn(name, fn, ...)
   local spec = type(fn) == "table" and fn or {fn = fn}
   local info = {name = name, gen = spec.gen, on_error = spec.on_error}
-  local on_done = spec.on_done
-  local body
-  body = function(...)
-    local res = table.pack(xpcall(spec.fn, traceback, ...))
-    sethook()   -- the handler is over: the budget no longer applies (see set_budget)
-    if res[1] then
-      if on_done then on_done(unpack(res, 2, res.n)) end
-    else
-      report(self, info, res[2])
-    end
+  local on_done, handler = spec.on_done, spec.fn
+  local function body(...)
+    return finish(self, info, on_done, xpcall(handler, traceback, ...))
   end
   if not AGENT_SRC then exempt[body] = true end   -- (sched.lua is agent code by its source otherwise)
   local co = co_create(body)

@@ -626,6 +626,11 @@ function M:on_rpc_request(id, payload)
   }, params, id, method)
 end
 
+local RESPONSES = {
+  {pattern = "^v1/devices/me/attributes/response/(%d+)$", key = "attr:", what = "attribute"},
+  {pattern = "^v1/devices/me/rpc/response/(%d+)$", key = "rpc:", what = "RPC"},
+}
+
 function M:on_message(topic, payload)
   local b = topic:byte(1)
   if b == 118 then -- "v"
@@ -635,19 +640,13 @@ function M:on_message(topic, payload)
       if self.own_requests[topic] == payload then return end
       return self:on_rpc_request(math.tointeger(tonumber(id)) or id, payload)
     end
-    id = topic:match("^v1/devices/me/attributes/response/(%d+)$")
-    if id then
-      if not self.sched:wake("attr:" .. id, payload) then
-        self.log.debug("late attribute response %s ignored", id)
+    -- answers to our own requests wake the handler waiting under that id
+    for _, r in ipairs(RESPONSES) do
+      id = topic:match(r.pattern)
+      if id then
+        if not self.sched:wake(r.key .. id, payload) then self.log.debug("late %s response %s ignored", r.what, id) end
+        return
       end
-      return
-    end
-    id = topic:match("^v1/devices/me/rpc/response/(%d+)$")
-    if id then
-      if not self.sched:wake("rpc:" .. id, payload) then
-        self.log.debug("late RPC response %s ignored", id)
-      end
-      return
     end
   end
   for _, fn in ipairs(self.listeners.message) do

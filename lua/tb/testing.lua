@@ -5,8 +5,8 @@
 local agent = require "tb.agent"
 local reload = require "tb.reload"
 local router = require "tb.router"
-local logmod = require "tb.log"
-local ota = require "tb.ota"
+local new_log = require("tb.log").new
+local OFFER_SETTLE_MS = require("tb.ota").OFFER_SETTLE_MS
 
 local M = {}
 
@@ -120,7 +120,7 @@ function M.load(path, opts)
   for k, v in pairs(opts.config or {}) do config[k] = v end
   s.config = config
   s.core = core
-  s.log = logmod.new(core.log_write, opts.log_level or "debug")
+  s.log = new_log(core.log_write, opts.log_level or "debug")
   -- the agent's outbox is on disk; here it is the same store in SQLite's memory
   if not config.outbox and not opts.memory_outbox then
     config.clock = config.clock or core.wall
@@ -324,7 +324,7 @@ function Session:offer_firmware(info, bytes)
   queue_push(self, attrs)
   if #gone > 0 then queue_delete(self, gone) end
   self:pump()
-  self:advance(ota.OFFER_SETTLE_MS)   -- the agent waits that long for deletions after a push
+  self:advance(OFFER_SETTLE_MS)   -- the agent waits that long for deletions after a push
   -- the states are what the server received: the update runs to UPDATED or FAILED, or ends
   -- without either (declined, nothing to do, withdrawn) once what it reported has gone out
   local states, last_error

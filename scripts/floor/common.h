@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define TOPIC_TELEMETRY "v1/devices/me/telemetry"
 #define TOPIC_RPC_REQ "v1/devices/me/rpc/request/"
@@ -29,6 +30,21 @@ static inline long parse_long(const char *s, const char *what) {
     exit(2);
   }
   return v;
+}
+
+/* write_all(fd, p, n) -> 0 once all n bytes are written, -1 (errno set) on an error */
+static inline int write_all(int fd, const void *data, size_t n) {
+  const unsigned char *p = data;
+  while (n > 0) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
 }
 
 #endif

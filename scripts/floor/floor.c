@@ -18,12 +18,9 @@
  * libmosquitto's default (Nagle on), which is what the agent does today.
  * Its own poll() loop drives libmosquitto (loop_read / loop_write / loop_misc), as the agent's
  * does. Runs until SIGINT/SIGTERM. */
-#include <mosquitto.h>
-#include <poll.h>
 #include <signal.h>
-#include <unistd.h>
 
-#include "common.h"
+#include "client.h"
 
 static volatile sig_atomic_t stop_flag = 0;
 static int qos = 1;
@@ -129,43 +126,25 @@ int main(int argc, char **argv) {
   signal(SIGINT, on_signal);
   signal(SIGTERM, on_signal);
   signal(SIGPIPE, SIG_IGN);
-  mosquitto_lib_init();
-  struct mosquitto *m = mosquitto_new(NULL, true, NULL);
-  if (!m) return 1;
-  mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
-  mosquitto_int_option(m, MOSQ_OPT_TCP_NODELAY, nodelay);
+  struct mosquitto *m = new_client("bench", nodelay);
   mosquitto_max_inflight_messages_set(m, (unsigned)max_inflight);
-  mosquitto_username_pw_set(m, "bench", NULL);
   mosquitto_connect_callback_set(m, on_connect);
   mosquitto_disconnect_callback_set(m, on_disconnect);
   mosquitto_publish_callback_set(m, on_publish);
   mosquitto_message_callback_set(m, on_message);
-  int rc = mosquitto_connect(m, "127.0.0.1", port, 60);
-  if (rc != MOSQ_ERR_SUCCESS) {
-    fprintf(stderr, "floor: connect: %s\n", mosquitto_strerror(rc));
-    return 1;
-  }
+  connect_local(m, port, "floor");
   int64_t next_misc = 0;
   while (!stop_flag) {
     if (connected) send_some(m);
-    int fd = mosquitto_socket(m);
-    if (fd < 0) break;
     int busy = connected && to_send > 0 &&
                (qos == 0 ? !mosquitto_want_write(m) : inflight < max_inflight);
-    struct pollfd p = {fd, (short)(POLLIN | (mosquitto_want_write(m) ? POLLOUT : 0)), 0};
-    int n = poll(&p, 1, busy ? 0 : 1000);
-    if (n < 0 && errno != EINTR) break;
-    if (p.revents & (POLLIN | POLLHUP | POLLERR)) mosquitto_loop_read(m, 1);
-    if (mosquitto_socket(m) >= 0 && mosquitto_want_write(m)) mosquitto_loop_write(m, 1);
+    if (pump(m, busy ? 0 : 1000) < 0) break;
     int64_t now = now_ns();
     if (now >= next_misc && mosquitto_socket(m) >= 0) {
       mosquitto_loop_misc(m);
       next_misc = now + 1000000000LL;
     }
   }
-  mosquitto_disconnect(m);
-  mosquitto_loop_write(m, 1);
-  mosquitto_destroy(m);
-  mosquitto_lib_cleanup();
+  close_client(m);
   return 0;
 }

@@ -16,12 +16,9 @@
  * {"fw_state":"UPDATED"} on v1/devices/me/telemetry at QoS 1 (FAILED on a mismatch); exit 0
  * once it is acknowledged, 1 on any error. Prints "done bytes=B sha256=H" on success. */
 #include <fcntl.h>
-#include <mosquitto.h>
 #include <openssl/evp.h>
-#include <poll.h>
-#include <unistd.h>
 
-#include "common.h"
+#include "client.h"
 
 #define T_ATTR_REQ "v1/devices/me/attributes/request/"
 #define T_ATTR_RES "v1/devices/me/attributes/response/"
@@ -87,17 +84,7 @@ static void consume(struct mosquitto *m, const void *data, size_t len) {
     fprintf(stderr, "fwfloor: chunk at %lld has %zu bytes, expected %lld\n", offset, len, expected);
     exit(1);
   }
-  const unsigned char *p = data;
-  size_t left = len;
-  while (left > 0) {
-    ssize_t w = write(fd, p, left);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      fail("write");
-    }
-    p += w;
-    left -= (size_t)w;
-  }
+  if (write_all(fd, data, len) != 0) fail("write");
   EVP_DigestUpdate(md, data, len);
   offset += (long long)len;
   in_flight--;
@@ -195,33 +182,21 @@ int main(int argc, char **argv) {
   md = EVP_MD_CTX_new();
   EVP_DigestInit_ex(md, EVP_sha256(), NULL);
 
-  mosquitto_lib_init();
-  struct mosquitto *m = mosquitto_new(NULL, true, NULL);
-  if (!m) return 1;
-  mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
-  mosquitto_int_option(m, MOSQ_OPT_TCP_NODELAY, 1);
-  mosquitto_username_pw_set(m, "bench-fwfloor", NULL);
+  struct mosquitto *m = new_client("bench-fwfloor", 1);
   mosquitto_connect_callback_set(m, on_connect);
   mosquitto_subscribe_callback_set(m, on_subscribe);
   mosquitto_publish_callback_set(m, on_publish);
   mosquitto_message_callback_set(m, on_message);
-  if (mosquitto_connect(m, "127.0.0.1", port, 60) != MOSQ_ERR_SUCCESS) fail("cannot connect");
+  connect_local(m, port, "fwfloor");
   int64_t deadline = now_ns() + 120 * 1000000000LL;
   while (finished < 2) {
     if (now_ns() >= deadline) fail("no end within 120 s");
-    int fd_m = mosquitto_socket(m);
-    if (fd_m < 0) fail("connection lost");
-    struct pollfd p = {fd_m, (short)(POLLIN | (mosquitto_want_write(m) ? POLLOUT : 0)), 0};
-    int r = poll(&p, 1, 1000);
-    if (r < 0 && errno != EINTR) fail("poll");
-    if (p.revents & (POLLIN | POLLHUP | POLLERR)) mosquitto_loop_read(m, 1);
-    if (mosquitto_socket(m) >= 0 && mosquitto_want_write(m)) mosquitto_loop_write(m, 1);
+    int r = pump(m, 1000);
+    if (r == -2) fail("connection lost");
+    if (r == -1) fail("poll");
     mosquitto_loop_misc(m);
   }
-  mosquitto_disconnect(m);
-  mosquitto_loop_write(m, 1);
-  mosquitto_destroy(m);
-  mosquitto_lib_cleanup();
+  close_client(m);
   EVP_MD_CTX_free(md);
   return exit_code;
 usage:

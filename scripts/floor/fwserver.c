@@ -29,13 +29,10 @@
  * (S: release to UPDATED; S2: release to the last byte of the image handed to the socket;
  * M = B / S / 1e6) and exits 0. FAILED, a lost connection or TIMEOUT_MS (default 120000)
  * without UPDATED: exit 1. */
-#include <mosquitto.h>
 #include <openssl/evp.h>
-#include <poll.h>
 #include <signal.h>
-#include <unistd.h>
 
-#include "common.h"
+#include "client.h"
 
 #define T_ATTR "v1/devices/me/attributes"
 #define T_ATTR_REQ "v1/devices/me/attributes/request/"
@@ -221,20 +218,12 @@ int main(int argc, char **argv) {
            "\"fw_checksum_algorithm\":\"SHA256\",\"fw_checksum\":\"%s\"}",
            title, version, image_size, hex);
 
-  mosquitto_lib_init();
-  struct mosquitto *m = mosquitto_new(NULL, true, NULL);
-  if (!m) return 1;
-  mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
-  mosquitto_int_option(m, MOSQ_OPT_TCP_NODELAY, 1);
+  struct mosquitto *m = new_client("fwserver", 1);
   mosquitto_max_inflight_messages_set(m, 0);   /* the device's window is the only limit */
-  mosquitto_username_pw_set(m, "fwserver", NULL);
   mosquitto_connect_callback_set(m, on_connect);
   mosquitto_subscribe_callback_set(m, on_subscribe);
   mosquitto_message_callback_set(m, on_message);
-  if (mosquitto_connect(m, "127.0.0.1", port, 60) != MOSQ_ERR_SUCCESS) {
-    fprintf(stderr, "fwserver: cannot connect to 127.0.0.1:%d\n", port);
-    return 1;
-  }
+  connect_local(m, port, "fwserver");
   int64_t deadline = now_ns() + (int64_t)timeout_ms * 1000000;
   while (!done) {
     if (released && !t_release) {
@@ -247,22 +236,15 @@ int main(int argc, char **argv) {
               timeout_ms, bytes, chunks);
       return 1;
     }
-    int fd = mosquitto_socket(m);
-    if (fd < 0) {
+    int r = pump(m, 20);
+    if (r == -2) {
       fprintf(stderr, "fwserver: connection lost\n");
       return 1;
     }
-    struct pollfd p = {fd, (short)(POLLIN | (mosquitto_want_write(m) ? POLLOUT : 0)), 0};
-    int r = poll(&p, 1, 20);
-    if (r < 0 && errno != EINTR) break;
-    if (p.revents & (POLLIN | POLLHUP | POLLERR)) mosquitto_loop_read(m, 1);
-    if (mosquitto_socket(m) >= 0 && mosquitto_want_write(m)) mosquitto_loop_write(m, 1);
+    if (r == -1) break;
     mosquitto_loop_misc(m);
   }
-  mosquitto_disconnect(m);
-  mosquitto_loop_write(m, 1);
-  mosquitto_destroy(m);
-  mosquitto_lib_cleanup();
+  close_client(m);
   if (failed) return 1;
   double s = (double)(t_updated - t_release) / 1e9;
   double s2 = t_served ? (double)(t_served - t_release) / 1e9 : 0;

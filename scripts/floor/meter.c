@@ -30,15 +30,7 @@ static void die(const char *what) {
 }
 
 static void send_all(const unsigned char *p, size_t n) {
-  while (n > 0) {
-    ssize_t w = write(sock, p, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      die("write");
-    }
-    p += w;
-    n -= (size_t)w;
-  }
+  if (write_all(sock, p, n) != 0) die("write");
 }
 
 /* Appends an MQTT remaining-length varint; returns bytes written. */

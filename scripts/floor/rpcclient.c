@@ -26,11 +26,8 @@
  *         n=.. timeouts=.. p50_ms=.. max_ms=.. rename_p50_ms=.. inplace_p50_ms=..
  *       exit 0 when the run completed (timeouts included), 1 when it could not run. */
 #include <fcntl.h>
-#include <mosquitto.h>
-#include <poll.h>
-#include <unistd.h>
 
-#include "common.h"
+#include "client.h"
 
 static int connected = 0, subscribed = 0;
 static long waiting_id = -1;   /* request id whose response we wait for */
@@ -79,17 +76,13 @@ static int run_until(struct mosquitto *m, int (*cond)(void), int64_t deadline_ns
   while (!cond()) {
     int64_t now = now_ns();
     if (now >= deadline_ns) return 0;
-    int fd = mosquitto_socket(m);
-    if (fd < 0) {
+    int64_t left_ms = (deadline_ns - now) / 1000000 + 1;
+    int r = pump(m, left_ms > 1000 ? 1000 : (int)left_ms);
+    if (r == -2) {
       fprintf(stderr, "rpcclient: connection lost\n");
       exit(1);
     }
-    struct pollfd p = {fd, (short)(POLLIN | (mosquitto_want_write(m) ? POLLOUT : 0)), 0};
-    int64_t left_ms = (deadline_ns - now) / 1000000 + 1;
-    int r = poll(&p, 1, left_ms > 1000 ? 1000 : (int)left_ms);
-    if (r < 0 && errno != EINTR) return 0;
-    if (p.revents & (POLLIN | POLLHUP | POLLERR)) mosquitto_loop_read(m, 1);
-    if (mosquitto_socket(m) >= 0 && mosquitto_want_write(m)) mosquitto_loop_write(m, 1);
+    if (r == -1) return 0;
     mosquitto_loop_misc(m);
   }
   return 1;
@@ -142,16 +135,10 @@ static char *read_file(const char *path) {
   return buf;
 }
 
-static void write_all(int fd, const char *p, size_t len, const char *what) {
-  while (len > 0) {
-    ssize_t w = write(fd, p, len);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      fprintf(stderr, "rpcclient: writing %s: %s\n", what, strerror(errno));
-      exit(1);
-    }
-    p += w;
-    len -= (size_t)w;
+static void write_or_exit(int fd, const char *p, size_t len, const char *what) {
+  if (write_all(fd, p, len) != 0) {
+    fprintf(stderr, "rpcclient: writing %s: %s\n", what, strerror(errno));
+    exit(1);
   }
 }
 
@@ -190,7 +177,7 @@ static int reload_run(struct mosquitto *m, const char *path, long count, long ti
           fprintf(stderr, "rpcclient: cannot write %s: %s\n", tmp, strerror(errno));
           return 1;
         }
-        write_all(fd, out, (size_t)len, tmp);
+        write_or_exit(fd, out, (size_t)len, tmp);
         close(fd);
         t0 = now_ns();
         if (rename(tmp, path) != 0) {
@@ -204,7 +191,7 @@ static int reload_run(struct mosquitto *m, const char *path, long count, long ti
           fprintf(stderr, "rpcclient: cannot open %s: %s\n", path, strerror(errno));
           return 1;
         }
-        write_all(fd, out, (size_t)len, path);
+        write_or_exit(fd, out, (size_t)len, path);
         close(fd);
       }
     }
@@ -282,26 +269,18 @@ int main(int argc, char **argv) {
   if (count < 0) count = reload ? 20 : 2000;
   if (count < 1) count = 1;
 
-  mosquitto_lib_init();
-  struct mosquitto *m = mosquitto_new(NULL, true, NULL);
-  if (!m) return 1;
-  mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
-  mosquitto_int_option(m, MOSQ_OPT_TCP_NODELAY, 1);
+  struct mosquitto *m = new_client(NULL, 1);
   mosquitto_connect_callback_set(m, on_connect);
   mosquitto_subscribe_callback_set(m, on_subscribe);
   mosquitto_message_callback_set(m, on_message);
-  if (mosquitto_connect(m, "127.0.0.1", port, 60) != MOSQ_ERR_SUCCESS) {
-    fprintf(stderr, "rpcclient: cannot connect to 127.0.0.1:%d\n", port);
-    return 1;
-  }
+  connect_local(m, port, "rpcclient");
   if (!run_until(m, is_subscribed, now_ns() + 5000000000LL)) {
     fprintf(stderr, "rpcclient: no SUBACK within 5 s\n");
     return 1;
   }
   if (reload) {
     int rc = reload_run(m, script, count, timeout_ms, gap_ms);
-    mosquitto_disconnect(m);
-    mosquitto_loop_write(m, 1);
+    say_goodbye(m);
     return rc;
   }
   long id = 1;
@@ -312,8 +291,7 @@ int main(int argc, char **argv) {
       int64_t until = now_ns() + 100000000;
       if (until > deadline) until = deadline;
       if (run_until(m, is_answered, until)) {
-        mosquitto_disconnect(m);
-        mosquitto_loop_write(m, 1);
+        say_goodbye(m);
         return 0;
       }
     }
@@ -345,8 +323,7 @@ int main(int argc, char **argv) {
     if (!warm) rtt[measured++] = answered_at - t0;
   }
   count = measured;
-  mosquitto_disconnect(m);
-  mosquitto_loop_write(m, 1);
+  say_goodbye(m);
   int64_t sum = 0;
   for (long i = 0; i < count; i++) sum += rtt[i];
   qsort(rtt, (size_t)count, sizeof *rtt, cmp_i64);

@@ -11,9 +11,8 @@ describe('telemetry, attributes, requests, claim (one agent)', () => {
   const w = world({ after });
   let server, agent;
   before(async () => {
-    const broker = await w.broker();
-    server = await w.server(broker, { attributes: { client: { a: 1, b: 'x', fw: '1.0' }, shared: { c: 2.5, d: true } } });
-    agent = await w.agentReady(EVAL_SCRIPT, { broker });
+    ({ server, agent } = await w.device(EVAL_SCRIPT,
+      { serverOpts: { attributes: { client: { a: 1, b: 'x', fw: '1.0' }, shared: { c: 2.5, d: true } } } }));
   });
 
   // send(code, topic) -> the one message the code publishes on topic
@@ -133,9 +132,7 @@ describe('server-side RPC (one agent)', () => {
   const w = world({ after });
   let server, agent;
   before(async () => {
-    const broker = await w.broker();
-    server = await w.server(broker);
-    agent = await w.agentReady(`
+    ({ server, agent } = await w.device(`
 local tb = require "tb"
 tb.on_rpc("echo", function(p) return p end)
 tb.on_rpc("greet", function(p) return "hello " .. p.name end)
@@ -148,7 +145,7 @@ tb.on_rpc("nilErr", function() return nil, "no such sensor" end)
 tb.on_rpc("oneway", function(p) tb.log.info("oneway ran with %s", tb.json.encode(p)) end)
 tb.on_rpc("slow", function(p) tb.sleep(p.ms); return p.tag end)
 tb.on_rpc("whoami", function(p, id) return {id = id} end)
-`, { broker });
+`));
   });
 
   test('the first RPC has id 0 and is answered on rpc/response/0', async () => {
@@ -209,23 +206,17 @@ tb.on_rpc("whoami", function(p, id) return {id = id} end)
 
 describe('fallback and shared attribute pushes', () => {
   test('"*" handles methods with no handler of their own', async (t) => {
-    const w = world(t);
-    const broker = await w.broker();
-    const server = await w.server(broker);
-    await w.agentReady(`
+    const { server } = await world(t).device(`
 local tb = require "tb"
 tb.on_rpc("known", function() return "k" end)
 tb.on_rpc("*", function(p, id, method) return {fallback = method or "?"} end)
-`, { broker });
+`);
     assert.equal((await server.rpc('known')).text, '"k"');
     assert.equal((await server.rpc('other')).text, '{"fallback":"other"}');
   });
 
   test('shared attribute pushes: updates and {"deleted":[...]}', async (t) => {
-    const w = world(t);
-    const broker = await w.broker();
-    const server = await w.server(broker);
-    const agent = await w.agentReady(`
+    const { server, agent } = await world(t).device(`
 local tb = require "tb"
 tb.on_attributes(function(changes, deleted)
   local keys = {}
@@ -235,7 +226,7 @@ tb.on_attributes(function(changes, deleted)
   for _, k in ipairs(keys) do parts[#parts + 1] = k .. "=" .. tb.json.encode(changes[k]) end
   tb.log.info("ATTR changes[%s] deleted[%s]", table.concat(parts, ","), table.concat(deleted, ","))
 end)
-`, { broker });
+`);
     let mark = agent.mark();
     await server.pushAttributes({ target: 21.5, mode: 'eco', n: 3 });
     await agent.waitForLog(/ATTR changes\[mode="eco",n=3,target=21\.5\] deleted\[\]$/, 3000, mark);

@@ -121,12 +121,9 @@ test('credentials refused after a working session: 5 refusals in a row, then exi
 });
 
 test('the token never reaches a log line at debug level during a whole session', async (t) => {
-  const w = world(t);
-  const broker = await w.broker({ acl: ACL });
-  const server = await w.server(broker, { username: 'server' });
-  const agent = await w.agentReady(`${SCRIPT}
+  const { server, agent } = await world(t).device(`${SCRIPT}
 tb.on_rpc("leak", function() tb.log.debug("debug line"); return tb.request_attributes{shared = {"x"}} end)
-`, { broker, token: TOKEN });
+`, { token: TOKEN, brokerOpts: { acl: ACL }, serverOpts: { username: 'server' } });
   await server.rpc('leak');
   await server.pushAttributes({ x: 1 });
   await agent.waitForLog(/attributes \{"x":1\}/, 3000);
@@ -136,11 +133,18 @@ tb.on_rpc("leak", function() tb.log.debug("debug line"); return tb.request_attri
   assert.ok(!agent.log.text().includes(TOKEN), `the token leaked:\n${agent.log.text()}`);
 });
 
-test('TLS: verified against --cafile, with a token', async (t) => {
+// tlsWorld(t, opts) -> {w, c, broker, server}: a broker with a TLS listener for the shared
+// certificates c (opts: more broker options) and a server-role client on it
+async function tlsWorld(t, opts = {}) {
   const w = world(t);
   const c = getCerts();
-  const broker = await w.broker({ tls: c });
+  const broker = await w.broker({ tls: c, ...opts });
   const server = await w.server(broker);
+  return { w, c, broker, server };
+}
+
+test('TLS: verified against --cafile, with a token', async (t) => {
+  const { w, c, broker, server } = await tlsWorld(t);
   await w.agentReady(SCRIPT, { port: broker.tlsPort, token: TOKEN, args: ['--cafile', c.ca] });
   const m = await server.waitFor('v1/devices/me/telemetry', () => true, 5000);
   assert.equal(tele(m), '{"hello":1}');
@@ -148,10 +152,7 @@ test('TLS: verified against --cafile, with a token', async (t) => {
 });
 
 test('TLS: a server certificate from another CA is refused with a clear log line', async (t) => {
-  const w = world(t);
-  const c = getCerts();
-  const broker = await w.broker({ tls: c });
-  const server = await w.server(broker);
+  const { w, c, broker, server } = await tlsWorld(t);
   const agent = await w.agent(SCRIPT, { port: broker.tlsPort, token: TOKEN, args: ['--cafile', c.otherCa, '--backoff-min', '200', '--backoff-max', '400'] });
   // every attempt fails at once with a clear line and is retried with backoff: three of
   // them within a few seconds (not one silent attempt that waits for the 30 s CONNACK timeout)
@@ -219,10 +220,7 @@ for (const host of ['127.0.0.1', 'localhost']) {
 }
 
 test('X.509 client certificate with a token alongside', async (t) => {
-  const w = world(t);
-  const c = getCerts();
-  const broker = await w.broker({ tls: c, requireCert: true });
-  const server = await w.server(broker);
+  const { w, c, broker, server } = await tlsWorld(t, { requireCert: true });
   await w.agentReady(SCRIPT, { port: broker.tlsPort, token: TOKEN, args: ['--cafile', c.ca, '--cert', c.clientCert, '--key', c.clientKey] });
   await server.waitFor('v1/devices/me/telemetry', () => true, 5000);
   assert.ok(broker.log.find(new RegExp(`u'${c.clientCn}'`)), broker.log.text());
@@ -231,10 +229,7 @@ test('X.509 client certificate with a token alongside', async (t) => {
 // ThingsBoard ignores user name and password when the device presents a certificate, so a
 // certificate alone must be enough credentials.
 test('X.509 client certificate alone (no token) authenticates the device', async (t) => {
-  const w = world(t);
-  const c = getCerts();
-  const broker = await w.broker({ tls: c, requireCert: true });
-  const server = await w.server(broker);
+  const { w, c, broker, server } = await tlsWorld(t, { requireCert: true });
   const agent = await w.agent(SCRIPT, { port: broker.tlsPort, auth: false, args: ['--cafile', c.ca, '--cert', c.clientCert, '--key', c.clientKey] });
   await Promise.race([
     server.waitFor('v1/devices/me/telemetry', () => true, 8000),
@@ -244,10 +239,7 @@ test('X.509 client certificate alone (no token) authenticates the device', async
 });
 
 test('X.509: a broker requiring a certificate refuses a device without one', async (t) => {
-  const w = world(t);
-  const c = getCerts();
-  const broker = await w.broker({ tls: c, requireCert: true });
-  const server = await w.server(broker);
+  const { w, c, broker, server } = await tlsWorld(t, { requireCert: true });
   const agent = await w.agent(SCRIPT, { port: broker.tlsPort, token: TOKEN, args: ['--cafile', c.ca] });
   await agent.waitForLog(/ (WARN|ERROR) .*(connection .*failed|cannot connect|TLS|lost)/i, 5000);
   assert.equal(server.all('v1/devices/me/telemetry').length, 0);

@@ -77,21 +77,18 @@ test('a script file that does not exist: exit 1, one line naming it', async () =
   assert.match(oneLine(r.stderr), /missing\.lua/);
 });
 
-test('a script with a syntax error: exit 1 with file:line', async () => {
-  const dir = tmpdir();
-  const script = writeScript(dir, 'local tb = require "tb"\n\nlocal x = = 3\n');
-  const r = await runAgent(['run', script, '--token', 't', '--port', String(await freePort())]);
-  assert.equal(r.code, 1, r.stderr);
-  assert.match(oneLine(r.stderr), /device\.lua:3:/);
-});
-
-test('a script that raises at load: exit 1 with file:line', async () => {
-  const dir = tmpdir();
-  const script = writeScript(dir, 'local tb = require "tb"\nlocal t = nil\nprint(t.field)\n');
-  const r = await runAgent(['run', script, '--token', 't', '--port', String(await freePort())]);
-  assert.equal(r.code, 1, r.stderr);
-  assert.match(oneLine(r.stderr), /device\.lua:3:/);
-});
+// scripts that fail on line 3 as they load
+for (const [name, text] of [
+  ['a script with a syntax error: exit 1 with file:line', 'local tb = require "tb"\n\nlocal x = = 3\n'],
+  ['a script that raises at load: exit 1 with file:line', 'local tb = require "tb"\nlocal t = nil\nprint(t.field)\n'],
+]) {
+  test(name, async () => {
+    const script = writeScript(tmpdir(), text);
+    const r = await runAgent(['run', script, '--token', 't', '--port', String(await freePort())]);
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(oneLine(r.stderr), /device\.lua:3:/);
+  });
+}
 
 test('check: good script exits 0, bad scripts exit 1 with file:line', async () => {
   const dir = tmpdir();

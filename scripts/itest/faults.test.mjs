@@ -27,109 +27,19 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { world, delay, ms as libMs, SCALE, tmpdir, withTimeout } from './lib.mjs';
+import {
+  world, delay, ms, SCALE, tmpdir, withTimeout, TELEMETRY as T, seqSender, seqsOf, stopSeqs, tally, waitDelivered,
+} from './lib.mjs';
 
-const SLOW = process.env.TB_ITEST_SLOW === '1' || SCALE > 1;
-const ms = (n) => (SLOW && SCALE === 1 ? Math.round(n * 3) : libMs(n));
-const T = 'v1/devices/me/telemetry';
+const SLOW = SCALE > 1;
 const BASE_ARGS = ['--no-session-limits', '--backoff-min', '100', '--backoff-max', '500', '--log-level', 'info'];
 
 // ------------------------------------------------------------------------------------------
 // the device script and the counting
 
 function seqScript(dir, { every = 5, pad = 0 } = {}) {
-  const counter = path.join(dir, 'seq.counter');
-  const flag = path.join(dir, 'seq.stop');
-  const text = `
-local tb = require "tb"
-local COUNTER, FLAG, PAD = ${JSON.stringify(counter)}, ${JSON.stringify(flag)}, ${pad}
-local function read_counter()
-  local f = io.open(COUNTER, "r")
-  if not f then return 0 end
-  local n = tonumber(f:read("a")) or 0
-  f:close()
-  return n
-end
-local function save(n)
-  local f = assert(io.open(COUNTER .. ".tmp", "w"))
-  f:write(tostring(n))
-  f:close()
-  assert(os.rename(COUNTER .. ".tmp", COUNTER))
-end
-local seq = read_counter()
-local stopped = false
-local pad = PAD > 0 and string.rep("x", PAD) or nil
-tb.log.info("SEQ starting after %d", seq)
-tb.every(${every}, function()
-  if stopped then return end
-  local ok, err = tb.send_telemetry(pad and {seq = seq + 1, pad = pad} or {seq = seq + 1})
-  if not ok then
-    tb.log.error("SEQ refused %d: %s", seq + 1, tostring(err))
-    return
-  end
-  seq = seq + 1
-  -- accepted: on disk once this handler run has ended (the outbox commits what a run sent
-  -- when it yields or ends), so the counter is written by the next handler
-  local n = seq
-  tb.after(0, function() save(n) end)
-  if seq % 500 == 0 then tb.log.info("SEQ accepted %d", seq) end
-end)
-tb.every(50, function()
-  if stopped then return end
-  local f = io.open(FLAG, "r")
-  if f then
-    f:close()
-    stopped = true
-    save(seq)
-    tb.log.info("SEQ stopped at %d", seq)
-  end
-end)
-`;
-  return {
-    text, counter, flag,
-    accepted: () => { try { return Number(fs.readFileSync(counter, 'utf8')) || 0; } catch { return 0; } },
-    stop: () => fs.writeFileSync(flag, 'stop\n'),
-  };
-}
-
-// seqsOf(messages) -> the seq values in arrival order ({"seq":N}, {"ts":..,"values":{..}}, arrays)
-function seqsOf(messages) {
-  const out = [];
-  const take = (v) => {
-    if (Array.isArray(v)) { for (const x of v) take(x); return; }
-    if (v && typeof v === 'object') {
-      const vals = v.values && typeof v.values === 'object' ? v.values : v;
-      if (Number.isInteger(vals.seq)) out.push(vals.seq);
-    }
-  };
-  for (const m of messages) if (m.topic === T) take(m.json);
-  return out;
-}
-
-// tally(seqs, last) -> {received, distinct, lost, missing[], duplicated, outOfOrder, extra}
-function tally(seqs, last) {
-  const seen = new Set();
-  let duplicated = 0, outOfOrder = 0, extra = 0, maxFirst = 0;
-  for (const s of seqs) {
-    if (seen.has(s)) { duplicated++; continue; }
-    seen.add(s);
-    if (s > last) extra++;
-    if (s < maxFirst) outOfOrder++;
-    else maxFirst = s;
-  }
-  const missing = [];
-  for (let s = 1; s <= last; s++) if (!seen.has(s)) missing.push(s);
-  return { received: seqs.length, distinct: seen.size, lost: missing.length, missing, duplicated, outOfOrder, extra };
-}
-
-// waitDelivered(server, last, n) -> resolves when every seq 1..last has arrived (or n ms pass)
-async function waitDelivered(server, last, n) {
-  const deadline = Date.now() + n;
-  for (;;) {
-    const r = tally(seqsOf(server.messages), last);
-    if (r.lost === 0 || Date.now() > deadline) return r;
-    await delay(100);
-  }
+  const sender = seqSender(dir, { every, pad, saveAfterCommit: true });
+  return { text: `\nlocal tb = require "tb"\n${sender.lua}`, ...sender };
 }
 
 async function waitSeqs(server, k, n, what = `${k} telemetry messages`) {
@@ -144,9 +54,7 @@ async function waitSeqs(server, k, n, what = `${k} telemetry messages`) {
 // agent down cleanly (exit 0; a sanitizer build reports leaks here), print and check figures.
 async function finish(t, name, agent, server, script, extra = {}, proxy = null) {
   const mark = agent.mark();
-  script.stop();
-  const line = await agent.waitForLog(/SEQ stopped at \d+/, 5000, mark);
-  const last = Number(/SEQ stopped at (\d+)/.exec(line)[1]);
+  const last = await stopSeqs(agent, script);
   const r = await waitDelivered(server, last, ms(20000));
   agent.signal('SIGTERM');
   const { code } = await agent.waitExit(15000);
@@ -494,11 +402,8 @@ test('--keepalive below 5 (libmosquitto refuses it): refused at start with a cle
 });
 
 test('a healthy idle link is not taken for dead: --keepalive 5, 13 s without traffic, no reconnect', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  const agent = await w.agentReady('local tb = require "tb"\ntb.on_rpc("ping", function() return "pong" end)\n',
-    { broker, args: ['--keepalive', '5', '--log-level', 'debug'] });
+  const { server, agent } = await world(t).device('local tb = require "tb"\ntb.on_rpc("ping", function() return "pong" end)\n',
+    { args: ['--keepalive', '5', '--log-level', 'debug'] });
   const mark = agent.mark();
   await delay(13000);
   assert.equal(agent.log.find(/connection lost|link is dead/, mark), null, 'the idle link was dropped');

@@ -9,9 +9,7 @@ describe('JSON on the wire', () => {
   const w = world({ after });
   let server, agent;
   before(async () => {
-    const broker = await w.broker();
-    server = await w.server(broker);
-    agent = await w.agentReady(EVAL_SCRIPT, { broker });
+    ({ server, agent } = await w.device(EVAL_SCRIPT));
   });
 
   async function wire(luaValue) {

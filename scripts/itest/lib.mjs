@@ -19,9 +19,10 @@ const mqtt = require('mqtt');
 export const TBAGENT = path.resolve(REPO, process.env.TBAGENT || 'build/tbagent');
 export const MOSQUITTO = process.env.MOSQUITTO || '/usr/sbin/mosquitto';
 
-// Sanitizer builds run several times slower: scale every timeout.
+// Sanitizer builds (and TB_ITEST_SLOW=1) run several times slower: scale every timeout.
 function detectScale() {
   if (process.env.ITEST_SCALE) return Number(process.env.ITEST_SCALE);
+  if (process.env.TB_ITEST_SLOW && process.env.TB_ITEST_SLOW !== '0') return 3;
   try {
     const buf = fs.readFileSync(TBAGENT);
     if (buf.includes('__asan_init') || buf.includes('__ubsan_handle')) return 3;
@@ -30,6 +31,8 @@ function detectScale() {
 }
 export const SCALE = detectScale();
 export const ms = (n) => Math.round(n * SCALE);
+
+export const TELEMETRY = 'v1/devices/me/telemetry';
 
 const children = new Set();
 function track(child) {
@@ -596,6 +599,22 @@ export function world(t) {
       await a.waitForLog(/session ready/, opts.readyTimeout || 8000);
       return a;
     },
+    // exited(script, n) -> {code, signal, agent}: an agent on a fresh broker, once it has
+    // exited (within n ms)
+    async exited(script, n) {
+      const broker = await this.broker();
+      const agent = await this.agent(script, { broker });
+      return { ...(await agent.waitExit(n)), agent };
+    },
+    // device(script, {brokerOpts, serverOpts, ...opts}) -> {broker, server, agent}: a broker, a
+    // server-role client on it, then an agent running script whose session is up (agentReady
+    // with opts)
+    async device(script, { brokerOpts, serverOpts, ...opts } = {}) {
+      const broker = await this.broker(brokerOpts);
+      const server = await this.server(broker, serverOpts);
+      const agent = await this.agentReady(script, { ...opts, broker });
+      return { broker, server, agent };
+    },
   };
 }
 
@@ -606,16 +625,19 @@ export function cpuTicks(pid) {
   return Number(fields[11]) + Number(fields[12]);
 }
 
-// A device script whose RPC "eval" runs Lua text in a handler (so it may yield) and answers
-// with what it returns; tests drive the tb API through it.
-export const EVAL_SCRIPT = `
+// The head of a device script whose RPC "eval" runs Lua text in a handler (so it may yield)
+// and answers with what it returns; tests drive the tb API through it.
+export const EVAL_HANDLER = `
 local tb = require "tb"
 local env = setmetatable({tb = tb}, {__index = _G})
 tb.on_rpc("eval", function(code)
   local fn = assert(load(code, "=eval", "t", env))
   return fn()
 end)
-tb.on_rpc("ping", function(p) return {pong = p == nil and true or p} end)
+`;
+
+// EVAL_HANDLER and a few RPCs that answer what they got.
+export const EVAL_SCRIPT = `${EVAL_HANDLER}tb.on_rpc("ping", function(p) return {pong = p == nil and true or p} end)
 tb.on_rpc("echo", function(p) return p end)
 tb.on_rpc("types", function(p)
   local out = {}
@@ -728,4 +750,118 @@ function splitTop(s) {
   }
   if (s.length) out.push(s.slice(start));
   return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// counting seqs: a device script sends telemetry {seq = N} with N = 1, 2, ... and saves the
+// highest N it saw accepted to a counter file; the test stops it with a flag file, then checks
+// that every N arrived at the server, in order
+
+// seqSender(dir, {every, pad, saveAfterCommit}) -> {lua, counter, flag, accepted(), stop()}:
+// lua is Lua text that, after `local tb = require "tb"`, sends telemetry {seq = N} (and a pad
+// of `pad` x's) every `every` ms (5) at QoS 1, continuing after the N in the counter file (so
+// seqs keep increasing across agent restarts) and saving each accepted N to it: written to a
+// temp file and renamed, so a kill -9 never leaves it half written. With saveAfterCommit the
+// save happens in the next handler, once the outbox has committed what this one sent. It logs
+// "SEQ starting after N", "SEQ accepted N" every 500, and, once stop() has created the flag
+// file, stops sending and logs "SEQ stopped at N". The local `seq` is the last N sent.
+export function seqSender(dir, { every = 5, pad = 0, saveAfterCommit = false } = {}) {
+  const counter = path.join(dir, 'seq.counter');
+  const flag = path.join(dir, 'seq.stop');
+  const lua = `local COUNTER, FLAG, PAD = ${JSON.stringify(counter)}, ${JSON.stringify(flag)}, ${pad}
+local function read_counter()
+  local f = io.open(COUNTER, "r")
+  if not f then return 0 end
+  local n = tonumber(f:read("a")) or 0
+  f:close()
+  return n
+end
+local function save(n)
+  local f = assert(io.open(COUNTER .. ".tmp", "w"))
+  f:write(tostring(n))
+  f:close()
+  assert(os.rename(COUNTER .. ".tmp", COUNTER))
+end
+local seq = read_counter()
+local stopped = false
+local pad = PAD > 0 and string.rep("x", PAD) or nil
+tb.log.info("SEQ starting after %d", seq)
+tb.every(${every}, function()
+  if stopped then return end
+  local ok, err = tb.send_telemetry(pad and {seq = seq + 1, pad = pad} or {seq = seq + 1})
+  if not ok then
+    tb.log.error("SEQ refused %d: %s", seq + 1, tostring(err))
+    return
+  end
+  seq = seq + 1
+${saveAfterCommit ? `  local n = seq
+  tb.after(0, function() save(n) end)` : '  save(seq)'}
+  if seq % 500 == 0 then tb.log.info("SEQ accepted %d", seq) end
+end)
+tb.every(50, function()
+  if stopped then return end
+  local f = io.open(FLAG, "r")
+  if f then
+    f:close()
+    stopped = true
+    save(seq)
+    tb.log.info("SEQ stopped at %d", seq)
+  end
+end)
+`;
+  return {
+    lua, counter, flag,
+    accepted: () => { try { return Number(fs.readFileSync(counter, 'utf8')) || 0; } catch { return 0; } },
+    stop: () => fs.writeFileSync(flag, 'stop\n'),
+  };
+}
+
+// stopSeqs(agent, sender, n) -> the last seq: creates the flag file and waits up to n ms for the
+// script's "SEQ stopped at N"
+export async function stopSeqs(agent, sender, n = 5000) {
+  const mark = agent.mark();
+  sender.stop();
+  const line = await agent.waitForLog(/SEQ stopped at \d+/, n, mark);
+  return Number(/SEQ stopped at (\d+)/.exec(line)[1]);
+}
+
+// seqsOf(messages) -> the seq values in arrival order ({"seq":N}, {"ts":..,"values":{..}}, arrays)
+export function seqsOf(messages) {
+  const out = [];
+  const take = (v) => {
+    if (Array.isArray(v)) { for (const x of v) take(x); return; }
+    if (v && typeof v === 'object') {
+      const vals = v.values && typeof v.values === 'object' ? v.values : v;
+      if (Number.isInteger(vals.seq)) out.push(vals.seq);
+    }
+  };
+  for (const m of messages) if (m.topic === TELEMETRY) take(m.json);
+  return out;
+}
+
+// tally(seqs, last) -> {received, distinct, lost, missing[], duplicated, outOfOrder, extra}
+export function tally(seqs, last) {
+  const seen = new Set();
+  let duplicated = 0, outOfOrder = 0, extra = 0, maxFirst = 0;
+  for (const s of seqs) {
+    if (seen.has(s)) { duplicated++; continue; }
+    seen.add(s);
+    if (s > last) extra++;
+    if (s < maxFirst) outOfOrder++;
+    else maxFirst = s;
+  }
+  const missing = [];
+  for (let s = 1; s <= last; s++) if (!seen.has(s)) missing.push(s);
+  return { received: seqs.length, distinct: seen.size, lost: missing.length, missing, duplicated, outOfOrder, extra };
+}
+
+// waitDelivered(server, last, n, every) -> the tally once every seq 1..last has arrived, or
+// when n ms have passed (looking every `every` ms)
+export async function waitDelivered(server, last, n, every = 100) {
+  const deadline = Date.now() + n;
+  for (;;) {
+    const r = tally(seqsOf(server.messages), last);
+    if (r.lost === 0 || Date.now() > deadline) return r;
+    await delay(every);
+  }
 }

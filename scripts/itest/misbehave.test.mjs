@@ -39,12 +39,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { createRequire } from 'node:module';
-import { world, delay, ms, SCALE, tmpdir, withTimeout, REPO } from './lib.mjs';
+import {
+  world, delay, ms, SCALE, tmpdir, TELEMETRY as T, seqSender, seqsOf, stopSeqs, waitDelivered,
+} from './lib.mjs';
 
-const mqtt = createRequire(path.join(REPO, 'scripts', 'package.json'))('mqtt');
-
-const T = 'v1/devices/me/telemetry';
 // --handler-budget: short, so the runaway tests are quick; longer where endless recursion
 // runs, because reaching Lua's stack limit (1M slots) takes the agent 0.4-0.7 s here, and a
 // cut-off would then win the race against the stack overflow the test waits for
@@ -58,48 +56,11 @@ const MiB = 1024 * 1024;
 // the device script
 
 function deviceScript(dir) {
-  const counter = path.join(dir, 'seq.counter');
-  const flag = path.join(dir, 'seq.stop');
+  const sender = seqSender(dir, { every: 10 });
   const text = `local tb = require "tb"
-local COUNTER, FLAG = ${JSON.stringify(counter)}, ${JSON.stringify(flag)}
 
 ---------------------------------------------------------------- steady QoS 1 telemetry
-local function read_counter()
-  local f = io.open(COUNTER, "r")
-  if not f then return 0 end
-  local n = tonumber(f:read("a")) or 0
-  f:close()
-  return n
-end
-local function save(n)
-  local f = assert(io.open(COUNTER .. ".tmp", "w"))
-  f:write(tostring(n))
-  f:close()
-  assert(os.rename(COUNTER .. ".tmp", COUNTER))
-end
-local seq = read_counter()
-local stopped = false
-tb.log.info("SEQ starting after %d", seq)
-tb.every(10, function()
-  if stopped then return end
-  local ok, err = tb.send_telemetry({seq = seq + 1})
-  if not ok then
-    tb.log.error("SEQ refused %d: %s", seq + 1, tostring(err))
-    return
-  end
-  seq = seq + 1
-  save(seq)
-end)
-tb.every(50, function()
-  if stopped then return end
-  local f = io.open(FLAG, "r")
-  if f then
-    f:close()
-    stopped = true
-    tb.log.info("SEQ stopped at %d", seq)
-  end
-end)
-tb.on_rpc("ping", function() return "pong" end)
+${sender.lua}tb.on_rpc("ping", function() return "pong" end)
 
 ---------------------------------------------------------------- 1. errors in every handler
 local function inner(x)
@@ -254,85 +215,18 @@ end)
 `;
   const lines = text.split('\n');
   return {
-    text, counter, flag,
+    text, ...sender,
     // line(tag) -> the line number of the line marked "-- @tag"
     line(tag) {
       const i = lines.findIndex((l) => l.includes(`-- @${tag}`));
       assert.ok(i >= 0, `no line tagged @${tag}`);
       return i + 1;
     },
-    accepted: () => { try { return Number(fs.readFileSync(counter, 'utf8')) || 0; } catch { return 0; } },
-    stop: () => fs.writeFileSync(flag, 'stop\n'),
   };
-}
-
-// ------------------------------------------------------------------------------------------
-// counting seqs (as in faults.test.mjs)
-
-// seqsOf(messages) -> the seq values in arrival order ({"seq":N}, {"ts":..,"values":{..}}, arrays)
-function seqsOf(messages) {
-  const out = [];
-  const take = (v) => {
-    if (Array.isArray(v)) { for (const x of v) take(x); return; }
-    if (v && typeof v === 'object') {
-      const vals = v.values && typeof v.values === 'object' ? v.values : v;
-      if (Number.isInteger(vals.seq)) out.push(vals.seq);
-    }
-  };
-  for (const m of messages) if (m.topic === T) take(m.json);
-  return out;
-}
-
-// tally(seqs, last) -> {received, distinct, lost, missing[], duplicated, outOfOrder, extra}
-function tally(seqs, last) {
-  const seen = new Set();
-  let duplicated = 0, outOfOrder = 0, extra = 0, maxFirst = 0;
-  for (const s of seqs) {
-    if (seen.has(s)) { duplicated++; continue; }
-    seen.add(s);
-    if (s > last) extra++;
-    if (s < maxFirst) outOfOrder++;
-    else maxFirst = s;
-  }
-  const missing = [];
-  for (let s = 1; s <= last; s++) if (!seen.has(s)) missing.push(s);
-  return { received: seqs.length, distinct: seen.size, lost: missing.length, missing, duplicated, outOfOrder, extra };
-}
-
-async function waitDelivered(server, last, n) {
-  const deadline = Date.now() + n;
-  for (;;) {
-    const r = tally(seqsOf(server.messages), last);
-    if (r.lost === 0 || Date.now() > deadline) return r;
-    await delay(100);
-  }
 }
 
 // ------------------------------------------------------------------------------------------
 // one run: broker, server, agent
-
-// reconnectServer(t, old, broker) -> a new Server on old's persistent session, keeping the
-// messages seen so far. Unlike lib.mjs's reconnectServer, the message listener is attached
-// before the connection opens: the broker hands over what it queued for the session right after
-// CONNACK, and a listener attached once connectAsync has resolved misses part of it.
-async function reconnectServer(t, old, broker) {
-  await old.close();
-  const client = mqtt.connect({
-    host: '127.0.0.1', port: broker.port, protocolVersion: 5, reconnectPeriod: 0,
-    clientId: old.client.options.clientId, clean: false, properties: { sessionExpiryInterval: 3600 },
-    connectTimeout: ms(5000),
-  });
-  const server = new old.constructor(client, { sessionLimits: old.sessionLimits, attributes: old.attributes, autoAttributes: old.autoAttributes });
-  server.messages = old.messages;
-  server.nextRpcId = old.nextRpcId;
-  t.after(() => server.close());
-  await withTimeout(new Promise((resolve, reject) => {
-    client.once('connect', resolve);
-    client.once('error', reject);
-  }), ms(6000), 'the server client to reconnect');
-  await client.subscribeAsync({ 'v1/devices/me/#': { qos: 1, nl: true }, 'v2/#': { qos: 1, nl: true } });
-  return server;
-}
 
 // rig(t [, budget]) -> ctx: a persistent broker, a persistent server-role subscriber and the agent running
 // deviceScript with a durable outbox, telemetry already flowing.
@@ -390,10 +284,7 @@ function errorAt(ctx, tag, mark, opts) {
 
 // finish(t, ctx, name): stop the script, wait for every seq, SIGTERM: exit 0, nothing lost
 async function finish(t, ctx, name) {
-  const mark = ctx.agent.mark();
-  ctx.script.stop();
-  const line = await ctx.agent.waitForLog(/SEQ stopped at \d+/, 8000, mark);
-  const last = Number(/SEQ stopped at (\d+)/.exec(line)[1]);
+  const last = await stopSeqs(ctx.agent, ctx.script, 8000);
   const r = await waitDelivered(ctx.server, last, ms(20000));
   ctx.agent.signal('SIGTERM');
   const { code, signal } = await ctx.agent.waitExit(15000);
@@ -504,7 +395,7 @@ async function errorsEverywhere(t, ctx) {
   await ctx.agent.waitForLog(/ONDISCONNECT the second handler ran/, 5000, mark);
   await delay(ms(300));
   await ctx.broker.start();
-  ctx.server = await reconnectServer(ctx.t, ctx.server, ctx.broker);
+  ctx.server = await ctx.w.reconnectServer(ctx.server, ctx.broker);
   await ctx.agent.waitForLog(/session ready/, 10000, mark);
   await errorAt(ctx, 'connect-error', mark);
   await ctx.agent.waitForLog(/ONCONNECT the second handler ran \(2\)/, 5000, mark);
@@ -649,29 +540,23 @@ async function hugeTelemetry(t, ctx) {
 
 // ------------------------------------------------------------------------------------------
 
-test('errors in every kind of handler are logged with file:line and a traceback; the agent keeps running, nothing lost', async (t) => {
-  const ctx = await rig(t);
-  await errorsEverywhere(t, ctx);
-  await finish(t, ctx, 'misbehave-errors');
-});
-
-test('recursion without end (Lua and C stack overflow) is caught and logged; the agent stays up, nothing lost', async (t) => {
-  const ctx = await rig(t, RECURSION_BUDGET);
-  await recursion(t, ctx);
-  await finish(t, ctx, 'misbehave-recursion');
-});
-
-test('infinite loops in handlers and timers are cut off after --handler-budget; the agent stays responsive, nothing lost', async (t) => {
-  const ctx = await rig(t);
-  await infiniteLoops(t, ctx);
-  await finish(t, ctx, 'misbehave-loops');
-});
-
-test('huge telemetry (4M keys, 100 MiB, 100 000 levels) is refused with nil, err; memory stays bounded, nothing lost', async (t) => {
-  const ctx = await rig(t);
-  await hugeTelemetry(t, ctx);
-  await finish(t, ctx, 'misbehave-huge');
-});
+// tests 1-4: one kind of misbehaviour each, on its own rig, then finish()
+for (const [name, misbehave, figures, budget] of [
+  ['errors in every kind of handler are logged with file:line and a traceback; the agent keeps running, nothing lost',
+    errorsEverywhere, 'misbehave-errors'],
+  ['recursion without end (Lua and C stack overflow) is caught and logged; the agent stays up, nothing lost',
+    recursion, 'misbehave-recursion', RECURSION_BUDGET],
+  ['infinite loops in handlers and timers are cut off after --handler-budget; the agent stays responsive, nothing lost',
+    infiniteLoops, 'misbehave-loops'],
+  ['huge telemetry (4M keys, 100 MiB, 100 000 levels) is refused with nil, err; memory stays bounded, nothing lost',
+    hugeTelemetry, 'misbehave-huge'],
+]) {
+  test(name, async (t) => {
+    const ctx = await rig(t, budget);
+    await misbehave(t, ctx);
+    await finish(t, ctx, figures);
+  });
+}
 
 test('all of it in one run, then SIGTERM with a backlog and a restart on the same --state-dir: every accepted seq arrives, in order', async (t) => {
   const ctx = await rig(t, RECURSION_BUDGET);
@@ -699,7 +584,7 @@ test('all of it in one run, then SIGTERM with a backlog and a restart on the sam
 
   // the broker is back; the agent restarts on the same state dir and sends the backlog first
   await ctx.broker.start();
-  ctx.server = await reconnectServer(ctx.t, ctx.server, ctx.broker);
+  ctx.server = await ctx.w.reconnectServer(ctx.server, ctx.broker);
   ctx.agent = await ctx.w.agentReady(ctx.file, { dir: ctx.dir, broker: ctx.broker, args: BASE_ARGS, name: 'tbagent#2' });
   assert.ok(ctx.agent.args.includes(ctx.stateDir));
   await ctx.agent.waitForLog(new RegExp(`SEQ starting after ${acceptedFirst}\\b`), 5000);
@@ -712,10 +597,7 @@ test('all of it in one run, then SIGTERM with a backlog and a restart on the sam
   assert.equal(r.lost, 0, `after the restart ${r.lost} of the first run's ${acceptedFirst} seqs are missing: ${r.missing.slice(0, 20).join(',')}`);
   await flowing(ctx, 20);
   assert.equal((await ctx.server.rpc('ping')).text, '"pong"');
-  mark = ctx.agent.mark();
-  ctx.script.stop();
-  const line = await ctx.agent.waitForLog(/SEQ stopped at \d+/, 8000, mark);
-  const last = Number(/SEQ stopped at (\d+)/.exec(line)[1]);
+  const last = await stopSeqs(ctx.agent, ctx.script, 8000);
   r = await waitDelivered(ctx.server, last, ms(20000));
   ctx.agent.signal('SIGTERM');
   const second = await ctx.agent.waitExit(15000);

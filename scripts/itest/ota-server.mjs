@@ -1,6 +1,6 @@
-// OTA integration-test helpers, self-contained (no dependency on lib.mjs):
-//  - ThingsBoard's checksum text encoding computed independently in Node (crypto, zlib.crc32,
-//    Murmur3 x86_32 / x64_128 written here), and a brute-force search for images whose
+// OTA integration-test helpers:
+//  - ThingsBoard's checksum text encoding (tbemu's, scripts/tbemu/lib/firmware.js, computed
+//    in Node independently of the agent's C), and a brute-force search for images whose
 //    checksum text starts with zero bytes;
 //  - the real tbagent binary and a plain mosquitto broker as child processes (bounded waits,
 //    killed by PID);
@@ -8,34 +8,16 @@
 //    (protocol.md §7): fw_* / sw_* shared attributes (push and attribute-request answers), the
 //    v2/{fw|sw}/request/{reqId}/chunk/{idx} chunk protocol served from a Buffer (size
 //    remembered per reqId, short last chunk, empty past the end), with injectable faults.
+// The paths, the wait scale (ms), tmpdir and freePort are lib.mjs's.
 import { spawn } from 'node:child_process'
-import crypto from 'node:crypto'
 import fs from 'node:fs'
 import net from 'node:net'
-import os from 'node:os'
 import path from 'node:path'
-import zlib from 'node:zlib'
-import { fileURLToPath } from 'node:url'
 import mqtt from 'mqtt'
+import { ALGORITHMS, checksum as checksumHex } from '../tbemu/lib/firmware.js'
+import { MOSQUITTO, SCALE, TBAGENT, delay as sleep, freePort, ms, tmpdir } from './lib.mjs'
 
-const here = path.dirname(fileURLToPath(import.meta.url))
-export const REPO = path.resolve(here, '..', '..')
-export const TBAGENT = path.resolve(REPO, process.env.TBAGENT || 'build/tbagent')
-export const MOSQUITTO = process.env.MOSQUITTO || '/usr/sbin/mosquitto'
-
-// Sanitizer builds (and TB_ITEST_SLOW=1) run several times slower: scale every wait.
-function detectScale () {
-  if (process.env.ITEST_SCALE) return Number(process.env.ITEST_SCALE)
-  if (process.env.TB_ITEST_SLOW && process.env.TB_ITEST_SLOW !== '0') return 3
-  try {
-    const buf = fs.readFileSync(TBAGENT)
-    if (buf.includes('__asan_init') || buf.includes('__ubsan_handle')) return 3
-  } catch { /* missing binary: the tests say so */ }
-  return 1
-}
-export const SCALE = detectScale()
-export const ms = (n) => Math.round(n * SCALE)
-export const sleep = (n) => new Promise((resolve) => setTimeout(resolve, n))
+export { ALGORITHMS, SCALE, TBAGENT, checksumHex, freePort, ms, sleep, tmpdir }
 
 // waitUntil(fn, n, what): polls fn (may be async) until truthy; bounded (n is scaled).
 export async function waitUntil (fn, n, what) {
@@ -48,114 +30,14 @@ export async function waitUntil (fn, n, what) {
   }
 }
 
-export function tmpdir (prefix = 'tbota-') {
-  return fs.mkdtempSync(path.join(os.tmpdir(), prefix))
-}
-
-export function freePort () {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer()
-    srv.unref()
-    srv.on('error', reject)
-    srv.listen(0, '127.0.0.1', () => { const { port } = srv.address(); srv.close(() => resolve(port)) })
-  })
-}
-
-// ------------------------------------------------------------------------------------------
-// checksums in ThingsBoard's text encoding (Guava HashCode.toString: asBytes() as lower hex;
-// the 32-bit ones are ints written little-endian; MURMUR3_128 is h1 LE then h2 LE, seed 0)
-
-export const ALGORITHMS = ['MD5', 'SHA256', 'SHA384', 'SHA512', 'CRC32', 'MURMUR3_32', 'MURMUR3_128']
-
-function le32hex (v) {
-  const b = Buffer.alloc(4)
-  b.writeUInt32LE(v >>> 0)
-  return b.toString('hex')
-}
-
-function rotl32 (x, r) { return ((x << r) | (x >>> (32 - r))) | 0 }
-
-export function murmur3_32 (buf, seed = 0) {
-  const c1 = 0xcc9e2d51; const c2 = 0x1b873593
-  let h = seed | 0
-  const nblocks = buf.length >>> 2
-  for (let i = 0; i < nblocks; i++) {
-    let k = buf.readInt32LE(i * 4)
-    k = Math.imul(k, c1); k = rotl32(k, 15); k = Math.imul(k, c2)
-    h ^= k; h = rotl32(h, 13); h = (Math.imul(h, 5) + 0xe6546b64) | 0
-  }
-  const t = nblocks * 4
-  let k = 0
-  switch (buf.length & 3) {
-    case 3: k ^= buf[t + 2] << 16 // falls through
-    case 2: k ^= buf[t + 1] << 8 // falls through
-    case 1: k ^= buf[t]
-      k = Math.imul(k, c1); k = rotl32(k, 15); k = Math.imul(k, c2); h ^= k
-  }
-  h ^= buf.length
-  h ^= h >>> 16; h = Math.imul(h, 0x85ebca6b); h ^= h >>> 13; h = Math.imul(h, 0xc2b2ae35); h ^= h >>> 16
-  return h >>> 0
-}
-
-const M64 = (1n << 64n) - 1n
-const rotl64 = (x, r) => ((x << BigInt(r)) | (x >> BigInt(64 - r))) & M64
-function fmix64 (k) {
-  k ^= k >> 33n; k = (k * 0xff51afd7ed558ccdn) & M64
-  k ^= k >> 33n; k = (k * 0xc4ceb9fe1a85ec53n) & M64
-  k ^= k >> 33n
-  return k
-}
-
-// murmur3_128(buf) -> Buffer of 16 bytes: h1 little-endian, then h2 little-endian
-export function murmur3_128 (buf, seed = 0n) {
-  const c1 = 0x87c37b91114253d5n; const c2 = 0x4cf5ad432745937fn
-  let h1 = BigInt(seed); let h2 = BigInt(seed)
-  const nblocks = Math.floor(buf.length / 16)
-  for (let i = 0; i < nblocks; i++) {
-    let k1 = buf.readBigUInt64LE(i * 16); let k2 = buf.readBigUInt64LE(i * 16 + 8)
-    k1 = (k1 * c1) & M64; k1 = rotl64(k1, 31); k1 = (k1 * c2) & M64; h1 ^= k1
-    h1 = rotl64(h1, 27); h1 = (h1 + h2) & M64; h1 = (h1 * 5n + 0x52dce729n) & M64
-    k2 = (k2 * c2) & M64; k2 = rotl64(k2, 33); k2 = (k2 * c1) & M64; h2 ^= k2
-    h2 = rotl64(h2, 31); h2 = (h2 + h1) & M64; h2 = (h2 * 5n + 0x38495ab5n) & M64
-  }
-  const t = nblocks * 16; const rest = buf.length - t
-  let k1 = 0n; let k2 = 0n
-  for (let i = rest - 1; i >= 8; i--) k2 |= BigInt(buf[t + i]) << BigInt(8 * (i - 8))
-  for (let i = Math.min(rest, 8) - 1; i >= 0; i--) k1 |= BigInt(buf[t + i]) << BigInt(8 * i)
-  if (rest > 8) { k2 = (k2 * c2) & M64; k2 = rotl64(k2, 33); k2 = (k2 * c1) & M64; h2 ^= k2 }
-  if (rest > 0) { k1 = (k1 * c1) & M64; k1 = rotl64(k1, 31); k1 = (k1 * c2) & M64; h1 ^= k1 }
-  const len = BigInt(buf.length)
-  h1 ^= len; h2 ^= len
-  h1 = (h1 + h2) & M64; h2 = (h2 + h1) & M64
-  h1 = fmix64(h1); h2 = fmix64(h2)
-  h1 = (h1 + h2) & M64; h2 = (h2 + h1) & M64
-  const out = Buffer.alloc(16)
-  out.writeBigUInt64LE(h1, 0); out.writeBigUInt64LE(h2, 8)
-  return out
-}
-
-// checksumHex(alg, buf) -> ThingsBoard's text for that algorithm
-export function checksumHex (alg, buf) {
-  switch (alg) {
-    case 'MD5': return crypto.createHash('md5').update(buf).digest('hex')
-    case 'SHA256': return crypto.createHash('sha256').update(buf).digest('hex')
-    case 'SHA384': return crypto.createHash('sha384').update(buf).digest('hex')
-    case 'SHA512': return crypto.createHash('sha512').update(buf).digest('hex')
-    case 'CRC32': return le32hex(zlib.crc32(buf))
-    case 'MURMUR3_32': return le32hex(murmur3_32(buf))
-    case 'MURMUR3_128': return murmur3_128(buf).toString('hex')
-  }
-  throw new Error('unknown algorithm ' + alg)
-}
-
 // Self-check against published vectors: crc32("123456789") = 0xCBF43926 (protocol.md §7),
 // MurmurHash3_x86_32("hello", 0) = 0x248bfa47, MurmurHash3_x64_128("hello", 0) =
-// cbd8a7b341bd9b02 5b1e906a48ae1d19.
+// cbd8a7b341bd9b02 5b1e906a48ae1d19 (each in ThingsBoard's little-endian text).
 export function selfCheck () {
   const problems = []
   if (checksumHex('CRC32', Buffer.from('123456789')) !== '2639f4cb') problems.push('CRC32')
-  if (murmur3_32(Buffer.from('hello')) !== 0x248bfa47) problems.push('MURMUR3_32')
-  if (murmur3_32(Buffer.alloc(0)) !== 0) problems.push('MURMUR3_32 empty')
+  if (checksumHex('MURMUR3_32', Buffer.from('hello')) !== '47fa8b24') problems.push('MURMUR3_32')
+  if (checksumHex('MURMUR3_32', Buffer.alloc(0)) !== '00000000') problems.push('MURMUR3_32 empty')
   if (checksumHex('MURMUR3_128', Buffer.from('hello')) !== '029bbd41b3a7d8cb191dae486a901e5b') problems.push('MURMUR3_128')
   return problems
 }

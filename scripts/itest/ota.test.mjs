@@ -53,6 +53,14 @@ function emuAgent (t, emu, dev, opts = {}) {
   return a
 }
 
+// emuDevice(t, opts) -> {emu, agent}: tbemu with dev1, and an agent (opts) for it whose session is up
+async function emuDevice (t, opts) {
+  const emu = await emuWorld(t)
+  const agent = emuAgent(t, emu, 'dev1', opts)
+  await agent.waitFor(/session ready/, 8000)
+  return { emu, agent }
+}
+
 async function upload (emu, image, q) {
   const qs = new URLSearchParams({ type: 'fw', ...q }).toString()
   return emu.post('/emu/packages?' + qs, image)
@@ -89,11 +97,17 @@ async function latest (emu, id, key) {
   return v.length ? v[v.length - 1].value : undefined
 }
 
-// update(emu, agent, dev, image, q) -> {states, error}: upload, assign, wait for the end
-async function update (emu, dev, image, q) {
+// assign(emu, dev, image, q) -> {pkg, since}: the package uploaded, then assigned to dev
+async function assign (emu, dev, image, q) {
   const pkg = await upload(emu, image, q)
   const since = Date.now()
   await emu.post(`/emu/devices/${dev}/assign`, { packageId: pkg.id })
+  return { pkg, since }
+}
+
+// update(emu, dev, image, q) -> {states, error, pkg, since}: assign, wait for the end
+async function update (emu, dev, image, q) {
+  const { pkg, since } = await assign(emu, dev, image, q)
   const res = await waitFinal(emu, emu.ids[dev], q.type === 'sw' ? 'sw' : 'fw', since)
   return { ...res, pkg, since }
 }
@@ -111,9 +125,7 @@ async function expectUpdated (emu, agent, dev, image, q, what) {
 }
 
 test('tbemu: every checksum algorithm, DOWNLOADING..UPDATED and current_fw_version reported', async (t) => {
-  const emu = await emuWorld(t)
-  const agent = emuAgent(t, emu, 'dev1')
-  await agent.waitFor(/session ready/, 8000)
+  const { emu, agent } = await emuDevice(t)
   for (const [i, alg] of ALGORITHMS.entries()) {
     await t.test(alg, async () => {
       const image = randomImage(64 * 1024 + 1000 + i, 100 + i)
@@ -123,9 +135,7 @@ test('tbemu: every checksum algorithm, DOWNLOADING..UPDATED and current_fw_versi
 })
 
 test('tbemu: checksums with leading zero bytes (and 32-bit ones typed as 0x, upper case, big-endian, zeros dropped)', async (t) => {
-  const emu = await emuWorld(t)
-  const agent = emuAgent(t, emu, 'dev1')
-  await agent.waitFor(/session ready/, 8000)
+  const { emu, agent } = await emuDevice(t)
   const zero = {}
   for (const [i, alg] of ALGORITHMS.entries()) {
     await t.test(alg, async () => {
@@ -147,9 +157,7 @@ test('tbemu: checksums with leading zero bytes (and 32-bit ones typed as 0x, upp
 })
 
 test('tbemu: image sizes that are and are not a multiple of the chunk size', async (t) => {
-  const emu = await emuWorld(t)
-  const agent = emuAgent(t, emu, 'dev1', { chunk: 4096 })
-  await agent.waitFor(/session ready/, 8000)
+  const { emu, agent } = await emuDevice(t, { chunk: 4096 })
   for (const size of [65536, 65537, 4096, 4095, 1, 3 * 4096 + 7]) {
     await t.test(`${size} bytes, chunk 4096`, async () => {
       const image = randomImage(size, size)
@@ -163,9 +171,7 @@ test('tbemu: image sizes that are and are not a multiple of the chunk size', asy
 })
 
 test('tbemu: a corrupted image (wrong checksum) ends FAILED naming both checksums; install never runs', async (t) => {
-  const emu = await emuWorld(t)
-  const agent = emuAgent(t, emu, 'dev1')
-  await agent.waitFor(/session ready/, 8000)
+  const { emu, agent } = await emuDevice(t)
   const image = randomImage(70000, 7)
   const good = checksumHex('SHA256', image)
   const wrong = checksumHex('SHA256', Buffer.concat([image, Buffer.from('x')]))
@@ -228,13 +234,9 @@ async function pauseAt (emu, agent, pct, from = 0) {
 }
 
 test('tbemu: cache expiry mid-download (empty chunks) restarts under a new request id and still ends UPDATED', async (t) => {
-  const emu = await emuWorld(t)
-  const agent = emuAgent(t, emu, 'dev1', { chunk: 2048, args: ['--fw-window', '1'] })
-  await agent.waitFor(/session ready/, 8000)
+  const { emu, agent } = await emuDevice(t, { chunk: 2048, args: ['--fw-window', '1'] })
   const image = randomImage(128 * 1024, 10)
-  const pkg = await upload(emu, image, { title: 'dev', version: '9.0', checksumAlgorithm: 'SHA256' })
-  const since = Date.now()
-  await emu.post('/emu/devices/dev1/assign', { packageId: pkg.id })
+  const { since } = await assign(emu, 'dev1', image, { title: 'dev', version: '9.0', checksumAlgorithm: 'SHA256' })
   await pauseAt(emu, agent, 10)
   await emu.post('/emu/devices/dev1/ota-cache-expire')
   await emu.post('/emu/resume')
@@ -258,9 +260,7 @@ test('tbemu: agent kill -9 mid-download, restarted with the same --state-dir, re
   const a1 = emuAgent(t, emu, 'dev1', { dir, chunk: 2048, args: ['--fw-window', '1'] })
   await a1.waitFor(/session ready/, 8000)
   const image = randomImage(128 * 1024, 11)
-  const pkg = await upload(emu, image, { title: 'dev', version: '10.0', checksumAlgorithm: 'MURMUR3_128' })
-  const since = Date.now()
-  await emu.post('/emu/devices/dev1/assign', { packageId: pkg.id })
+  const { since } = await assign(emu, 'dev1', image, { title: 'dev', version: '10.0', checksumAlgorithm: 'MURMUR3_128' })
   await pauseAt(emu, a1, 30)
   const { signal } = await a1.kill('SIGKILL')
   assert.equal(signal, 'SIGKILL')
@@ -279,9 +279,7 @@ test('tbemu: agent kill -9 mid-download, restarted with the same --state-dir, re
 })
 
 test('tbemu: HTTP URL package cut part-way resumes (Range) and ends UPDATED', async (t) => {
-  const emu = await emuWorld(t)
-  const agent = emuAgent(t, emu, 'dev1')
-  await agent.waitFor(/session ready/, 8000)
+  const { emu, agent } = await emuDevice(t)
 
   await t.test('url=self with the urlCut fault', async () => {
     const image = randomImage(256 * 1024, 12)
@@ -304,11 +302,7 @@ test('tbemu: HTTP URL package cut part-way resumes (Range) and ends UPDATED', as
         res.write(image.subarray(0, 70000), () => setTimeout(() => res.socket.destroy(), 50))
         return
       }
-      const m = /^bytes=(\d+)-$/.exec(req.headers.range || '')
-      if (!m) { res.writeHead(200, { 'content-length': image.length }); res.end(image); return }
-      const from = Number(m[1])
-      res.writeHead(206, { 'content-length': image.length - from, 'content-range': `bytes ${from}-${image.length - 1}/${image.length}` })
-      res.end(image.subarray(from))
+      serveRange(req, res, image)
     })
     await new Promise((resolve) => srv.listen(0, '127.0.0.1', resolve))
     t.after(() => new Promise((resolve) => { srv.closeAllConnections(); srv.close(resolve) }))
@@ -317,16 +311,14 @@ test('tbemu: HTTP URL package cut part-way resumes (Range) and ends UPDATED', as
     assert.deepEqual(r.states, FULL, `fw_error ${r.error}\n${agent.log.tail(20)}`)
     assert.equal(seen[0], null, 'the first request is a plain GET')
     assert.ok(seen.length >= 2, `requests: ${JSON.stringify(seen)}`)
-    const m = /^bytes=(\d+)-$/.exec(seen[1] || '')
-    assert.ok(m && Number(m[1]) > 0 && Number(m[1]) <= 70000, `the second request resumes: ${seen[1]}`)
+    const from = rangeStart(seen[1])
+    assert.ok(from > 0 && from <= 70000, `the second request resumes: ${seen[1]}`)
     assert.ok(agent.installed('fw', '12.0').equals(image))
   })
 })
 
 test('tbemu: software beside firmware: sw_* updates sw_state and current_sw_*, firmware untouched', async (t) => {
-  const emu = await emuWorld(t)
-  const agent = emuAgent(t, emu, 'dev1')
-  await agent.waitFor(/session ready/, 8000)
+  const { emu, agent } = await emuDevice(t)
   await waitUntil(async () => (await latest(emu, emu.ids.dev1, 'current_fw_version')) === '1.0', 5000, 'current_fw_version 1.0')
   assert.equal(await latest(emu, emu.ids.dev1, 'current_sw_version'), '1')
 
@@ -755,13 +747,28 @@ function throwawayCa (dir) {
   return { ca: f('ca.pem'), key: f('srv.key'), cert: f('srv.pem') }
 }
 
-// serve(t, handler, tls) -> base URL of a server on 127.0.0.1 (closed after the test)
+// rangeStart(header) -> N of a "bytes=N-" Range header, or null
+function rangeStart (header) {
+  const m = /^bytes=(\d+)-$/.exec(header || '')
+  return m ? Number(m[1]) : null
+}
+
+// serveRange(req, res, image): the image as a server that honours Range sends it: 206 with the
+// rest from byte N for "bytes=N-", 416 from past its end, 200 with all of it without a Range
+function serveRange (req, res, image) {
+  const from = rangeStart(req.headers.range) ?? 0
+  if (from >= image.length) { res.writeHead(416, { 'content-range': `bytes */${image.length}` }); res.end(); return }
+  res.writeHead(from ? 206 : 200, { 'content-length': image.length - from, ...(from ? { 'content-range': `bytes ${from}-${image.length - 1}/${image.length}` } : {}) })
+  res.end(image.subarray(from))
+}
+
 // cutAfter(res, image, n): a 200 for the whole image whose connection is destroyed after n bytes
 function cutAfter (res, image, n) {
   res.writeHead(200, { 'content-length': image.length })
   res.write(image.subarray(0, n), () => setTimeout(() => res.socket.destroy(), 50))
 }
 
+// serve(t, handler, tls) -> base URL of a server on 127.0.0.1 (closed after the test)
 async function serve (t, handler, tls) {
   const srv = tls ? https.createServer({ key: fs.readFileSync(tls.key), cert: fs.readFileSync(tls.cert) }, handler) : http.createServer(handler)
   await new Promise((resolve) => srv.listen(0, '127.0.0.1', resolve))
@@ -799,9 +806,7 @@ test('tbemu: an https URL package: FAILED with a TLS verification fw_error witho
 })
 
 test('tbemu: an HTTP body longer than fw_size ends FAILED ("larger than the announced size")', async (t) => {
-  const emu = await emuWorld(t)
-  const agent = emuAgent(t, emu, 'dev1')
-  await agent.waitFor(/session ready/, 8000)
+  const { emu, agent } = await emuDevice(t)
   const image = randomImage(100000, 51)
   const longer = Buffer.concat([image, randomImage(5000, 52)])
   const base = await serve(t, (req, res) => {
@@ -823,13 +828,6 @@ test('tbemu: a .part already complete at a restart is verified without a Range r
   const seen = []
   const base = await serve(t, (req, res) => {
     seen.push(req.headers.range || null)
-    const m = /^bytes=(\d+)-$/.exec(req.headers.range || '')
-    const from = m ? Number(m[1]) : 0
-    if (from >= image.length) {
-      res.writeHead(416, { 'content-range': `bytes */${image.length}` })
-      res.end()
-      return
-    }
     if (seen.length === 1) {
       // the whole image, chunked, but the response never ends: the agent is killed with
       // every byte on disk and nothing verified yet
@@ -837,14 +835,11 @@ test('tbemu: a .part already complete at a restart is verified without a Range r
       res.write(image)
       return
     }
-    res.writeHead(from ? 206 : 200, { 'content-length': image.length - from, ...(from ? { 'content-range': `bytes ${from}-${image.length - 1}/${image.length}` } : {}) })
-    res.end(image.subarray(from))
+    serveRange(req, res, image)
   })
   const a1 = emuAgent(t, emu, 'dev1', { dir })
   await a1.waitFor(/session ready/, 8000)
-  const pkg = await upload(emu, image, { title: 'dev', version: '23.0', checksumAlgorithm: 'SHA384', url: `${base}/fw.bin` })
-  const since = Date.now()
-  await emu.post('/emu/devices/dev1/assign', { packageId: pkg.id })
+  const { since } = await assign(emu, 'dev1', image, { title: 'dev', version: '23.0', checksumAlgorithm: 'SHA384', url: `${base}/fw.bin` })
   const part = path.join(a1.stateDir, 'firmware', 'dev-23.0.part')
   await waitUntil(() => fs.existsSync(part) && fs.statSync(part).size === image.length, 10000, 'the whole image in the .part file')
   await a1.kill('SIGKILL')
@@ -862,9 +857,7 @@ function partSize (agent, version) {
 }
 
 test('tbemu: an HTTP server that ignores Range (200 with the whole image to a resume) still ends UPDATED with the exact image', async (t) => {
-  const emu = await emuWorld(t)
-  const agent = emuAgent(t, emu, 'dev1')
-  await agent.waitFor(/session ready/, 8000)
+  const { emu, agent } = await emuDevice(t)
   const image = randomImage(200 * 1024, 54)
   const CUT = 70000
   const HEAD = 20000 // what the second response sends before pausing: less than what is on disk
@@ -886,9 +879,7 @@ test('tbemu: an HTTP server that ignores Range (200 with the whole image to a re
     if (!closed) res.end(image.subarray(HEAD))
   })
   const mark = agent.log.mark()
-  const pkg = await upload(emu, image, { title: 'dev', version: '24.0', checksumAlgorithm: 'SHA256', url: `${base}/fw.bin` })
-  const since = Date.now()
-  await emu.post('/emu/devices/dev1/assign', { packageId: pkg.id })
+  const { since } = await assign(emu, 'dev1', image, { title: 'dev', version: '24.0', checksumAlgorithm: 'SHA256', url: `${base}/fw.bin` })
   // the final state, or (fast) the sign that libcurl refused the 200 instead of the agent taking it
   const REFUSED = /doesn't seem to support byte ranges|Cannot resume/
   let r
@@ -902,11 +893,11 @@ test('tbemu: an HTTP server that ignores Range (200 with the whole image to a re
   assert.deepEqual(r.states, FULL, `fw_error ${r.error}; Range headers ${JSON.stringify(seen)}\n${agent.log.tail(20)}`)
   assert.equal(seen.length, 2, `requests (Range headers): ${JSON.stringify(seen)}`)
   assert.equal(seen[0], null, 'the first request is a plain GET')
-  const m = /^bytes=(\d+)-$/.exec(seen[1] || '')
-  assert.ok(m && Number(m[1]) > 0 && Number(m[1]) <= CUT, `the second request asks for the rest with Range: ${seen[1]}`)
+  const resumedAt = rangeStart(seen[1])
+  assert.ok(resumedAt > 0 && resumedAt <= CUT, `the second request asks for the rest with Range: ${seen[1]}`)
   // the sink was reset on the 200: the .part went from the resumed offset back to the bytes of
   // the new response (appending would have left it at offset + HEAD)
-  assert.equal(shrunkTo, HEAD, `.part size while the 200 to the Range request was paused (resumed at ${m && m[1]})`)
+  assert.equal(shrunkTo, HEAD, `.part size while the 200 to the Range request was paused (resumed at ${resumedAt})`)
   assert.ok(agent.log.find(/firmware download interrupted: .*; resuming/, mark), agent.log.tail(20))
   assert.equal(agent.log.find(/refused the resume|larger than/, mark), null, agent.log.tail(20))
   assert.ok(agent.installed('fw', '24.0').equals(image), 'the installed image is the exact image')
@@ -927,17 +918,11 @@ test('tbemu: agent kill -9 mid HTTP download, restarted with the same --state-di
       res.write(image.subarray(0, SENT))
       return
     }
-    const m = /^bytes=(\d+)-$/.exec(req.headers.range || '')
-    const from = m ? Number(m[1]) : 0
-    if (from >= image.length) { res.writeHead(416, { 'content-range': `bytes */${image.length}` }); res.end(); return }
-    res.writeHead(from ? 206 : 200, { 'content-length': image.length - from, ...(from ? { 'content-range': `bytes ${from}-${image.length - 1}/${image.length}` } : {}) })
-    res.end(image.subarray(from))
+    serveRange(req, res, image)
   })
   const a1 = emuAgent(t, emu, 'dev1', { dir })
   await a1.waitFor(/session ready/, 8000)
-  const pkg = await upload(emu, image, { title: 'dev', version: '25.0', checksumAlgorithm: 'SHA256', url: `${base}/fw.bin` })
-  const since = Date.now()
-  await emu.post('/emu/devices/dev1/assign', { packageId: pkg.id })
+  const { since } = await assign(emu, 'dev1', image, { title: 'dev', version: '25.0', checksumAlgorithm: 'SHA256', url: `${base}/fw.bin` })
   await waitUntil(() => partSize(a1, '25.0') === SENT, 10000, `${SENT} bytes in the .part file`)
   const { signal } = await a1.kill('SIGKILL')
   assert.equal(signal, 'SIGKILL')
@@ -948,9 +933,8 @@ test('tbemu: agent kill -9 mid HTTP download, restarted with the same --state-di
   assert.equal(r.states[r.states.length - 1], 'UPDATED', `states ${r.states}, fw_error ${r.error}; Range headers ${JSON.stringify(seen)}\n${a2.log.tail(20)}`)
   assert.equal(seen.length, 2, `requests (Range headers): ${JSON.stringify(seen)}`)
   assert.equal(seen[0], null, 'the first agent starts with a plain GET')
-  const m = /^bytes=(\d+)-$/.exec(seen[1] || '')
-  assert.ok(m, `the restarted agent resumes with Range: ${seen[1]}`)
-  const from = Number(m[1])
+  const from = rangeStart(seen[1])
+  assert.ok(from !== null, `the restarted agent resumes with Range: ${seen[1]}`)
   assert.ok(from > 0 && from <= onDisk && from >= onDisk - 64 * 1024, `Range starts at byte ${from}, ${onDisk} bytes were on disk`)
   assert.ok(a2.installed('fw', '25.0').equals(image), 'the resumed image is the exact image')
   assert.equal(await latest(emu, emu.ids.dev1, 'current_fw_version'), '25.0')
@@ -958,19 +942,17 @@ test('tbemu: agent kill -9 mid HTTP download, restarted with the same --state-di
 })
 
 test('tbemu: a resume answered with a 206 that starts at another byte is refused, and the download starts over from byte 0 once', async (t) => {
-  const emu = await emuWorld(t)
-  const agent = emuAgent(t, emu, 'dev1')
-  await agent.waitFor(/session ready/, 8000)
+  const { emu, agent } = await emuDevice(t)
   const image = randomImage(200 * 1024, 56)
   const CUT = 70000
   const seen = [] // Range header of every request
   const base = await serve(t, (req, res) => {
     seen.push(req.headers.range || null)
     if (seen.length === 1) return cutAfter(res, image, CUT)
-    const m = /^bytes=(\d+)-$/.exec(req.headers.range || '')
-    if (m) {
+    const asked = rangeStart(req.headers.range)
+    if (asked !== null) {
       // a server (a CDN) that aligns ranges: it answers from the 64 KiB boundary below
-      const from = Number(m[1]) - (Number(m[1]) % 65536)
+      const from = asked - (asked % 65536)
       res.writeHead(206, { 'content-length': image.length - from, 'content-range': `bytes ${from}-${image.length - 1}/${image.length}` })
       res.end(image.subarray(from))
       return
@@ -979,9 +961,7 @@ test('tbemu: a resume answered with a 206 that starts at another byte is refused
     res.end(image)
   })
   const mark = agent.log.mark()
-  const pkg = await upload(emu, image, { title: 'dev', version: '25.0', checksumAlgorithm: 'SHA256', url: `${base}/fw.bin` })
-  const since = Date.now()
-  await emu.post('/emu/devices/dev1/assign', { packageId: pkg.id })
+  const { since } = await assign(emu, 'dev1', image, { title: 'dev', version: '25.0', checksumAlgorithm: 'SHA256', url: `${base}/fw.bin` })
   const r = await waitFinal(emu, emu.ids.dev1, 'fw', since, 20000)
   assert.deepEqual(r.states, FULL, `fw_error ${r.error}; Range headers ${JSON.stringify(seen)}\n${agent.log.tail(20)}`)
   assert.equal(seen.length, 3, `requests (Range headers): ${JSON.stringify(seen)}`)

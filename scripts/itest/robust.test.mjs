@@ -13,10 +13,7 @@ tb.on_rpc("ping", function() return "pong" end)
 `;
 
 test('payloads over the default 64 KiB limit are refused at the call and never published', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  const agent = await w.agentReady(SEND, { broker });
+  const { server, agent } = await world(t).device(SEND);
   const from = server.mark();
   let r = await server.rpc('send', 70000);
   assert.equal(r.json.ok, false, r.text);
@@ -33,10 +30,7 @@ test('payloads over the default 64 KiB limit are refused at the call and never p
 });
 
 test('--payload-limit lowers the limit', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  await w.agentReady(SEND, { broker, args: ['--log-level', 'debug', '--payload-limit', '1024'] });
+  const { server } = await world(t).device(SEND, { args: ['--log-level', 'debug', '--payload-limit', '1024'] });
   const from = server.mark();
   const r = await server.rpc('send', 2000);
   assert.equal(r.json.ok, false, r.text);
@@ -56,12 +50,9 @@ test('QoS 2 is impossible: --qos 2 and TB_QOS=2 exit 2', async () => {
 });
 
 test('malformed, wrongly shaped, huge and unknown-topic input from the server never stops the agent', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  const agent = await w.agentReady(`${SEND}
+  const { server, agent } = await world(t).device(`${SEND}
 tb.on_attributes(function(c, d) tb.log.info("ATTR %s", tb.json.encode(c)) end)
-`, { broker });
+`);
   const huge = 'x'.repeat(1024 * 1024);
   const deep = '['.repeat(100000) + ']'.repeat(100000);
   const bad = [
@@ -108,10 +99,7 @@ tb.on_attributes(function(c, d) tb.log.info("ATTR %s", tb.json.encode(c)) end)
 });
 
 test('a failing handler is logged with file:line and a traceback; its RPC answers an error', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  const agent = await w.agentReady(`local tb = require "tb"
+  const { server, agent } = await world(t).device(`local tb = require "tb"
 local function inner(x)
   return x.field.missing   -- line 3
 end
@@ -123,7 +111,7 @@ tb.every(100, function()
   if n == 1 then error("timer broke") end   -- line 10
   if n == 3 then tb.send_telemetry({timer_alive = n}) end
 end)
-`, { broker });
+`);
   const mark = agent.mark();
   const r = await server.rpc('crash', {});
   assert.ok(r.json && typeof r.json.error === 'string', r.text);
@@ -140,14 +128,11 @@ end)
 });
 
 test('a runaway handler is cut off after --handler-budget; the agent stays responsive', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  const agent = await w.agentReady(`local tb = require "tb"
+  const { server, agent } = await world(t).device(`local tb = require "tb"
 tb.on_rpc("spin", function() while true do end end)
 tb.on_rpc("spinStrings", function() local s = "" while true do s = s .. "x" if #s > 1000 then s = "" end end end)
 tb.on_rpc("ping", function() return "pong" end)
-`, { broker, args: ['--log-level', 'debug', '--handler-budget', '300'] });
+`, { args: ['--log-level', 'debug', '--handler-budget', '300'] });
   for (const method of ['spin', 'spinStrings']) {
     const mark = agent.mark();
     const t0 = Date.now();
@@ -163,10 +148,8 @@ tb.on_rpc("ping", function() return "pong" end)
 });
 
 test('the default handler budget is 1 s', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  await w.agentReady('local tb = require "tb"\ntb.on_rpc("spin", function() while true do end end)\ntb.on_rpc("ping", function() return "pong" end)\n', { broker });
+  const { server } = await world(t).device(
+    'local tb = require "tb"\ntb.on_rpc("spin", function() while true do end end)\ntb.on_rpc("ping", function() return "pong" end)\n');
   const t0 = Date.now();
   const r = await server.rpc('spin', null, { timeout: 8000 });
   const took = Date.now() - t0;
@@ -176,19 +159,13 @@ test('the default handler budget is 1 s', async (t) => {
 });
 
 test('a runaway script top level is cut off at load: exit 1', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const agent = await w.agent('local tb = require "tb"\nwhile true do end\n', { broker });
-  const { code } = await agent.waitExit(20000);
+  const { code, agent } = await world(t).exited('local tb = require "tb"\nwhile true do end\n', 20000);
   assert.equal(code, 1);
   assert.match(agent.log.text(), /device\.lua:2:/);
 });
 
 test('os.exit in a handler: what was sent is delivered, then a clean exit with its status and a clear line; at load or reload it is an error', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  const agent = await w.agentReady(`
+  const { server, agent } = await world(t).device(`
 local tb = require "tb"
 tb.on_rpc("ping", function() return "pong" end)
 tb.on_rpc("quit", function(n)
@@ -196,7 +173,7 @@ tb.on_rpc("quit", function(n)
   os.exit(4)
   tb.send_telemetry({after_exit = true})
 end)
-`, { broker });
+`);
   const from = server.mark();
   const r = await server.rpc('quit', 20, { timeout: 5000 }).catch((e) => ({ json: {}, text: e.message }));
   assert.match(r.json.error || '', /os\.exit\(4\)/, r.text);

@@ -8,17 +8,14 @@ import { world, cpuTicks, delay, ms, tele } from './lib.mjs';
 const T = 'v1/devices/me/telemetry';
 
 test('a sleeping handler blocks neither RPCs nor timers', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  await w.agentReady(`
+  const { server } = await world(t).device(`
 local tb = require "tb"
 tb.on_rpc("nap", function(p) tb.sleep(p); return "rested" end)
 tb.on_rpc("ping", function() return "pong" end)
 tb.on_rpc("startTicks", function() tb.state.tick = 0; tb.state.ticker = tb.every(100, function()
   tb.state.tick = tb.state.tick + 1 end); return true end)
 tb.on_rpc("ticks", function() return tb.state.tick end)
-`, { broker });
+`);
   await server.rpc('startTicks');
   const nap = server.rpc('nap', 1500, { timeout: 6000 });
   const t0 = Date.now();
@@ -32,15 +29,12 @@ tb.on_rpc("ticks", function() return tb.state.tick end)
 });
 
 test('handlers waiting on request_attributes and rpc_call block nothing else', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker, { autoAttributes: false });
-  await w.agentReady(`
+  const { server } = await world(t).device(`
 local tb = require "tb"
 tb.on_rpc("waitAttrs", function() local r, e = tb.request_attributes{shared = {"x"}, timeout = 1500}; return e or "answered" end)
 tb.on_rpc("waitRpc", function() local r, e = tb.rpc_call("never", nil, 1500); return e or "answered" end)
 tb.on_rpc("ping", function() return "pong" end)
-`, { broker, readyTimeout: 15000 });
+`, { readyTimeout: 15000, serverOpts: { autoAttributes: false } });
   const a = server.rpc('waitAttrs', null, { timeout: 6000 });
   const b = server.rpc('waitRpc', null, { timeout: 6000 });
   const t0 = Date.now();
@@ -51,10 +45,7 @@ tb.on_rpc("ping", function() return "pong" end)
 });
 
 test('tb.sleep, tb.rpc_call and tb.request_attributes at top level raise a clear error', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const agent = await w.agent('local tb = require "tb"\ntb.sleep(10)\n', { broker });
-  const { code } = await agent.waitExit(5000);
+  const { code, agent } = await world(t).exited('local tb = require "tb"\ntb.sleep(10)\n', 5000);
   assert.equal(code, 1);
   assert.match(agent.log.text(), /device\.lua:2:.*(yield|handler)/);
 });
@@ -139,13 +130,10 @@ tb.log.info("%d broken format", "not a number")
 });
 
 test('an idle agent uses no CPU (3 s, no timers)', async (t) => {
-  const w = world(t);
-  const broker = await w.broker();
-  const server = await w.server(broker);
-  const agent = await w.agentReady(`
+  const { server, agent } = await world(t).device(`
 local tb = require "tb"
 tb.on_rpc("ping", function() return "pong" end)
-`, { broker, args: ['--log-level', 'debug', '--keepalive', '60'] });
+`, { args: ['--log-level', 'debug', '--keepalive', '60'] });
   assert.equal((await server.rpc('ping')).text, '"pong"');
   await delay(300);
   const before = cpuTicks(agent.pid);

@@ -12,72 +12,23 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import path from 'node:path';
-import { world, delay, ms as libMs, SCALE, tmpdir } from './lib.mjs';
+import { world, delay, ms, SCALE, tmpdir, seqSender, stopSeqs, waitDelivered } from './lib.mjs';
 
-const SLOW = process.env.TB_ITEST_SLOW === '1' || SCALE > 1;
-const ms = (n) => (SLOW && SCALE === 1 ? Math.round(n * 3) : libMs(n));
+const SLOW = SCALE > 1;
 const SECONDS = Number(process.env.SOAK_SECONDS || 75);
 const LONG = SECONDS > 300;
 const SAMPLE_MS = LONG ? 10000 : 2000;
 const WARMUP_MS = Math.min(20000, SECONDS * 1000 / 4);
 const RESTART_EVERY_MS = process.env.SOAK_RESTART_EVERY ? Number(process.env.SOAK_RESTART_EVERY) * 1000
   : Math.max(20000, Math.min(300000, SECONDS * 1000 / 4));
-const T = 'v1/devices/me/telemetry';
 
 function soakScript(dir) {
-  const counter = path.join(dir, 'seq.counter');
-  const flag = path.join(dir, 'seq.stop');
+  const sender = seqSender(dir);
   const text = `
 local tb = require "tb"
-local COUNTER, FLAG = ${JSON.stringify(counter)}, ${JSON.stringify(flag)}
-local seq, stopped = 0, false
-local function save(n)
-  local f = assert(io.open(COUNTER .. ".tmp", "w"))
-  f:write(tostring(n))
-  f:close()
-  assert(os.rename(COUNTER .. ".tmp", COUNTER))
-end
-tb.every(5, function()
-  if stopped then return end
-  local ok, err = tb.send_telemetry{seq = seq + 1}
-  if not ok then tb.log.error("SEQ refused %d: %s", seq + 1, tostring(err)) return end
-  seq = seq + 1
-  save(seq)
-end)
-tb.every(50, function()
-  if stopped then return end
-  local f = io.open(FLAG, "r")
-  if f then f:close(); stopped = true; tb.log.info("SEQ stopped at %d", seq) end
-end)
-tb.on_rpc("ping", function(p) return {pong = p, seq = seq} end)
+${sender.lua}tb.on_rpc("ping", function(p) return {pong = p, seq = seq} end)
 `;
-  return { text, stop: () => fs.writeFileSync(flag, 'stop\n'), accepted: () => { try { return Number(fs.readFileSync(counter, 'utf8')) || 0; } catch { return 0; } } };
-}
-
-function seqsOf(messages) {
-  const out = [];
-  for (const m of messages) {
-    if (m.topic !== T) continue;
-    for (const v of Array.isArray(m.json) ? m.json : [m.json]) {
-      const vals = v && typeof v.values === 'object' ? v.values : v;
-      if (vals && Number.isInteger(vals.seq)) out.push(vals.seq);
-    }
-  }
-  return out;
-}
-
-function tally(seqs, last) {
-  const seen = new Set();
-  let duplicated = 0, outOfOrder = 0, maxFirst = 0;
-  for (const s of seqs) {
-    if (seen.has(s)) { duplicated++; continue; }
-    seen.add(s);
-    if (s < maxFirst) outOfOrder++; else maxFirst = s;
-  }
-  const missing = [];
-  for (let s = 1; s <= last; s++) if (!seen.has(s)) missing.push(s);
-  return { received: seqs.length, lost: missing.length, missing, duplicated, outOfOrder };
+  return { text, ...sender };
 }
 
 function sample(pid) {
@@ -157,17 +108,8 @@ test(`soak: ${SECONDS} s of telemetry every 5 ms, an RPC a second and a broker r
     }
     await Promise.all([rpcLoop, sampleLoop]);
 
-    const mark = agent.mark();
-    script.stop();
-    const line = await agent.waitForLog(/SEQ stopped at \d+/, 5000, mark);
-    const last = Number(/SEQ stopped at (\d+)/.exec(line)[1]);
-    const deadline = Date.now() + ms(20000);
-    let r;
-    for (;;) {
-      r = tally(seqsOf(server.messages), last);
-      if (r.lost === 0 || Date.now() > deadline) break;
-      await delay(200);
-    }
+    const last = await stopSeqs(agent, script);
+    const r = await waitDelivered(server, last, ms(20000), 200);
     await delay(ms(500));
     const final = sample(agent.pid);
     agent.signal('SIGTERM');

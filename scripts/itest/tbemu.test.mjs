@@ -36,7 +36,7 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startEmu } from '../tbemu/test/helpers.mjs';
-import { world, canon, ms, delay } from './lib.mjs';
+import { world, canon, ms, delay, EVAL_HANDLER } from './lib.mjs';
 
 // ------------------------------------------------------------------------------------------
 // helpers (local to this file)
@@ -106,14 +106,7 @@ function timeseries(emu, dev, keys, extra = '') {
 
 // A device script: "eval" runs Lua text in a handler (so it may yield); the rest are RPC
 // methods for item 2 and a shared-attribute handler for item 3.
-const SCRIPT = `
-local tb = require "tb"
-local env = setmetatable({tb = tb}, {__index = _G})
-tb.on_rpc("eval", function(code)
-  local fn = assert(load(code, "=eval", "t", env))
-  return fn()
-end)
-tb.on_rpc("greet", function(p) return "hello " .. p.name end)
+const SCRIPT = `${EVAL_HANDLER}tb.on_rpc("greet", function(p) return "hello " .. p.name end)
 tb.on_rpc("answer", function() return 42.0 end)
 tb.on_rpc("count", function() return 42 end)
 tb.on_rpc("fail", function() error("boom") end)

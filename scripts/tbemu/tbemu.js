@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 /*
  * tbemu — a local ThingsBoard emulator: the MQTT device API as the real server behaves
- * (../../../shared/design/protocol.md), a ThingsBoard-compatible REST subset, an /emu control
- * API and a live web page. Install: `npm ci --prefix scripts`.
+ * (docs/thingsboard.md), a ThingsBoard-compatible REST subset, an /emu control API and a live
+ * web page. Install: `npm ci --prefix scripts`.
  *
  * CLI
  *   node scripts/tbemu/tbemu.js [options]      options: `--help`, or OPTIONS below
@@ -29,28 +29,34 @@
  *   GET  /emu/devices/{name}/messages[?since=SEQ&dir=up|down&topic=PREFIX]
  *        → [{"seq","ts","dir","topic","qos","size","payload"[,"encoding":"base64"]}]  (fw chunks: payload null)
  *   DELETE /emu/devices/{name}/messages    GET /emu/devices/{name}/events[?since=SEQ]
+ *   GET  /emu/devices/{name}/log[?kind=K,K&since=SEQ&limit=N]   the page's message log (kinds, fw
+ *        downloads summarised, CONNECT/SUBSCRIBE)            DELETE /emu/devices/{name}/log
  *   POST /emu/devices/{name}/disconnect    drop the device's connection
  *   POST /emu/devices/{name}/ota-cache-expire   further chunks of old reqIds come back empty
  *   POST /emu/devices/{name}/packet-id {"next":65535}   next downlink packet id (test the wrap to 0)
- *   POST /emu/devices/{name}/client-rpc {"method","response"|"responseText"|"echo":true[,"delayMs"]}
- *   POST /emu/client-rpc (same body, all devices)   DELETE /emu/client-rpc/{method}
+ *   POST /emu/devices/{name}/client-rpc {"method","response"|"responseText"|"echo":true|"currentTime":true[,"delayMs"]}
+ *   GET  /emu/devices/{name}/client-rpc → {rules, requests}   DELETE /emu/devices/{name}/client-rpc/{method}
+ *   POST /emu/client-rpc (same body, all devices)   GET /emu/client-rpc   DELETE /emu/client-rpc/{method}
  *   POST /emu/session-limits {getSessionLimits reply}
  *   GET|POST /emu/config {partial config}
  *   POST /emu/provision-profiles {"provisionDeviceKey","provisionDeviceSecret"[,"strategy"]}
  *   POST /emu/packages?title=T&version=V[&type=FIRMWARE|SOFTWARE|fw|sw][&checksumAlgorithm=SHA256][&checksum=..][&tag=..][&url=self|URL][&fileName=..]
  *        body: the binary → package JSON with "id", "checksum", "url"
- *   GET  /emu/packages[/{id}]              GET /emu/files/{id}/{fileName}  (Range, 206)
+ *   GET  /emu/packages[/{id}]   DELETE /emu/packages/{id}   GET /emu/files/{id}/{fileName}  (Range, 206)
  *   POST /emu/devices/{name}/assign {"packageId"}     POST /emu/devices/{name}/unassign {"type":"FIRMWARE"}
  *   POST /emu/faults {"urlCut":{"afterBytes":N,"times":1}}   POST /emu/pause   POST /emu/resume
- *   GET  /emu/events (server-sent events)   GET / (the web page)
+ *   GET  /emu/events (server-sent events)   GET / (the web page)   GET /vendor/uPlot.* (its charts)
+ * --data-dir DIR: state.json (what a user set up), telemetry.jsonl (the history, append-only),
+ *   packages/ — see lib/persist.js. A port in use: one line, exit 2.
  */
 import fs from 'node:fs'
 import path from 'node:path'
 import { ALGORITHMS, normType } from './lib/firmware.js'
 
 // One line on stderr, exit 2.
-function usage (msg) {
-  process.stderr.write(`tbemu: ${msg} (see tbemu.js --help)\n`)
+function usage (msg) { failed(`${msg} (see tbemu.js --help)`) }
+function failed (msg) {
+  process.stderr.write(`tbemu: ${msg}\n`)
   process.exit(2)
 }
 
@@ -171,29 +177,57 @@ function parseArgs (argv) {
   return o
 }
 
+// Does a --device / --config entry give credentials other than the saved ones?
+function newCredentials (saved, d) {
+  if (d.clientId || d.userName || d.password) {
+    return saved.credentialsType !== 'MQTT_BASIC' || ['clientId', 'userName', 'password'].some(k => (d[k] || null) !== saved[k])
+  }
+  return !!d.token && (saved.credentialsType !== 'ACCESS_TOKEN' || saved.credentialsId !== d.token)
+}
+
 async function main () {
   const o = parseArgs(process.argv.slice(2))
   if (o.help) { process.stdout.write(helpText()); return }
   const { Emu } = await import('./lib/emu.js') // after the command line: --help and errors stay fast
   const cfg = o.config || {}
-  const emu = new Emu({ dataDir: o.dataDir, quiet: o.quiet, config: { ...(cfg.config || {}), ...o.set } })
+  let emu
+  try {
+    emu = new Emu({ dataDir: o.dataDir, quiet: o.quiet, config: { ...(cfg.config || {}), ...o.set } })
+  } catch (e) { failed(`--data-dir ${o.dataDir}: ${e.message}`) }
   if (cfg.sessionLimits) emu.config.sessionLimits = cfg.sessionLimits
   Object.assign(emu.config.clientRpc, cfg.clientRpc || {}, o.clientRpc)
   for (const p of [...(cfg.provisionProfiles || []), ...o.provision]) emu.store.provisionProfiles.push(p)
+  // a device the data dir kept is kept, with its id; credentials given here replace its own
   for (const d of [...(cfg.devices || []), ...o.devices]) {
     const existing = emu.store.byName(d.name)
-    if (!existing) emu.store.createDevice(d)
+    try {
+      if (!existing) emu.store.createDevice(d)
+      else if (newCredentials(existing.credentials, d)) emu.store.setCredentials(existing, d)
+    } catch (e) { failed(`device ${d.name}: ${e.message}`) }
   }
-  const ports = await emu.start({ host: o.host, mqttPort: o.mqttPort, httpPort: o.httpPort })
+  let ports
+  try {
+    ports = await emu.start({ host: o.host, mqttPort: o.mqttPort, httpPort: o.httpPort })
+  } catch (e) {
+    if (e.code === 'EADDRINUSE') failed(`port ${e.port} is in use (${e.option} to choose another)`)
+    if (e.code === 'EACCES') failed(`port ${e.port} needs privileges this user does not have (${e.option} to choose another)`)
+    throw e
+  }
   // config-file packages: FILE relative to the config file; --package FILE: already absolute (cwd)
   const base = o.configPath ? path.dirname(o.configPath) : process.cwd()
   for (const p of [...(cfg.packages || []), ...o.packages]) {
     const data = p.file ? fs.readFileSync(path.resolve(base, p.file)) : null
     const pkg = emu.firmware.upload({ ...p, data, fileName: p.fileName || (p.file && path.basename(p.file)) })
-    for (const name of p.assign || []) emu.firmware.assign(emu.device(name), pkg)
+    for (const name of p.assign || []) {
+      const dev = emu.store.byName(name)
+      if (!dev) failed(`package ${pkg.title} ${pkg.version}: assign=${name}: no such device`)
+      if (dev.ota[pkg.type] !== pkg.id) emu.firmware.assign(dev, pkg) // kept by the data dir: not again
+    }
     emu.log(`package ${pkg.type} ${pkg.title} ${pkg.version}: id ${pkg.id}`)
   }
-  emu.log(`MQTT on ${o.host}:${ports.mqtt}, web page and API on ${emu.httpBase()}/`)
+  emu.store.changed('config', null) // the config in effect, command line included, is what a restart starts from
+  emu.store.flush()
+  emu.log(`MQTT on ${o.host}:${ports.mqtt}, web page and API on ${emu.httpBase()}/${o.dataDir ? `, state in ${o.dataDir}` : ''}`)
   for (const d of emu.store.devices.values()) emu.log(`device ${d.name}: ${d.credentials.credentialsType} ${d.credentials.credentialsId || ''}`)
   process.stdout.write(JSON.stringify({ ready: true, mqtt: ports.mqtt, http: ports.http }) + '\n')
   let stopping = false

@@ -55,19 +55,9 @@ local function shq(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local t = f:read("a")
-  f:close()
-  return t
-end
-
-local function write_file(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
+-- read_file(path) -> text | nil, err: the agent's own reader
+local read_file = require("tb.loader").read_file
+local write_file = require("spec.support.files").write
 
 local function sh(cmd)
   local ok = execute(cmd)

@@ -21,12 +21,8 @@
 
 #include "hash.h"
 
-#define FAIL(...)                                                                              \
-  do {                                                                                         \
-    fprintf(stderr, "fuzz_checksum: " __VA_ARGS__);                                            \
-    fputc('\n', stderr);                                                                       \
-    abort();                                                                                   \
-  } while (0)
+#define FUZZ_NAME "fuzz_checksum"
+#include "fuzz.h"
 
 static const char *const ALGS[] = {"MD5", "SHA256", "SHA384", "SHA512", "CRC32", "MURMUR3_32", "MURMUR3_128"};
 static const size_t WIDTH[] = {32, 64, 96, 128, 8, 8, 32};
@@ -72,9 +68,10 @@ static uint64_t fm64(uint64_t k) {
   return k;
 }
 
-static uint64_t ld64(const uint8_t *b) {
+/* the n (at most 8) bytes at b as a little-endian integer */
+static uint64_t ld_le(const uint8_t *b, size_t n) {
   uint64_t v = 0;
-  for (int i = 7; i >= 0; i--) v = v << 8 | b[i];
+  while (n-- > 0) v = v << 8 | b[n];
   return v;
 }
 
@@ -83,31 +80,23 @@ static void ref_mm3_128(const uint8_t *data, size_t len, uint64_t out[2]) {
   uint64_t h1 = 0, h2 = 0, k1, k2;
   size_t nblocks = len / 16, i;
   for (i = 0; i < nblocks; i++) {
-    k1 = ld64(data + 16 * i);
-    k2 = ld64(data + 16 * i + 8);
+    k1 = ld_le(data + 16 * i, 8);
+    k2 = ld_le(data + 16 * i + 8, 8);
     k1 *= c1; k1 = rl64(k1, 31); k1 *= c2; h1 ^= k1;
     h1 = rl64(h1, 27); h1 += h2; h1 = h1 * 5 + 0x52dce729;
     k2 *= c2; k2 = rl64(k2, 33); k2 *= c1; h2 ^= k2;
     h2 = rl64(h2, 31); h2 += h1; h2 = h2 * 5 + 0x38495ab5;
   }
+  /* the tail: bytes 8..14 into k2, bytes 0..7 into k1, little-endian */
   const uint8_t *t = data + 16 * nblocks;
-  k1 = k2 = 0;
-  switch (len & 15) {
-  case 15: k2 ^= (uint64_t)t[14] << 48; /* fall through */
-  case 14: k2 ^= (uint64_t)t[13] << 40; /* fall through */
-  case 13: k2 ^= (uint64_t)t[12] << 32; /* fall through */
-  case 12: k2 ^= (uint64_t)t[11] << 24; /* fall through */
-  case 11: k2 ^= (uint64_t)t[10] << 16; /* fall through */
-  case 10: k2 ^= (uint64_t)t[9] << 8; /* fall through */
-  case 9: k2 ^= (uint64_t)t[8]; k2 *= c2; k2 = rl64(k2, 33); k2 *= c1; h2 ^= k2; /* fall through */
-  case 8: k1 ^= (uint64_t)t[7] << 56; /* fall through */
-  case 7: k1 ^= (uint64_t)t[6] << 48; /* fall through */
-  case 6: k1 ^= (uint64_t)t[5] << 40; /* fall through */
-  case 5: k1 ^= (uint64_t)t[4] << 32; /* fall through */
-  case 4: k1 ^= (uint64_t)t[3] << 24; /* fall through */
-  case 3: k1 ^= (uint64_t)t[2] << 16; /* fall through */
-  case 2: k1 ^= (uint64_t)t[1] << 8; /* fall through */
-  case 1: k1 ^= (uint64_t)t[0]; k1 *= c1; k1 = rl64(k1, 31); k1 *= c2; h1 ^= k1;
+  size_t rest = len & 15;
+  if (rest > 8) {
+    k2 = ld_le(t + 8, rest - 8);
+    k2 *= c2; k2 = rl64(k2, 33); k2 *= c1; h2 ^= k2;
+  }
+  if (rest > 0) {
+    k1 = ld_le(t, rest < 8 ? rest : 8);
+    k1 *= c1; k1 = rl64(k1, 31); k1 *= c2; h1 ^= k1;
   }
   h1 ^= (uint64_t)len; h2 ^= (uint64_t)len;  /* len < 2^31 here */
   h1 += h2; h2 += h1;

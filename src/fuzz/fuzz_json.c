@@ -21,12 +21,8 @@
 #include "core.h"
 #include "json.h"
 
-#define FAIL(...)                                                                              \
-  do {                                                                                         \
-    fprintf(stderr, "fuzz_json: " __VA_ARGS__);                                                \
-    fputc('\n', stderr);                                                                       \
-    abort();                                                                                   \
-  } while (0)
+#define FUZZ_NAME "fuzz_json"
+#include "fuzz.h"
 
 static int contains_inf(lua_State *L, int idx, int depth) {
   int found = 0;

@@ -15,6 +15,26 @@ static int check_failed = 0, check_total = 0;
     fprintf(stderr, "%s:%d: got \"%s\", want \"%s\"\n", __FILE__, __LINE__, g_ ? g_ : "(null)", \
             w_ ? w_ : "(null)"); } } while (0)
 
+/* A table-driven case: fn(in) must give the text want, or NULL where want is NULL. */
+struct check_case {
+  const char *in, *want;
+};
+#define CHECK_CASES(fn, cases) check_cases((fn), (cases), sizeof (cases) / sizeof (cases)[0])
+
+/* One check a case; a failure also names the input it was for. */
+static inline void check_cases(const char *(*fn)(const char *), const struct check_case *cases, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    int failed = check_failed;
+    const char *got = fn(cases[i].in);
+    if (cases[i].want == NULL)
+      CHECK(got == NULL);
+    else
+      CHECK_STR(got, cases[i].want);
+    if (check_failed != failed)
+      fprintf(stderr, "  for input \"%s\"\n", cases[i].in ? cases[i].in : "(null)");
+  }
+}
+
 static int check_done(const char *suite) {
   printf("%s: %d checks, %d failed\n", suite, check_total, check_failed);
   return check_failed ? 1 : 0;

@@ -227,20 +227,24 @@ static void test_leading_zeros(void) {
 }
 
 static void test_names(void) {
-  CHECK_STR(tb_hash_canonical("SHA256"), "SHA256");
-  CHECK_STR(tb_hash_canonical("sha256"), "SHA256");
-  CHECK_STR(tb_hash_canonical("SHA-256"), "SHA256");
-  CHECK_STR(tb_hash_canonical(" Sha-512\n"), "SHA512");
-  CHECK_STR(tb_hash_canonical("md5"), "MD5");
-  CHECK_STR(tb_hash_canonical("crc32"), "CRC32");
-  CHECK_STR(tb_hash_canonical("CRC-32"), "CRC32");
-  CHECK_STR(tb_hash_canonical("murmur3_32"), "MURMUR3_32");
-  CHECK_STR(tb_hash_canonical("Murmur3-128"), "MURMUR3_128");
-  CHECK(tb_hash_canonical("SHA1") == NULL);
-  CHECK(tb_hash_canonical("CRC32C") == NULL);
-  CHECK(tb_hash_canonical("") == NULL);
-  CHECK(tb_hash_canonical(NULL) == NULL);
-  CHECK(tb_hash_canonical("SHA256SHA256SHA256SHA256SHA256") == NULL);
+  /* spellings of a supported name, and names that are not one (NULL) */
+  static const struct check_case canonical[] = {
+    {"SHA256", "SHA256"},
+    {"sha256", "SHA256"},
+    {"SHA-256", "SHA256"},
+    {" Sha-512\n", "SHA512"},
+    {"md5", "MD5"},
+    {"crc32", "CRC32"},
+    {"CRC-32", "CRC32"},
+    {"murmur3_32", "MURMUR3_32"},
+    {"Murmur3-128", "MURMUR3_128"},
+    {"SHA1", NULL},
+    {"CRC32C", NULL},
+    {"", NULL},
+    {NULL, NULL},
+    {"SHA256SHA256SHA256SHA256SHA256", NULL},
+  };
+  CHECK_CASES(tb_hash_canonical, canonical);
   CHECK(tb_hash_create("SHA1") == NULL);
   for (size_t i = 0; i < N_ALGS; i++) {
     tb_hash *h = tb_hash_create(all_algs[i]);
@@ -280,6 +284,18 @@ static void test_final(void) {
   tb_hash_free(h);
 }
 
+#define N_TEXTS(a) (sizeof (a) / sizeof (a)[0])
+
+/* One check a text (up to n, or the first NULL): tb_hash_match(alg, computed, text) == want. */
+static void check_matches(const char *alg, const char *computed, const char *const *texts, size_t n, int want) {
+  for (size_t k = 0; k < n && texts[k]; k++) {
+    int match = tb_hash_match(alg, computed, texts[k]);
+    CHECK(match == want);
+    if (match != want)
+      fprintf(stderr, "  for %s: %s ~ %s\n", alg, computed, texts[k]);
+  }
+}
+
 static void test_match(void) {
   const char *sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
   const char *sha_up = "0xBA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD";
@@ -287,52 +303,39 @@ static void test_match(void) {
   const char *md5 = "0cc175b9c0f1b6a831c399e269772661";  /* MD5("a") */
   const char *m128 = "007ef08696a277c7b6432b13c7ed679e";  /* MURMUR3_128 of 01 77 */
   const char *sha1 = "a9993e364706816aba3e25717850c26c9cd0d89d";
-  /* CRC32: the server's text, the big-endian int, case, 0x and blanks. */
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "2639f4cb") == 1);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "2639F4CB") == 1);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "0x2639f4cb") == 1);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "cbf43926") == 1);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "0xCBF43926") == 1);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "  0XCBF43926 \n") == 1);
-  CHECK(tb_hash_match("crc-32", "2639F4CB", "cbf43926") == 1);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "2639f4cc") == 0);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "f4cb2639") == 0);  /* swapped words: no */
-  /* Missing leading zeros: "62" is 0x0012d20a, the server writes 0ad21200. */
-  CHECK(tb_hash_match("CRC32", "0ad21200", "0ad21200") == 1);
-  CHECK(tb_hash_match("CRC32", "0ad21200", "0x0012d20a") == 1);
-  CHECK(tb_hash_match("CRC32", "0ad21200", "0x12d20a") == 1);
-  CHECK(tb_hash_match("CRC32", "0ad21200", "12D20A") == 1);
-  CHECK(tb_hash_match("CRC32", "0ad21200", "0ad212") == 0);  /* the SDK bug's text is not it */
-  CHECK(tb_hash_match("CRC32", "000000ff", "ff") == 1);       /* LE text, zeros dropped */
-  CHECK(tb_hash_match("CRC32", "000000ff", "0xff000000") == 1);
-  CHECK(tb_hash_match("CRC32", "00000000", "0") == 1);
-  CHECK(tb_hash_match("CRC32", "00000000", "0x0") == 1);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "002639f4cb") == 0);  /* too long */
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "") == 0);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "0x") == 0);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "   ") == 0);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "2639f4cg") == 0);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "26 39 f4 cb") == 0);
-  CHECK(tb_hash_match("CRC32", "2639f4cb", "0x0x2639f4cb") == 0);
-  CHECK(tb_hash_match("CRC32", "2639f4", "2639f4") == 0);  /* computed must be full width */
-  /* MURMUR3_32 follows the same rules. */
-  CHECK(tb_hash_match("MURMUR3_32", "47fa8b24", "0x248BFA47") == 1);
-  CHECK(tb_hash_match("MURMUR3_32", "701ebd00", "bd1e70") == 1);
-  CHECK(tb_hash_match("MURMUR3_32", "701ebd00", "0x701EBD00") == 1);
-  CHECK(tb_hash_match("MURMUR3_32", "47fa8b24", "47fa8b25") == 0);
-  /* Digests: case, 0x and blanks yes; byte order and dropped zeros no. */
-  CHECK(tb_hash_match("SHA256", sha, sha) == 1);
-  CHECK(tb_hash_match("sha-256", sha, sha_up) == 1);
-  CHECK(tb_hash_match("SHA256", sha, sha_rev) == 0);
-  CHECK(tb_hash_match("SHA256", sha, sha + 2) == 0);
-  CHECK(tb_hash_match("MD5", md5, md5 + 1) == 0);
-  CHECK(tb_hash_match("MD5", md5, " 0CC175B9C0F1B6A831C399E269772661\t") == 1);
-  CHECK(tb_hash_match("MURMUR3_128", m128, m128 + 2) == 0);
-  CHECK(tb_hash_match("MURMUR3_128", m128, "9e67edc7132b43b6c777a29686f07e00") == 0);
-  CHECK(tb_hash_match("MURMUR3_128", "029bbd41b3a7d8cb191dae486a901e5b",
-                      "029BBD41B3A7D8CB191DAE486A901E5B") == 1);
-  /* Unsupported algorithm or missing text: never a match. */
-  CHECK(tb_hash_match("SHA1", sha1, sha1) == 0);
+  /* a computed checksum, the server texts that match it and those that do not */
+  const struct {
+    const char *alg, *computed, *match[7], *no_match[9];
+  } cases[] = {
+    /* CRC32: the server's text, the big-endian int, case, 0x and blanks; not swapped words,
+     * nor too long, empty, blank, non-hex, spaced or doubly prefixed text. */
+    {"CRC32", "2639f4cb",
+     {"2639f4cb", "2639F4CB", "0x2639f4cb", "cbf43926", "0xCBF43926", "  0XCBF43926 \n"},
+     {"2639f4cc", "f4cb2639", "002639f4cb", "", "0x", "   ", "2639f4cg", "26 39 f4 cb", "0x0x2639f4cb"}},
+    {"crc-32", "2639F4CB", {"cbf43926"}, {NULL}},
+    /* Missing leading zeros: "62" is 0x0012d20a, the server writes 0ad21200; the SDK bug's
+     * text 0ad212 is not it. */
+    {"CRC32", "0ad21200", {"0ad21200", "0x0012d20a", "0x12d20a", "12D20A"}, {"0ad212"}},
+    {"CRC32", "000000ff", {"ff", "0xff000000"}, {NULL}},  /* LE text, zeros dropped */
+    {"CRC32", "00000000", {"0", "0x0"}, {NULL}},
+    {"CRC32", "2639f4", {NULL}, {"2639f4"}},  /* computed must be full width */
+    /* MURMUR3_32 follows the same rules. */
+    {"MURMUR3_32", "47fa8b24", {"0x248BFA47"}, {"47fa8b25"}},
+    {"MURMUR3_32", "701ebd00", {"bd1e70", "0x701EBD00"}, {NULL}},
+    /* Digests: case, 0x and blanks yes; byte order and dropped zeros no. */
+    {"SHA256", sha, {sha}, {sha_rev, sha + 2}},
+    {"sha-256", sha, {sha_up}, {NULL}},
+    {"MD5", md5, {" 0CC175B9C0F1B6A831C399E269772661\t"}, {md5 + 1}},
+    {"MURMUR3_128", m128, {NULL}, {m128 + 2, "9e67edc7132b43b6c777a29686f07e00"}},
+    {"MURMUR3_128", "029bbd41b3a7d8cb191dae486a901e5b", {"029BBD41B3A7D8CB191DAE486A901E5B"}, {NULL}},
+    /* Unsupported algorithm: never a match. */
+    {"SHA1", sha1, {NULL}, {sha1}},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    check_matches(cases[i].alg, cases[i].computed, cases[i].match, N_TEXTS(cases[i].match), 1);
+    check_matches(cases[i].alg, cases[i].computed, cases[i].no_match, N_TEXTS(cases[i].no_match), 0);
+  }
+  /* Missing text: never a match. */
   CHECK(tb_hash_match("CRC32", NULL, "2639f4cb") == 0);
   CHECK(tb_hash_match("CRC32", "2639f4cb", NULL) == 0);
 }

@@ -5,6 +5,8 @@ import { MqttSide } from './mqtt.js'
 import { Rpc } from './rpc.js'
 import { Firmware } from './firmware.js'
 import { RestSide } from './rest.js'
+import { ClientRpc } from './clientrpc.js'
+import { MessageLog } from './msglog.js'
 import { kvJson, toKv } from './typedjson.js'
 
 export const DEFAULT_CONFIG = {
@@ -18,18 +20,23 @@ export const DEFAULT_CONFIG = {
   maxStringValueLength: 0,
   sessionLimits: { maxPayloadSize: 65536, maxInflightMessages: 100, rateLimits: { messages: null, telemetryMessages: null, telemetryDataPoints: null } },
   gatewayRateLimits: { messages: null, telemetryMessages: null, telemetryDataPoints: null },
-  clientRpc: {}, // method -> {response|responseText|echo, delayMs}
+  clientRpc: {}, // method -> {responseText|echo|currentTime, delayMs}: rules for every device
   urlCut: null // {afterBytes, times}: cut URL-package downloads part-way
 }
+const NOT_SAVED = ['urlCut'] // a fault to inject, not set-up: gone after a restart
 
 export class Emu {
   constructor (opts = {}) {
     this.opts = opts
-    this.config = structuredClone(DEFAULT_CONFIG)
-    Object.assign(this.config, opts.config || {})
     this.store = new Store({ dataDir: opts.dataDir || null })
+    // defaults, then what the data dir kept, then what this command line says
+    this.config = structuredClone(DEFAULT_CONFIG)
+    Object.assign(this.config, this.store.savedConfig || {}, opts.config || {})
+    this.store.configToSave = () => Object.fromEntries(Object.entries(this.config).filter(([k]) => !NOT_SAVED.includes(k)))
     this.mqtt = new MqttSide(this)
     this.rpc = new Rpc(this)
+    this.clientRpc = new ClientRpc(this)
+    this.messageLog = new MessageLog(this.store)
     this.firmware = new Firmware(this)
     this.rest = new RestSide(this)
     this.quiet = !!opts.quiet
@@ -37,12 +44,16 @@ export class Emu {
 
   log (msg) { if (!this.quiet) process.stderr.write(`[tbemu ${new Date().toISOString()}] ${msg}\n`) }
 
+  // A port already taken rejects with an Error whose `port` names the option (--mqtt-port or
+  // --http-port) and whose code is EADDRINUSE.
   async start ({ host = '127.0.0.1', mqttPort = 0, httpPort = 0 } = {}) {
     this.host = host
-    this.mqttPort = await this.mqtt.start(host, mqttPort)
-    this.httpPort = await this.rest.start(host, httpPort)
+    this.mqttPort = await listening(this.mqtt.start(host, mqttPort), '--mqtt-port', mqttPort)
+    try {
+      this.httpPort = await listening(this.rest.start(host, httpPort), '--http-port', httpPort)
+    } catch (e) { await this.mqtt.stop(); throw e }
     this.store.on('change', (kind, dev, detail) => {
-      if (kind === 'event' && dev) this.log(`device ${dev.name}: ${detail.type}${detail.reason ? ' (' + detail.reason + ')' : ''}${detail.topic ? ' ' + detail.topic : ''}`)
+      if (kind === 'event' && dev && detail.type !== 'client-rpc') this.log(`device ${dev.name}: ${detail.type}${detail.reason ? ' (' + detail.reason + ')' : ''}${detail.topic ? ' ' + detail.topic : ''}`)
     })
     return { mqtt: this.mqttPort, http: this.httpPort }
   }
@@ -50,7 +61,7 @@ export class Emu {
   async stop () {
     await this.rest.stop()
     await this.mqtt.stop()
-    this.store.save()
+    this.store.close()
   }
 
   httpBase () { return `http://${this.host.includes(':') ? '[' + this.host + ']' : this.host}:${this.httpPort}` }
@@ -85,41 +96,37 @@ export class Emu {
     return l
   }
 
-  clientRpcRule (dev, method) {
-    return (dev.clientRpc && dev.clientRpc[method]) || this.config.clientRpc[method] || null
-  }
-
-  // protocol.md §5
+  // docs/thingsboard.md §5. → {response, device}: the device made or matched on SUCCESS, else null.
   provision (req) {
-    const NOT_FOUND = { errorMsg: 'Provision data was not found!', status: 'NOT_FOUND' }
-    const FAILURE = { errorMsg: 'Failed to provision device!', status: 'FAILURE' }
+    const fail = (status) => ({ response: status === 'NOT_FOUND' ? { errorMsg: 'Provision data was not found!', status } : { errorMsg: 'Failed to provision device!', status }, device: null })
     const prof = this.store.provisionProfiles.find(p => p.provisionDeviceKey === req.key && p.provisionDeviceSecret === req.secret)
-    if (!prof) return NOT_FOUND
+    if (!prof) return fail('NOT_FOUND')
     let name = req.deviceName
-    if (name !== undefined) { name = name.trim(); if (!name) return FAILURE } else name = randomBytes(10).toString('hex')
+    if (name !== undefined) { name = name.trim(); if (!name) return fail('FAILURE') } else name = randomBytes(10).toString('hex')
     const credType = req.credentialsType
     const creds = credType === 'MQTT_BASIC'
       ? { clientId: req.clientId, userName: req.username, password: req.password }
       : credType === 'X509_CERTIFICATE' ? null : { token: req.token || randomBytes(10).toString('hex') }
-    if (creds === null) return FAILURE // X.509 needs TLS, which tbemu does not serve
+    if (creds === null) return fail('FAILURE') // X.509 needs TLS, which tbemu does not serve
     let dev
     try {
       if ((prof.strategy || 'ALLOW_CREATE_NEW_DEVICES') === 'CHECK_PRE_PROVISIONED_DEVICES') {
         dev = this.store.byName(name)
         const st = dev && dev.attributes.SERVER_SCOPE.get('provisionState')
-        if (!dev || (st && st.kv.value === 'provisioned')) return FAILURE
-        dev.credentials = creds.token ? { credentialsType: 'ACCESS_TOKEN', credentialsId: creds.token } : { credentialsType: 'MQTT_BASIC', clientId: creds.clientId || null, userName: creds.userName || null, password: creds.password || null }
+        if (!dev || (st && st.kv.value === 'provisioned')) return fail('FAILURE')
+        this.store.setCredentials(dev, creds)
       } else {
-        if (this.store.byName(name)) return FAILURE
+        if (this.store.byName(name)) return fail('FAILURE')
         dev = this.store.createDevice({ name, gateway: req.gateway, ...creds })
       }
-    } catch { return FAILURE }
+    } catch { return fail('FAILURE') }
     this.store.saveAttributes(dev, 'SERVER_SCOPE', [['provisionState', toKv('provisioned')]])
     this.store.event(dev, 'provisioned', { credentialsType: dev.credentials.credentialsType })
     const c = dev.credentials
-    return c.credentialsType === 'ACCESS_TOKEN'
+    const response = c.credentialsType === 'ACCESS_TOKEN'
       ? { credentialsValue: c.credentialsId, credentialsType: 'ACCESS_TOKEN', status: 'SUCCESS' }
       : { credentialsValue: { clientId: c.clientId, userName: c.userName, password: c.password }, credentialsType: 'MQTT_BASIC', status: 'SUCCESS' }
+    return { response, device: dev }
   }
 
   // Summary used by /emu/devices and the web page.
@@ -134,13 +141,28 @@ export class Emu {
       ota[type] = {
         packageId: dev.ota[type], state: g(`${p}_state`), error: g(`${p}_error`),
         currentTitle: g(`current_${p}_title`), currentVersion: g(`current_${p}_version`),
-        targetTitle: g(`target_${p}_title`), targetVersion: g(`target_${p}_version`)
+        targetTitle: g(`target_${p}_title`), targetVersion: g(`target_${p}_version`),
+        progress: progressOf(dev.otaProgress[type])
       }
     }
     return {
       id: dev.id, name: dev.name, type: dev.type, gateway: dev.gateway,
       credentials: dev.credentials, connected: this.mqtt.connected(dev), rpcSeq: dev.rpcSeq,
-      claim: dev.claim, latest, attributes: attrs, ota
+      claim: dev.claim, latest, attributes: attrs, ota,
+      clientRpc: { rules: this.clientRpc.rules(dev), requests: this.clientRpc.requests(dev) }
     }
+  }
+}
+
+// MQTT download of the assigned package: bytes served of its size
+function progressOf (p) {
+  if (!p) return null
+  return { ...p, percent: p.size ? Math.min(100, Math.floor(100 * p.bytes / p.size)) : null }
+}
+
+async function listening (starting, option, port) {
+  try { return await starting } catch (e) {
+    if (e.code === 'EADDRINUSE' || e.code === 'EACCES') { e.option = option; e.port = port }
+    throw e
   }
 }

@@ -1,4 +1,4 @@
-// firmware.js — OTA packages (protocol.md §7): checksums in ThingsBoard's text encoding,
+// firmware.js — OTA packages (docs/thingsboard.md §7): checksums in ThingsBoard's text encoding,
 // assignment (fw_*/sw_* shared attributes), the v2/fw|sw chunk protocol, URL packages.
 import crypto from 'node:crypto'
 import { httpError } from './store.js'
@@ -6,6 +6,8 @@ import { httpError } from './store.js'
 export const ALGORITHMS = ['MD5', 'SHA256', 'SHA384', 'SHA512', 'CRC32', 'MURMUR3_32', 'MURMUR3_128']
 const PREFIX = { FIRMWARE: 'fw', SOFTWARE: 'sw' }
 // OtaPackageKey order; all of them are deleted when an assignment is removed.
+// fields that make two uploads the same package (with the bytes)
+const SAME = ['type', 'title', 'version', 'tag', 'fileName', 'contentType', 'url', 'selfUrl', 'checksumAlgorithm', 'checksum']
 const ALL_KEYS = ['title', 'version', 'ts', 'state', 'size', 'checksum', 'checksum_algorithm', 'url', 'tag']
 
 // ---- checksums (Guava HashCode.toString) ----------------------------------------------------
@@ -117,8 +119,19 @@ export class Firmware {
     if (url) {
       if (url === 'self') { if (!pkg.data) throw httpError(400, 'url=self needs a body'); pkg.selfUrl = true } else pkg.url = url
     } else if (!pkg.data) throw httpError(400, 'a binary body or a url is required')
+    // the same upload again (tbemu restarted on its --data-dir with the same --package, the
+    // demo run twice) is the package already there, not a copy
+    const same = [...this.store.packages.values()].find(q => SAME.every(k => q[k] === pkg[k]) && (q.data && pkg.data ? q.data.equals(pkg.data) : q.data === pkg.data))
+    if (same) return same
     this.store.addPackage(pkg)
     return pkg
+  }
+
+  // As the server: a package that a device has assigned cannot be deleted.
+  remove (pkg) {
+    const users = [...this.store.devices.values()].filter(d => d.ota[pkg.type] === pkg.id)
+    if (users.length) throw httpError(400, `package ${pkg.title} ${pkg.version} is assigned to ${users.map(d => d.name).join(', ')}: unassign it first`)
+    this.store.deletePackage(pkg)
   }
 
   hasUrl (pkg) { return !!(pkg.url || pkg.selfUrl) }
@@ -134,6 +147,7 @@ export class Firmware {
     const p = PREFIX[pkg.type]
     const now = Date.now()
     dev.ota[pkg.type] = pkg.id
+    dev.otaProgress[pkg.type] = null
     const set = [[`${p}_title`, str(pkg.title)], [`${p}_version`, str(pkg.version)]]
     const del = []
     if (pkg.tag) set.push([`${p}_tag`, str(pkg.tag)]); else del.push(`${p}_tag`)
@@ -161,6 +175,7 @@ export class Firmware {
     type = normType(type)
     const p = PREFIX[type]
     dev.ota[type] = null
+    dev.otaProgress[type] = null
     this.emu.deleteSharedAttributes(dev, ALL_KEYS.map(k => `${p}_${k}`))
     this.store.event(dev, 'ota-unassigned', { otaType: type })
   }
@@ -201,7 +216,18 @@ export class Firmware {
         chunk = off >= pkg.data.length ? Buffer.alloc(0) : pkg.data.subarray(off, Math.min(off + size, pkg.data.length))
       }
       this.emu.mqtt.sendDown(client, `v2/${kind}/response/${reqId}/chunk/${idx}`, chunk, { binary: true })
+      if (chunk.length) this.noteServed(dev, type, pkg, size === 0 ? chunk.length : idx * size + chunk.length)
     }
+  }
+
+  // How far the MQTT download of the assigned package got: the furthest byte served, for the
+  // page's progress line (a retried or resumed chunk counts once).
+  noteServed (dev, type, pkg, end) {
+    let p = dev.otaProgress[type]
+    if (!p || p.packageId !== pkg.id) p = dev.otaProgress[type] = { packageId: pkg.id, size: pkg.size, bytes: 0, chunks: 0 }
+    p.chunks++
+    p.bytes = Math.max(p.bytes, end)
+    this.store.changed('otaProgress', dev, { type })
   }
 
   // Fault: the cached bytes "expire" for this device; old reqIds get empty chunks,

@@ -11,7 +11,7 @@ import mqttPacket from 'mqtt-packet'
 import { parse, stringify, toKv, kvJson, isObj, JNum } from './typedjson.js'
 
 // CONNACK sessionPresent = !cleanSession on success, as ThingsBoard does, although no
-// subscription survives (protocol.md §0.9). aedes runs every session clean here.
+// subscription survives (docs/thingsboard.md §0.9). aedes runs every session clean here.
 if (!mqttPacket.writeToStream.__tbemu) {
   const orig = mqttPacket.writeToStream
   const patched = function (packet, stream, opts) {
@@ -88,7 +88,10 @@ export class MqttSide {
     await this.aedes.listen()
     this.aedes.on('clientReady', (c) => this.onReady(c))
     this.aedes.on('subscribe', (subs, c) => this.onSubscribed(c, subs))
-    this.aedes.on('unsubscribe', (unsubs, c) => { if (c.tb) for (const u of unsubs) c.tb.subs.delete(u) })
+    this.aedes.on('unsubscribe', (unsubs, c) => {
+      if (!c.tb) return
+      for (const u of unsubs) { c.tb.subs.delete(u); if (c.tb.device) this.store.event(c.tb.device, 'unsubscribed', { topic: u }) }
+    })
     this.aedes.on('clientError', (c, err) => { if (c.tb && c.tb.device) this.emu.log(`device ${c.tb.device.name}: connection error: ${err.message}`) })
     this.server = net.createServer((conn) => this.onConnection(conn))
     await new Promise((resolve, reject) => { this.server.once('error', reject); this.server.listen(port, host, resolve) })
@@ -148,6 +151,7 @@ export class MqttSide {
     tb.clientId = packet.clientId || ''
     tb.sessionPresent = !packet.clean
     tb.protocolVersion = packet.protocolVersion
+    tb.keepalive = packet.keepalive
     packet.clientId = 'tbemu-' + tb.sid // device sessions never collide on client ids
     packet.clean = true
     packet.keepalive = 0 // the transport enforces no keepalive, only inactivity (10 min)
@@ -171,7 +175,7 @@ export class MqttSide {
         old.tb.takenOver = true
         old.conn.destroy()
       }
-      this.store.event(dev, 'connected', { sid: tb.sid, clientId: cid, sessionPresent: tb.sessionPresent })
+      this.store.event(dev, 'connected', { sid: tb.sid, clientId: cid, username: username ?? null, cleanSession: !tb.sessionPresent, keepalive: tb.keepalive, protocolVersion: tb.protocolVersion })
       return cb(null, true)
     }
     const u = username != null; const p = password != null
@@ -264,7 +268,7 @@ export class MqttSide {
       acked.catch(() => {})
     }
     mqttPacket.writeToStream(pkt, client.conn)
-    if (tb.device) this.store.logMessage(tb.device, 'down', topic, qos, buf, { binary: opts.binary })
+    if (tb.device) this.store.logMessage(tb.device, 'down', topic, qos, buf, { binary: opts.binary, note: opts.note })
     return acked
   }
 
@@ -405,16 +409,9 @@ export class MqttSide {
     const params = root.has('params') ? root.get('params') : null
     return () => {
       const topic = respPrefix + id
-      this.store.event(dev, 'client-rpc', { id, method })
-      if (v1 && method === 'getSessionLimits') return this.sendDown(client, topic, stringify(this.emu.sessionLimits(dev)))
-      const rule = this.emu.clientRpcRule(dev, method)
-      const reply = (text) => { if (!client.closed) this.sendDown(client, topic, text) }
-      if (!rule) {
-        const t = setTimeout(() => reply('{"error":"timeout"}'), this.emu.config.clientRpcTimeoutMs); t.unref()
-        return
-      }
-      const text = rule.echo ? stringify(params) : (rule.responseText ?? stringify(rule.response))
-      const t = setTimeout(() => reply(text), rule.delayMs || 0); t.unref()
+      const send = (text, note) => { if (!client.closed) this.sendDown(client, topic, text, { note }) }
+      const builtin = v1 && method === 'getSessionLimits' ? stringify(this.emu.sessionLimits(dev)) : undefined
+      this.emu.clientRpc.request(dev, { id, method, params, builtin, send })
     }
   }
 
@@ -436,7 +433,7 @@ export class MqttSide {
     }
   }
 
-  // ---- provisioning (protocol.md §5) -------------------------------------------------------
+  // ---- provisioning (docs/thingsboard.md §5) -----------------------------------------------
   routeProvision (client, packet) {
     if (packet.topic !== '/provision/request') return () => { client.conn.destroy() }
     const root = jsonOrClose(packet.payload)
@@ -446,8 +443,12 @@ export class MqttSide {
     if (key === undefined || secret === undefined) throw new Close('provisionDeviceKey/provisionDeviceSecret missing')
     const req = { key, secret, deviceName: s('deviceName'), credentialsType: s('credentialsType') || 'ACCESS_TOKEN', token: s('token'), clientId: s('clientId'), username: s('username'), password: s('password'), hash: s('hash'), gateway: root.get('gateway') === true }
     return () => {
-      const resp = this.emu.provision(req)
+      const { response: resp, device } = this.emu.provision(req)
       this.sendDown(client, '/provision/response', stringify(resp))
+      if (device) { // the session has no device: log the exchange on the device it made
+        this.store.logMessage(device, 'up', packet.topic, packet.qos, packet.payload)
+        this.store.logMessage(device, 'down', '/provision/response', this.qosFor(client, '/provision/response'), stringify(resp), { note: resp.status })
+      }
       client.tb.provisionTimer = setTimeout(() => client.conn.destroy(), this.emu.config.provisionCloseMs)
       client.tb.provisionTimer.unref()
     }

@@ -1,20 +1,32 @@
 // rest.js — the control side over HTTP: ThingsBoard REST paths (so a test also runs against a
-// real ThingsBoard), the emulator-only /emu API, URL-package files, the web page and SSE.
+// real ThingsBoard), the emulator-only /emu API (emu-api.js), URL-package files, the web page
+// with the chart library it uses, and its live feed (live.js).
 import http from 'node:http'
 import fs from 'node:fs'
 import path from 'node:path'
+import { createRequire } from 'node:module'
 import { fileURLToPath } from 'node:url'
-import { parse, stringify, toKv, kvRaw, kvString, kvPlain, isObj, JNum, Raw } from './typedjson.js'
+import { parse, stringify, toKv, kvRaw, kvString, plainKv, isObj, JNum, Raw } from './typedjson.js'
 import { httpError, SCOPES } from './store.js'
-import { normType } from './firmware.js'
+import { defineEmuApi } from './emu-api.js'
+import { LiveFeed } from './live.js'
 
 const WEB = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'web')
+// uPlot from scripts/node_modules, served by tbemu itself: the page works offline. Looked up
+// when asked for, so a node_modules from before it only costs the page its charts.
+const VENDOR = ['uPlot.iife.min.js', 'uPlot.min.css']
+function vendorFile (file) {
+  if (!VENDOR.includes(file)) return null
+  try { return path.join(path.dirname(createRequire(import.meta.url).resolve('uplot')), file) } catch {
+    throw httpError(404, 'uplot is not installed: npm ci --prefix scripts')
+  }
+}
 
 export class RestSide {
   constructor (emu) {
     this.emu = emu
     this.store = emu.store
-    this.sse = new Set()
+    this.live = new LiveFeed(this)
     this.routes = []
     this.define()
   }
@@ -23,18 +35,11 @@ export class RestSide {
     this.server = http.createServer((req, res) => this.handle(req, res))
     this.server.keepAliveTimeout = 1000
     await new Promise((resolve, reject) => { this.server.once('error', reject); this.server.listen(port, host, resolve) })
-    const push = (type, data) => { for (const r of this.sse) r.write(`event: ${type}\ndata: ${JSON.stringify(data)}\n\n`) }
-    this.store.on('change', (kind, dev) => {
-      if (this.sse.size === 0) return
-      if (dev && kind !== 'deviceDeleted') push('device', this.plainSummary(dev))
-      else if (kind === 'deviceDeleted') push('deviceDeleted', { id: dev.id })
-      else if (kind === 'package') push('packages', this.packages())
-    })
     return this.server.address().port
   }
 
   async stop () {
-    for (const r of this.sse) r.end()
+    this.live.stop()
     this.server.closeAllConnections()
     await new Promise(resolve => this.server.close(() => resolve()))
   }
@@ -57,10 +62,12 @@ export class RestSide {
         const ctx = { req, res, params, q, url, body: () => readBody(req), json: async () => { const b = await readBody(req); return b.length ? parse(b) : new Map() } }
         const out = await r.fn(ctx)
         if (out === undefined) return // handled
+        this.store.flush() // what this request changed is on disk before the answer
         return send(res, 200, out)
       }
       send(res, 404, { status: 404, message: 'Not found: ' + url.pathname, errorCode: 32, timestamp: Date.now() })
     } catch (e) {
+      this.store.flush()
       const status = e.status || (e instanceof SyntaxError ? 400 : 500)
       if (status === 500) this.emu.log('HTTP error: ' + e.stack)
       if (!res.headersSent) send(res, status, { status, message: e.message, errorCode: status === 404 ? 32 : status === 401 ? 10 : 31, timestamp: Date.now() })
@@ -80,9 +87,8 @@ export class RestSide {
 
   plainSummary (dev) {
     const s = this.emu.summary(dev)
-    const plain = (kv) => ({ type: kv.type, value: kvPlain(kv) })
-    s.latest = Object.fromEntries(Object.entries(s.latest).map(([k, v]) => [k, { ts: v.ts, ...plain(v.kv) }]))
-    for (const sc of SCOPES) s.attributes[sc] = Object.fromEntries(Object.entries(s.attributes[sc]).map(([k, v]) => [k, { lastUpdateTs: v.lastUpdateTs, ...plain(v.kv) }]))
+    s.latest = Object.fromEntries(Object.entries(s.latest).map(([k, v]) => [k, { ts: v.ts, ...plainKv(v.kv) }]))
+    for (const sc of SCOPES) s.attributes[sc] = Object.fromEntries(Object.entries(s.attributes[sc]).map(([k, v]) => [k, { lastUpdateTs: v.lastUpdateTs, ...plainKv(v.kv) }]))
     return s
   }
 
@@ -113,7 +119,7 @@ export class RestSide {
       return { data: all.slice(page * size, page * size + size).map(d => this.tbDevice(d)), totalPages: Math.ceil(all.length / size), totalElements: all.length, hasNext: (page + 1) * size < all.length }
     })
     this.on('GET', '/api/device/:id', ({ params }) => this.tbDevice(dev(params.id)))
-    // Claiming by a customer (protocol.md 4.8; DeviceController.claimDevice and
+    // Claiming by a customer (docs/thingsboard.md §4.8; DeviceController.claimDevice and
     // ClaimDevicesServiceImpl.claimDevice): 200 {"device","response":"SUCCESS"}; 400 "FAILURE"
     // for no claim, an expired one or a wrong secret (which also drops the claim, as the
     // server evicts it); 400 "CLAIMED" once the device belongs to a customer.
@@ -227,90 +233,16 @@ export class RestSide {
     this.on('POST', '/api/plugins/rpc/twoway/:id', rpc(false))
     this.on('POST', '/api/plugins/rpc/oneway/:id', rpc(true))
 
-    // ---- emulator-only ------------------------------------------------------------------
-    this.on('GET', '/emu/health', () => ({ ok: true, mqtt: emu.mqttPort, http: emu.httpPort }))
-    this.on('GET', '/emu/devices', () => [...store.devices.values()].map(d => this.plainSummary(d)))
-    this.on('POST', '/emu/devices', async ({ json, res }) => {
-      const b = plainObj(await json())
-      const d = store.createDevice(b)
-      send(res, 201, this.plainSummary(d))
-    })
-    this.on('GET', '/emu/devices/:ref', ({ params }) => ({ ...this.plainSummary(emu.device(params.ref)), events: emu.device(params.ref).events }))
-    this.on('DELETE', '/emu/devices/:ref', ({ params }) => { const d = emu.device(params.ref); emu.mqtt.disconnect(d); store.deleteDevice(d); return { deleted: d.id } })
-    this.on('GET', '/emu/devices/:ref/messages', ({ params, q }) => {
-      const d = emu.device(params.ref)
-      const since = Number(q.since || 0)
-      return d.log.filter(e => e.seq > since && (!q.dir || e.dir === q.dir) && (!q.topic || e.topic.startsWith(q.topic)))
-    })
-    this.on('DELETE', '/emu/devices/:ref/messages', ({ params }) => { emu.device(params.ref).log.length = 0; return { ok: true } })
-    this.on('GET', '/emu/devices/:ref/events', ({ params, q }) => emu.device(params.ref).events.filter(e => e.seq > Number(q.since || 0)))
-    this.on('POST', '/emu/devices/:ref/disconnect', ({ params }) => { const d = emu.device(params.ref); const was = emu.mqtt.connected(d); emu.mqtt.disconnect(d); return { disconnected: was } })
-    this.on('POST', '/emu/devices/:ref/ota-cache-expire', ({ params }) => { const d = emu.device(params.ref); emu.firmware.expireCache(d); store.event(d, 'ota-cache-expired'); return { ok: true } })
-    this.on('POST', '/emu/devices/:ref/packet-id', async ({ params, json }) => {
-      const d = emu.device(params.ref); const b = plainObj(await json())
-      if (!d.session) throw httpError(409, 'device not connected')
-      d.session.tb.nextMsgId = (Number(b.next) - 1) & 0xffff
-      return { ok: true }
-    })
-    this.on('POST', '/emu/devices/:ref/client-rpc', async ({ params, json }) => {
-      const d = emu.device(params.ref); const b = await json()
-      d.clientRpc = d.clientRpc || {}
-      const r = rpcRule(b); d.clientRpc[r.method] = r.rule; return { ok: true }
-    })
-    this.on('POST', '/emu/devices/:ref/assign', async ({ params, json }) => {
-      const d = emu.device(params.ref); const b = plainObj(await json())
-      const p = store.packages.get(b.packageId)
-      if (!p) throw httpError(404, 'package not found')
-      emu.firmware.assign(d, p)
-      return this.plainSummary(d)
-    })
-    this.on('POST', '/emu/devices/:ref/unassign', async ({ params, json }) => {
-      const d = emu.device(params.ref); const b = plainObj(await json())
-      emu.firmware.unassign(d, b.type || 'FIRMWARE')
-      return this.plainSummary(d)
-    })
-    this.on('POST', '/emu/client-rpc', async ({ json }) => { const r = rpcRule(await json()); emu.config.clientRpc[r.method] = r.rule; return { ok: true } })
-    this.on('DELETE', '/emu/client-rpc/:method', ({ params }) => { delete emu.config.clientRpc[params.method]; return { ok: true } })
-    this.on('POST', '/emu/session-limits', async ({ json }) => { emu.config.sessionLimits = JSON.parse(stringify(await json())); return emu.config.sessionLimits })
-    this.on('GET', '/emu/config', () => emu.config)
-    this.on('POST', '/emu/config', async ({ json }) => { Object.assign(emu.config, JSON.parse(stringify(await json()))); return emu.config })
-    this.on('POST', '/emu/provision-profiles', async ({ json }) => {
-      const b = plainObj(await json())
-      if (!b.provisionDeviceKey || !b.provisionDeviceSecret) throw httpError(400, 'provisionDeviceKey and provisionDeviceSecret are required')
-      store.provisionProfiles.push({ provisionDeviceKey: b.provisionDeviceKey, provisionDeviceSecret: b.provisionDeviceSecret, strategy: b.strategy || 'ALLOW_CREATE_NEW_DEVICES' })
-      store.changed('profiles', null)
-      return store.provisionProfiles
-    })
-    this.on('POST', '/emu/pause', () => { emu.mqtt.pause(); return { paused: true } })
-    this.on('POST', '/emu/resume', () => { emu.mqtt.resume(); return { paused: false } })
-    this.on('POST', '/emu/faults', async ({ json }) => {
-      const b = plainObj(await json())
-      if ('urlCut' in b) emu.config.urlCut = b.urlCut // {afterBytes, times}
-      return { urlCut: emu.config.urlCut }
-    })
-    this.on('GET', '/emu/packages', () => this.packages())
-    this.on('POST', '/emu/packages', async ({ q, body, req }) => {
-      const data = await body()
-      const p = emu.firmware.upload({ ...q, contentType: q.contentType || req.headers['content-type'], data })
-      return emu.firmware.publicPackage(p)
-    })
-    this.on('GET', '/emu/packages/:id', ({ params }) => { const p = store.packages.get(params.id); if (!p) throw httpError(404, 'package not found'); return emu.firmware.publicPackage(p) })
-    this.on('GET', '/emu/files/:id/:name', ({ params, req, res }) => this.serveFile(params.id, req, res))
-    this.on('GET', '/emu/events', ({ req, res }) => {
-      res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' })
-      res.write(`event: snapshot\ndata: ${JSON.stringify({ devices: [...store.devices.values()].map(d => this.plainSummary(d)), packages: this.packages(), mqtt: emu.mqttPort, http: emu.httpPort })}\n\n`)
-      this.sse.add(res)
-      req.on('close', () => this.sse.delete(res))
-    })
+    defineEmuApi(this)
     // ---- web page -----------------------------------------------------------------------
     this.on('GET', '/', ({ res }) => this.serveStatic('index.html', res))
     this.on('GET', '/web/:file', ({ params, res }) => this.serveStatic(params.file, res))
+    this.on('GET', '/vendor/:file', ({ params, res }) => this.serveStatic(params.file, res, vendorFile(params.file)))
   }
 
-  serveStatic (file, res) {
+  serveStatic (file, res, f = path.join(WEB, file)) {
     if (!/^[\w.-]+$/.test(file)) throw httpError(404, 'no such file')
-    const f = path.join(WEB, file)
-    if (!fs.existsSync(f)) throw httpError(404, 'no such file')
+    if (!f || !fs.existsSync(f)) throw httpError(404, 'no such file')
     const type = file.endsWith('.html') ? 'text/html; charset=utf-8' : file.endsWith('.js') ? 'text/javascript' : file.endsWith('.css') ? 'text/css' : 'application/octet-stream'
     res.writeHead(200, { 'content-type': type, 'cache-control': 'no-cache' })
     res.end(fs.readFileSync(f))
@@ -347,22 +279,6 @@ export class RestSide {
     }
     res.end(body)
   }
-}
-
-function rpcRule (b) {
-  const o = plainObj(b)
-  if (!o.method) throw httpError(400, 'method is required')
-  const rule = { delayMs: Number(o.delayMs || 0) }
-  if (o.echo) rule.echo = true
-  else if (typeof o.responseText === 'string') rule.responseText = o.responseText
-  else if (isObj(b) && b.has('response')) rule.responseText = stringify(b.get('response'))
-  else throw httpError(400, 'response, responseText or echo is required')
-  return { method: o.method, rule }
-}
-
-function plainObj (m) {
-  if (!isObj(m)) throw httpError(400, 'JSON object expected')
-  return JSON.parse(stringify(m))
 }
 
 function readBody (req) {

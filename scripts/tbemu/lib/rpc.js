@@ -1,4 +1,4 @@
-// rpc.js — server-side RPC (protocol.md §4.6): per-device ids from 0, pending requests pushed
+// rpc.js — server-side RPC (docs/thingsboard.md §4.6): per-device ids from 0, pending requests pushed
 // when the device subscribes, REST status codes 200 / 408 / 409 / 406.
 import { parse, stringify } from './typedjson.js'
 

@@ -1,7 +1,7 @@
 // typedjson.js — JSON that keeps each number's text, and ThingsBoard's value typing.
 //
 // JSON.parse turns `42` and `42.0` into the same JS number; ThingsBoard stores the first as
-// LONG and the second as DOUBLE (protocol.md §4.2). parse() below keeps numbers as JNum
+// LONG and the second as DOUBLE (docs/thingsboard.md §4.2). parse() below keeps numbers as JNum
 // objects holding their source text, objects as Map (insertion order, last duplicate wins),
 // arrays as arrays, strings/booleans/null as JS values.
 //
@@ -210,3 +210,7 @@ export function kvPlain (kv) {
   if (kv.type === 'JSON') { try { return JSON.parse(kv.value) } catch { return kv.value } }
   return kv.value
 }
+
+// A stored value for the page and /emu summaries: its type, the plain JS value and the text
+// ThingsBoard shows for it (a DOUBLE 3.0 stays "3.0").
+export const plainKv = (kv) => ({ type: kv.type, value: kvPlain(kv), text: kvString(kv) })

@@ -4,6 +4,7 @@ import assert from 'node:assert/strict'
 import { spawnSync } from 'node:child_process'
 import crypto from 'node:crypto'
 import fs from 'node:fs'
+import net from 'node:net'
 import os from 'node:os'
 import path from 'node:path'
 import { startEmu, connect, subscribe, publish, end, waitMsg, TBEMU } from './helpers.mjs'
@@ -195,4 +196,18 @@ test('unknown or malformed options exit 2 with one line on stderr and nothing on
     assert.match(r.stderr, /^tbemu: [^\n]+\n$/, args.join(' ') + ': one line: ' + JSON.stringify(r.stderr))
     assert.match(r.stderr, re)
   }
+})
+
+test('a port in use: one line naming the port and the option to choose another, exit 2, no stack trace', async () => {
+  const busy = net.createServer()
+  await new Promise(resolve => busy.listen(0, '127.0.0.1', resolve))
+  const port = busy.address().port
+  try {
+    for (const [flag, other] of [['--mqtt-port', '--http-port'], ['--http-port', '--mqtt-port']]) {
+      const r = spawnSync(process.execPath, [TBEMU, other, '0', flag, String(port)], { encoding: 'utf8', timeout: 10000 })
+      assert.equal(r.status, 2, r.stderr)
+      assert.equal(r.stdout, '')
+      assert.equal(r.stderr, `tbemu: port ${port} is in use (${flag} to choose another)\n`)
+    }
+  } finally { busy.close() }
 })

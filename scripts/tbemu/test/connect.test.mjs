@@ -1,4 +1,4 @@
-// CONNECT, credentials and sessions (protocol.md §1, §0.8, §0.9)
+// CONNECT, credentials and sessions (docs/thingsboard.md §1, §0.8, §0.9)
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
 import { startEmu, connect, raw, subscribe, end, waitFor } from './helpers.mjs'

@@ -40,7 +40,7 @@ test('scripts/demo --once exits non-zero when the agent is broken, and stops the
     const agent = path.join(dir, 'tbagent')
     fs.writeFileSync(agent, '#!/bin/sh\necho "broken agent: $*" >&2\nexit 1\n', { mode: 0o755 })
     const t0 = Date.now()
-    const r = await run(path.join(ROOT, 'scripts', 'demo'), ['--once'], { TBAGENT: agent }, LIMIT_MS)
+    const r = await run(path.join(ROOT, 'scripts', 'demo'), ['--once'], { TBAGENT: agent, TBEMU_DATA_DIR: path.join(dir, 'tbemu-data') }, LIMIT_MS)
     assert.notEqual(r.code, 0, r.out)
     assert.equal(r.signal, null, r.out)
     assert.match(r.out, /not building/, r.out)

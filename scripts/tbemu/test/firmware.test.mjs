@@ -1,4 +1,4 @@
-// OTA packages over MQTT and HTTP (protocol.md §7)
+// OTA packages over MQTT and HTTP (docs/thingsboard.md §7)
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
 import crypto from 'node:crypto'

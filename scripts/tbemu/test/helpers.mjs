@@ -1,6 +1,8 @@
 // Test helpers: start tbemu as a child process (port 0, bounded wait for the ready line),
 // talk to it with independent clients (MQTT.js, raw mqtt-packet, mosquitto_pub/sub, fetch).
 import { spawn } from 'node:child_process'
+import fs from 'node:fs'
+import os from 'node:os'
 import net from 'node:net'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -107,4 +109,28 @@ export function raw (emu, connect = {}) {
     })
     sock.on('error', reject)
   })
+}
+
+export const CHROMIUM = '/usr/bin/chromium'
+
+// openBrowser() -> {browser, close()}: headless Chromium with a fresh profile (playwright takes
+// the --user-data-dir as launchPersistentContext's first argument), for the page tests
+export async function openBrowser () {
+  if (!fs.existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is missing: apt-get install -y chromium`)
+  const { chromium } = await import('playwright-core')
+  const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'tbemu-chromium-'))
+  const browser = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    viewport: { width: 1280, height: 900 },
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync']
+  })
+  return {
+    browser,
+    async close () {
+      await browser.close()
+      fs.rmSync(profile, { recursive: true, force: true })
+    }
+  }
 }

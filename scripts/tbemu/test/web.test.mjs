@@ -6,33 +6,22 @@ import crypto from 'node:crypto'
 import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
-import { chromium } from 'playwright-core'
-import { startEmu, connect, subscribe, publish, end, waitFor, HERE } from './helpers.mjs'
+import { startEmu, connect, subscribe, publish, end, waitFor, HERE, openBrowser } from './helpers.mjs'
 
-const CHROMIUM = '/usr/bin/chromium'
 const ART = path.join(HERE, 'artifacts')
 const ROOT = path.resolve(HERE, '..', '..', '..')
 const SHOTS = [path.join(ART, 'page.png'), path.join(ROOT, 'build', 'test-logs', 'tbemu-page.png')]
 const T = { timeout: 15000 } // the page's waits; generous: 2 cores shared with other test runs
 const waitMsg = (c, pred, what) => waitFor(() => c.received.find(m => typeof pred === 'string' ? m.topic === pred : pred(m)), { what, timeoutMs: 15000 })
-let emu, browser, profile
+let emu, browser, opened
 
 before(async () => {
-  assert.ok(fs.existsSync(CHROMIUM), `${CHROMIUM} is missing: apt-get install -y chromium`)
   emu = await startEmu(['--device', 'web1:WEB1'])
-  profile = fs.mkdtempSync(path.join(os.tmpdir(), 'tbemu-chromium-'))
-  // a fresh --user-data-dir: playwright takes it as launchPersistentContext's first argument
-  browser = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    viewport: { width: 1280, height: 900 },
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync']
-  })
+  opened = await openBrowser()
+  browser = opened.browser
 })
 after(async () => {
-  if (browser) await browser.close()
-  if (profile) fs.rmSync(profile, { recursive: true, force: true })
+  if (opened) await opened.close()
   if (emu) assert.equal(await emu.stop(), 0)
 })
 

@@ -1,112 +1,133 @@
-// tbemu web page: live view over server-sent events (/emu/events); forms use the REST API.
-const state = { devices: new Map(), packages: [] }
-const $ = (sel, el = document) => el.querySelector(sel)
-const esc = (s) => String(s).replace(/[&<>"]/g, c => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;' }[c]))
-const show = (v) => typeof v === 'object' && v !== null ? JSON.stringify(v) : String(v)
-const time = (ts) => new Date(ts).toLocaleTimeString()
+// tbemu's web page: devices (one shown at a time, chosen in the tabs or by #name in the URL),
+// packages, all live over server-sent events (/emu/events); controls call the REST API.
+import { $, $$, esc, enc, api } from './util.js'
+import { createDeviceSection, updateDeviceSection, fillPackages } from './device.js'
+import { DeviceCharts } from './charts.js'
+import { MessageLogView } from './log.js'
 
-function card (d) {
-  let el = document.getElementById('dev-' + d.id)
+const state = { devices: new Map(), packages: [], kinds: [], selected: null, charts: null, log: null }
+
+function section (id) { return document.getElementById('dev-' + id) }
+
+function showDevice (d) {
+  let el = section(d.id)
   if (!el) {
-    el = document.createElement('section')
-    el.className = 'card device'
-    el.id = 'dev-' + d.id
-    el.dataset.name = d.name
-    el.innerHTML = `
-      <h2><span class="name"></span><span class="conn"></span></h2>
-      <div class="cred"></div>
-      <h3>Latest telemetry</h3><table class="telemetry"><tbody></tbody></table>
-      <h3>Attributes</h3><table class="attributes"><tbody></tbody></table>
-      <h3>Firmware / software</h3><div class="ota"></div>
-      <h3>Set shared attribute</h3>
-      <form class="attr-form"><input class="k" name="key" placeholder="key" required><input class="v" name="value" placeholder='value (JSON, e.g. 42 or "on")' required><button>Set</button></form>
-      <h3>RPC</h3>
-      <form class="rpc-form"><input class="k" name="method" placeholder="method" required><input class="v" name="params" placeholder="params (JSON)" value="{}"><select name="kind"><option>twoway</option><option>oneway</option></select><input name="timeout" value="10000" size="6"><button>Call</button></form>
-      <pre class="rpc-result"></pre>
-      <h3>Assign package</h3>
-      <form class="assign-form"><select name="packageId" class="pkg-select"></select><button>Assign</button></form>`
-    $('.attr-form', el).addEventListener('submit', (e) => { e.preventDefault(); setAttr(el.id.slice(4), e.target) })
-    $('.rpc-form', el).addEventListener('submit', (e) => { e.preventDefault(); callRpc(el.id.slice(4), e.target, $('.rpc-result', el)) })
-    $('.assign-form', el).addEventListener('submit', (e) => { e.preventDefault(); assign(el.dataset.name, e.target) })
-    document.getElementById('devices').appendChild(el)
+    el = createDeviceSection(d)
+    el.hidden = true
+    $('#devices').appendChild(el)
   }
-  $('.name', el).textContent = d.name
-  const conn = $('.conn', el)
-  conn.textContent = d.connected ? '● connected' : '○ disconnected'
-  conn.className = 'conn ' + (d.connected ? 'on' : 'off')
-  $('.cred', el).textContent = d.credentials.credentialsType === 'ACCESS_TOKEN' ? 'token ' + d.credentials.credentialsId : 'MQTT basic ' + JSON.stringify(d.credentials)
-  $('.telemetry tbody', el).innerHTML = Object.entries(d.latest).sort().map(([k, v]) =>
-    `<tr data-key="${esc(k)}"><th>${esc(k)}</th><td class="value">${esc(show(v.value))}</td><td>${esc(v.type)}</td><td>${time(v.ts)}</td></tr>`).join('')
-  const attrs = []
-  for (const [scope, m] of Object.entries(d.attributes)) for (const [k, v] of Object.entries(m)) attrs.push(`<tr data-scope="${scope}" data-key="${esc(k)}"><th>${esc(k)}</th><td class="value">${esc(show(v.value))}</td><td>${scope.replace('_SCOPE', '').toLowerCase()}</td></tr>`)
-  $('.attributes tbody', el).innerHTML = attrs.join('')
-  $('.ota', el).innerHTML = ['FIRMWARE', 'SOFTWARE'].map(t => {
-    const o = d.ota[t]
-    if (!o.packageId && !o.state && !o.currentVersion) return ''
-    return `<div class="ota-${t.toLowerCase()}">${t.toLowerCase()}: current ${esc(o.currentTitle || '-')} ${esc(o.currentVersion || '')} → target ${esc(o.targetTitle || '-')} ${esc(o.targetVersion || '')}: <span class="fw fw-state">${esc(o.state || '-')}</span>${o.error ? ' <span class="off">' + esc(o.error) + '</span>' : ''}</div>`
-  }).join('')
-  fillPackages(el)
+  updateDeviceSection(el, d, state.packages)
+  if (state.selected === d.id && state.charts) state.charts.update(d)
 }
 
-function fillPackages (el) {
-  const sel = $('.pkg-select', el)
-  const cur = sel.value
-  sel.innerHTML = state.packages.map(p => `<option value="${p.id}">${esc(p.type + ' ' + p.title + ' ' + p.version)}</option>`).join('')
-  if (cur) sel.value = cur
+function renderTabs () {
+  const tabs = [...state.devices.values()].sort((a, b) => a.name < b.name ? -1 : 1).map(d =>
+    `<a class="tab${d.id === state.selected ? ' selected' : ''}" href="#${esc(enc(d.name))}" data-id="${d.id}"><span class="${d.connected ? 'on' : 'off'}">${d.connected ? '●' : '○'}</span> ${esc(d.name)}</a>`)
+  const html = tabs.join('') || '<span class="muted">no devices yet</span>'
+  const el = $('#tabs')
+  if (el.innerHTML !== html) el.innerHTML = html
+}
+
+// The device named in the URL's #fragment, else the first one.
+function chooseDevice () {
+  const want = decodeURIComponent(location.hash.slice(1))
+  const all = [...state.devices.values()].sort((a, b) => a.name < b.name ? -1 : 1)
+  const d = all.find(x => x.name === want) || all[0]
+  select(d ? d.id : null)
+}
+
+function select (id) {
+  if (state.selected === id) return renderTabs()
+  if (state.charts) { state.charts.destroy(); state.charts = null }
+  if (state.log) { state.log.destroy(); state.log = null }
+  state.selected = id
+  for (const el of $$('section.device')) el.hidden = el.dataset.id !== id
+  renderTabs()
+  const d = state.devices.get(id)
+  if (!d) return
+  const el = section(id)
+  state.charts = new DeviceCharts($('.telemetry-card', el), d)
+  state.charts.load()
+  state.log = new MessageLogView($('.log-card', el), d, state.kinds)
+  state.log.load()
 }
 
 function renderPackages () {
-  $('#package-table tbody').innerHTML = state.packages.map(p => `<tr><td>${p.type}</td><td>${esc(p.title)}</td><td>${esc(p.version)}</td><td>${p.size ?? ''}</td><td>${esc((p.checksumAlgorithm || '') + ' ' + (p.checksum || ''))}${p.url ? '<br>' + esc(p.url) : ''}</td><td>${p.id}</td></tr>`).join('')
-  document.querySelectorAll('.device').forEach(fillPackages)
+  $('#package-table tbody').innerHTML = state.packages.map(p =>
+    `<tr data-id="${p.id}"><td>${p.type}</td><td>${esc(p.title)}</td><td>${esc(p.version)}</td><td>${p.size ?? ''}</td>` +
+    `<td class="checksum">${esc((p.checksumAlgorithm || '') + ' ' + (p.checksum || ''))}${p.url ? '<br>' + esc(p.url) : ''}</td><td class="id">${p.id}</td>` +
+    `<td><button class="del" title="DELETE /emu/packages/${p.id}">×</button></td></tr>`).join('') ||
+    '<tr class="empty"><td colspan="7" class="muted">No packages: upload one above.</td></tr>'
+  for (const el of $$('section.device')) fillPackages(el, state.packages)
 }
 
-async function api (method, path, body, raw) {
-  const r = await fetch(path, { method, headers: raw ? {} : { 'content-type': 'application/json' }, body: raw ? body : (body === undefined ? undefined : JSON.stringify(body)) })
-  const text = await r.text()
-  return { status: r.status, text }
-}
-
-async function setAttr (id, form) {
-  let v = form.value.value
-  try { JSON.parse(v) } catch { v = JSON.stringify(v) }
-  const r = await fetch(`/api/plugins/telemetry/DEVICE/${id}/attributes/SHARED_SCOPE`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: `{${JSON.stringify(form.key.value)}:${v}}` })
-  form.dataset.status = r.status
-}
-
-async function callRpc (id, form, out) {
-  let params = form.params.value || 'null'
-  try { JSON.parse(params) } catch { params = JSON.stringify(params) }
-  out.textContent = '…'
-  const r = await fetch(`/api/plugins/rpc/${form.kind.value}/${id}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: `{"method":${JSON.stringify(form.method.value)},"params":${params},"timeout":${Number(form.timeout.value) || 10000}}` })
-  out.textContent = `HTTP ${r.status} ${await r.text()}`
-}
-
-async function assign (name, form) {
-  await api('POST', `/emu/devices/${encodeURIComponent(name)}/assign`, { packageId: form.packageId.value })
-}
+$('#package-table').addEventListener('click', async (e) => {
+  const b = e.target.closest('button.del')
+  if (!b) return
+  const r = await api('DELETE', '/emu/packages/' + b.closest('tr').dataset.id)
+  if (r.status >= 300) alert((r.json && r.json.message) || r.text)
+})
 
 $('#upload-form').addEventListener('submit', async (e) => {
   e.preventDefault()
   const f = e.target
   const q = new URLSearchParams({ title: f.title.value, version: f.version.value, type: f.type.value, checksumAlgorithm: f.checksumAlgorithm.value, fileName: f.file.files[0].name })
   if (f.url.checked) q.set('url', 'self')
-  const r = await api('POST', '/emu/packages?' + q, await f.file.files[0].arrayBuffer(), true)
+  const r = await api('POST', '/emu/packages?' + q, await f.file.files[0].arrayBuffer(), { raw: true })
   f.dataset.status = r.status
 })
+
+$('#add-device-form').addEventListener('submit', async (e) => {
+  e.preventDefault()
+  const f = e.target
+  const r = await api('POST', '/emu/devices', { name: f.name.value, ...(f.token.value ? { token: f.token.value } : {}) })
+  f.dataset.status = r.status
+  if (r.status >= 300) return alert((r.json && r.json.message) || r.text)
+  location.hash = enc(f.name.value)
+  f.reset()
+})
+
+window.addEventListener('hashchange', chooseDevice)
 
 function connect () {
   const es = new EventSource('/emu/events')
   es.addEventListener('snapshot', (e) => {
     const s = JSON.parse(e.data)
     $('#status').textContent = 'live'
-    $('#ports').textContent = `MQTT port ${s.mqtt}, HTTP port ${s.http}`
+    $('#status').className = 'on'
+    $('#ports').textContent = `MQTT port ${s.mqtt} · HTTP port ${s.http}`
     state.packages = s.packages
-    for (const d of s.devices) { state.devices.set(d.id, d); card(d) }
+    state.kinds = s.kinds
+    const ids = new Set(s.devices.map(d => d.id))
+    for (const id of state.devices.keys()) if (!ids.has(id)) { state.devices.delete(id); section(id)?.remove() }
+    for (const d of s.devices) { state.devices.set(d.id, d); showDevice(d) }
     renderPackages()
+    state.selected = null // chosen afresh: after a reconnect the charts and log load again
+    chooseDevice()
   })
-  es.addEventListener('device', (e) => { const d = JSON.parse(e.data); state.devices.set(d.id, d); card(d) })
-  es.addEventListener('deviceDeleted', (e) => { const { id } = JSON.parse(e.data); document.getElementById('dev-' + id)?.remove() })
+  es.addEventListener('device', (e) => {
+    const d = JSON.parse(e.data)
+    const fresh = !state.devices.has(d.id)
+    state.devices.set(d.id, d)
+    showDevice(d)
+    if (fresh && (!state.selected || decodeURIComponent(location.hash.slice(1)) === d.name)) chooseDevice()
+    else renderTabs()
+  })
+  es.addEventListener('telemetry', (e) => {
+    const t = JSON.parse(e.data)
+    if (t.id === state.selected && state.charts) state.charts.addPoints(t.points)
+  })
+  es.addEventListener('log', (e) => {
+    const l = JSON.parse(e.data)
+    if (l.id === state.selected && state.log) state.log.add(l.entries)
+  })
+  es.addEventListener('deviceDeleted', (e) => {
+    const { id } = JSON.parse(e.data)
+    state.devices.delete(id)
+    section(id)?.remove()
+    if (state.selected === id) { state.selected = null; chooseDevice() } else renderTabs()
+  })
   es.addEventListener('packages', (e) => { state.packages = JSON.parse(e.data); renderPackages() })
-  es.onerror = () => { $('#status').textContent = 'reconnecting…' }
+  es.onerror = () => { $('#status').textContent = 'reconnecting…'; $('#status').className = 'off' }
 }
 connect()
