@@ -75,6 +75,8 @@ function M.start(ctx)
   self.offline_since = self.started
   session.listeners.disconnect[#session.listeners.disconnect + 1] = function(why)
     self.offline_reason = core.mask(printable(why or "disconnected", TEXT_MAX))
+    if self.connected then self.offline_since, self.connected = self.clock(), false end
+    self.pending = true
   end
   if ctx.log.on_line then
     ctx.log.on_line(function(level, message)
