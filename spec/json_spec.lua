@@ -1,5 +1,5 @@
--- The wire JSON codec of tb.core (src/json.c), checked from Lua against contract.md "Values and
--- JSON", and against lua-cjson as an independent parser where it is installed.
+-- The wire JSON codec of tb.core (src/json.c), checked from Lua against the rules of the README's
+-- "tb.json.encode", and against lua-cjson as an independent parser where it is installed.
 local core = require "tb.core"
 local equal = require "spec.support.equal"
 local has_cjson, cjson = pcall(require, "cjson")

@@ -143,8 +143,38 @@ describe("hot reload", function()
     f:close()
     r:on_watch("x.lua")
     s:advance(100)
-    assert.is_true(s:generation() > 1)
+    assert.equal(2, s:generation())   -- the rejected version used up no number
     assert.equal(3, s:rpc("ver"))
+  end)
+
+  it("numbers only versions that went live, and says so when a save restores the running text", function()
+    local v1 = 'local tb = require "tb"\ntb.on_rpc("ver", function() return 1 end)\n'
+    local path = script(v1)
+    local s = testing.load(path)
+    assert.is_nil(s:reload('local tb = require "tb"\nerror("half-written")\n'))
+    assert.is_nil(s:reload('local tb = require "tb"\ntb.on_rpc("ver", function()\n'))
+    assert.equal(1, s:generation())
+    assert.is_true(s:reload(v1))   -- the text that runs, saved again
+    assert.truthy(s:logged("is back to the text of generation 1, which is running: nothing changed", "info"))
+    assert.equal(1, s:generation())
+    assert.is_true(s:reload(v1))   -- an unchanged save is skipped quietly
+    assert.truthy(s:logged("reload skipped: no loaded file changed", "debug"))
+    assert.is_true(s:reload('local tb = require "tb"\ntb.on_rpc("ver", function() return 2 end)\n'))
+    assert.equal(2, s:generation())
+    assert.truthy(s:logged("reloaded .*: generation 2 live %(file change, %d+ ms after the change%)", "info"))
+  end)
+
+  it("says SIGHUP on a reload by signal, not a file change", function()
+    local path = script('local tb = require "tb"\n')
+    local s = testing.load(path)
+    s:signal("HUP")
+    assert.truthy(s:logged("reloaded .*: generation 2 live %(SIGHUP; the same text as generation 1%)", "info"))
+    local f = assert(io.open(path, "w"))
+    f:write('local tb = require "tb"\ntb.on_rpc("v", function() return 3 end)\n')
+    f:close()
+    s:signal("HUP")
+    assert.truthy(s:logged("reloaded .*: generation 3 live %(SIGHUP%)$", "info"))
+    assert.is_nil(s:logged("after the change"))
   end)
 
   it("lets a running handler finish on the old code", function()
@@ -152,7 +182,8 @@ describe("hot reload", function()
       local tb = require "tb"
       tb.on_rpc("slow", function() tb.sleep(1000) return "old" end)
     ]]))
-    local _, id = s:rpc("slow")
+    s:rpc("slow")
+    local id = s.last_rpc_id
     s:reload([[
       local tb = require "tb"
       tb.on_rpc("slow", function() return "new" end)

@@ -5,7 +5,7 @@
  * Invariants:
  * - The text of a result is exactly the server's: Guava HashCode.toString(), two lowercase hex
  *   digits per byte of asBytes(). Guava keeps CRC32 and MURMUR3_32 as an int whose bytes it
- *   writes little-endian, and MURMUR3_128 as h1 then h2, each little-endian (protocol.md §7).
+ *   writes little-endian, and MURMUR3_128 as h1 then h2, each little-endian (docs/thingsboard.md §7).
  * - A hasher is open until its first final_hex; after that it only repeats the same text.
  * - MD5 and SHA-* come from libcrypto's EVP API; CRC32 and MurmurHash3 are written here, so
  *   nothing depends on zlib or on a murmur library's idea of byte order. */

@@ -29,7 +29,7 @@ void tb_hash_free(tb_hash *h);
 const char *tb_hash_algorithm(const tb_hash *h);
 
 /* 1 if the expected text (typed by a person or set by the server) names the computed hex
- * under protocol.md §7's rules, else 0 (also for an unsupported algorithm): blanks trimmed,
+ * under docs/thingsboard.md §7's rules, else 0 (also for an unsupported algorithm): blanks trimmed,
  * a 0x prefix and case ignored; for CRC32 and MURMUR3_32 either byte order, and missing
  * leading zero digits padded back. */
 int tb_hash_match(const char *algorithm, const char *computed_hex, const char *expected);

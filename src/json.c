@@ -1,5 +1,5 @@
 /* The wire JSON codec of tb.core: Lua values to RFC 8259 text and back, keeping Lua's types
- * exactly (contract.md "Values and JSON", protocol.md 4.2). It owns json_encode, json_decode,
+ * exactly (README "tb.json.encode", docs/thingsboard.md §4.2). It owns json_encode, json_decode,
  * json_null, json_array_mt and their C entries in json.h.
  *
  * Invariants:
@@ -250,8 +250,8 @@ static size_t c_number_text(char *text) {
 }
 
 /* A float in positional notation, always with a '.', never with an exponent: ThingsBoard
- * stores 1e+15 as LONG and 1e+20 as STRING, but 1000000000000000.0 as DOUBLE (protocol.md
- * 4.2). The digits are the shortest of %.15g..%.17g that read back as the same double, so
+ * stores 1e+15 as LONG and 1e+20 as STRING, but 1000000000000000.0 as DOUBLE (docs/thingsboard.md
+ * §4.2). The digits are the shortest of %.15g..%.17g that read back as the same double, so
  * the text is exact; the longest (denormals, DBL_MAX) is about 330 bytes.
  * tb_values: ThingsBoard also stores a number with more than 16 digits after the point as a
  * STRING (BigDecimal scale > 16), so telemetry and attributes get at most 16: exact for

@@ -1,4 +1,5 @@
-/* store.c: the durable outbox, an SQLite database in WAL mode in the state directory.
+/* store.c: the durable outbox, an SQLite database in WAL mode in the state directory, and
+ * the values a script keeps with tb.persist (table persist, in the same transactions).
  * A record is inserted, and deleted only when the broker acknowledged it. Inserts, deletions
  * and the high-water mark of what was sent are grouped into one transaction that Lua commits
  * when the handler that sent yields or ends, before the records are published (tb.session): a
@@ -21,6 +22,7 @@
 typedef struct {
   sqlite3 *db;
   sqlite3_stmt *insert, *next, *del, *sent_upto, *count, *oldest, *drop_oldest, *drop_before, *resend;
+  sqlite3_stmt *persist_all, *persist_put, *persist_del;
   int in_batch;
 } tb_store;
 
@@ -34,7 +36,9 @@ static const char *SCHEMA =
   "  payload BLOB NOT NULL, qos INTEGER NOT NULL, kind TEXT, points INTEGER, sent INTEGER DEFAULT 0);"
   /* sent_upto: the highest seq handed to a connection, one row updated per commit (the `sent`
    * column above is only read, from databases of versions that marked each record) */
-  "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);";
+  "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
+  /* tb.persist: the script's JSON values by key, written in the same batch as the outbox */
+  "CREATE TABLE IF NOT EXISTS persist(k TEXT PRIMARY KEY, v TEXT NOT NULL);";
 
 static tb_store *check_store(lua_State *L) {
   tb_store *s = luaL_checkudata(L, 1, STORE_MT);
@@ -50,7 +54,8 @@ static int db_error(lua_State *L, tb_store *s, const char *what) {
 
 static void store_close(tb_store *s) {
   sqlite3_stmt **stmts[] = {&s->insert, &s->next, &s->del, &s->sent_upto, &s->count, &s->oldest,
-                            &s->drop_oldest, &s->drop_before, &s->resend};
+                            &s->drop_oldest, &s->drop_before, &s->resend, &s->persist_all,
+                            &s->persist_put, &s->persist_del};
   for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++) {
     sqlite3_finalize(*stmts[i]);
     *stmts[i] = NULL;
@@ -95,6 +100,9 @@ static int l_store_open(lua_State *L) {
     {&s->drop_before, "DELETE FROM outbox WHERE created < ?"},
     {&s->resend, "SELECT count(*) FROM outbox WHERE sent = 1"
                  " OR seq <= (SELECT coalesce(max(v), 0) FROM meta WHERE k = 'sent_upto')"},
+    {&s->persist_all, "SELECT k, v FROM persist"},
+    {&s->persist_put, "INSERT INTO persist(k, v) VALUES(?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v"},
+    {&s->persist_del, "DELETE FROM persist WHERE k = ?"},
   };
   for (size_t i = 0; i < sizeof prep / sizeof prep[0]; i++) {
     if (sqlite3_prepare_v3(s->db, prep[i].sql, -1, SQLITE_PREPARE_PERSISTENT, prep[i].st, NULL) != SQLITE_OK) {
@@ -275,6 +283,48 @@ static int l_drop_before(lua_State *L) {
   return run_drop(L, s, s->drop_before, "cannot expire outbox records");
 }
 
+/* store:persist_all() -> {key = json_text, ...} | nil, err: what tb.persist holds on disk */
+static int l_persist_all(lua_State *L) {
+  tb_store *s = check_store(L);
+  sqlite3_stmt *st = s->persist_all;
+  lua_newtable(L);
+  int rc;
+  while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    lua_pushlstring(L, (const char *)sqlite3_column_text(st, 0), (size_t)sqlite3_column_bytes(st, 0));
+    lua_pushlstring(L, (const char *)sqlite3_column_text(st, 1), (size_t)sqlite3_column_bytes(st, 1));
+    lua_rawset(L, -3);
+  }
+  sqlite3_reset(st);
+  if (rc != SQLITE_DONE) return db_error(L, s, "cannot read persisted values");
+  return 1;
+}
+
+/* store:persist_put(key, json_text) / store:persist_delete(key) -> true | nil, err (in the
+ * batch: on disk at the next store:commit(), with the outbox records of the same handler run) */
+static int persist_write(lua_State *L, sqlite3_stmt *st, int with_value) {
+  tb_store *s = check_store(L);
+  size_t klen, vlen = 0;
+  const char *key = luaL_checklstring(L, 2, &klen);
+  const char *value = with_value ? luaL_checklstring(L, 3, &vlen) : NULL;
+  if (batch_begin(s) != SQLITE_OK) return db_error(L, s, "cannot persist value");
+  sqlite3_bind_text(st, 1, key, (int)klen, SQLITE_STATIC);
+  if (with_value) sqlite3_bind_text(st, 2, value, (int)vlen, SQLITE_STATIC);
+  int rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  sqlite3_clear_bindings(st);
+  if (rc != SQLITE_DONE) return db_error(L, s, "cannot persist value");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_persist_put(lua_State *L) {
+  return persist_write(L, check_store(L)->persist_put, 1);
+}
+
+static int l_persist_delete(lua_State *L) {
+  return persist_write(L, check_store(L)->persist_del, 0);
+}
+
 static int l_close(lua_State *L) {
   store_close(luaL_checkudata(L, 1, STORE_MT));
   return 0;
@@ -283,7 +333,9 @@ static int l_close(lua_State *L) {
 int tb_store_open(lua_State *L) {
   static const luaL_Reg methods[] = {{"push", l_push}, {"next", l_next}, {"ack", l_ack},
     {"commit", l_commit}, {"stats", l_stats},
-    {"drop_oldest", l_drop_oldest}, {"drop_before", l_drop_before}, {"close", l_close},
+    {"drop_oldest", l_drop_oldest}, {"drop_before", l_drop_before},
+    {"persist_all", l_persist_all}, {"persist_put", l_persist_put}, {"persist_delete", l_persist_delete},
+    {"close", l_close},
     {"__gc", l_close}, {"__close", l_close}, {NULL, NULL}};
   static const luaL_Reg fns[] = {{"store_open", l_store_open}, {NULL, NULL}};
   tb_core_register(L, STORE_MT, methods, fns);

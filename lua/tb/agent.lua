@@ -12,6 +12,7 @@ local router = require "tb.router"
 local sqlite_outbox = require "tb.sqlite_outbox"
 local status_file = require "tb.status"
 local systemd = require "tb.systemd"
+local persist = require "tb.persist"
 
 local M = {}
 
@@ -26,6 +27,7 @@ function M.build(core, config, log)
     outbox = config.outbox, clock = ctx.clock,
     generation = function() return ctx.current end,
     on_fatal = function(code, msg) ctx.fatal = ctx.fatal or {code = code, message = msg} end}
+  ctx.persist = persist.attach(ctx)
   ctx.sched:timer(60000, function() ctx.session.outbox:expire() end, 60000, nil, "outbox expiry")
   ctx.request_timeout = config.request_timeout
   ctx.rpc_timeout = config.rpc_timeout
@@ -64,6 +66,7 @@ function M.run(core, config, log)
   if sok and not config.memory_outbox then
     config.outbox = M.open_outbox(core, config, log, config.state_dir .. "/outbox.db")
   end
+  if sok then config.persist_db, config.persist_db_owned = persist.open_db(core, config, log) end
   local ctx = M.build(core, config, log)
   local gen
   gen, err = ctx.loader:load(config.script)
@@ -103,6 +106,7 @@ function M.run(core, config, log)
     session.outbox:commit()
     status:tick()
   end
+  ctx.persist:close()
   session.outbox:close()
   if ctx.fatal and exit_code == 0 then exit_code, exit_message = ctx.fatal.code, ctx.fatal.message end
   if ctx.script_exit and exit_code == 0 then exit_code, exit_message = ctx.script_exit.code, ctx.script_exit.message end

@@ -1,8 +1,11 @@
 -- tb.check: `tbagent check SCRIPT.lua` loads the script with the same loader as `run`,
--- against an offline session (nothing connects, no timer runs), and reports what it finds:
--- every misuse of the tb API at load (each as file:line: message), then the error that
--- stopped the load, if one did.
+-- against an offline session (nothing connects, no timer runs, tb.persist is in memory), and
+-- reports what it finds: every misuse of the tb API at load (each as file:line: message), the
+-- error that stopped the load, if one did, and every tb.<name> that does not exist anywhere
+-- in the script and the modules it requires, handlers included (tb.lint, without running them).
 local agent = require "tb.agent"
+local lint = require "tb.lint"
+local loader = require "tb.loader"
 
 local M = {}
 
@@ -14,6 +17,29 @@ function M.run(core, path, log)
   local gen, err = ctx.loader:load(path)
   local problems = ctx.problems
   if not gen then problems[#problems + 1] = err end
+  local text = gen and gen.text or loader.read_file(path)
+  if text then
+    local seen = {}
+    for _, p in ipairs(problems) do seen[p] = true end
+    for _, p in ipairs(lint.check(path, text)) do
+      if not seen[p] then
+        seen[p] = true
+        problems[#problems + 1] = p
+      end
+    end
+  end
+  -- in file and line order, the script first, then its modules
+  local order = {}
+  for i, p in ipairs(problems) do
+    local file, line = p:match("^(.-):(%d+):")
+    order[p] = {file == path and "" or (file or "~"), tonumber(line) or 0, i}
+  end
+  table.sort(problems, function(a, b)
+    local x, y = order[a], order[b]
+    if x[1] ~= y[1] then return x[1] < y[1] end
+    if x[2] ~= y[2] then return x[2] < y[2] end
+    return x[3] < y[3]
+  end)
   if #problems == 1 then
     io.stderr:write("tbagent: ", path, ": ", problems[1], "\n")
     return 1

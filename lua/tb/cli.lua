@@ -10,7 +10,9 @@ local M = {}
 -- synopsis, what it does
 local COMMANDS = {
   {"run SCRIPT.lua [options]", "connect to ThingsBoard and run a device script"},
-  {"check SCRIPT.lua", "load the script against an offline session"},
+  {"check SCRIPT.lua", "load the script against an offline session and find every tb.<name> that does not exist"},
+  {"test [SPEC|DIR ...]", "run Busted specs on the agent's own Lua 5.4 and tb library (busted options pass through)"},
+  {"init DIR", "a new script folder: device.lua, a spec, .busted and .luacheckrc; never overwrites"},
   {"status [NAME] [--state-dir DIR] [--json]", "what the agent running on a state directory is doing"},
   {"--help | --help-man | --version", "this text, the manual page (roff), the version"},
 }
@@ -78,7 +80,7 @@ local STATUS_EXIT_CODES = {
 -- files the agent reads and writes (STATE: the --state-dir)
 local FILES = {
   {"STATE/status.json", "what the agent is doing, rewritten every 15 s and at each change; read by tbagent status"},
-  {"STATE/outbox.db", "the durable outbox: data accepted while offline (SQLite)"},
+  {"STATE/outbox.db", "the durable outbox (data accepted while offline) and the values of tb.persist (SQLite)"},
   {"STATE/firmware/, STATE/software/", "update downloads and the installed version (current.json)"},
   {"/etc/tbagent/NAME.lua", "the script of the systemd instance tbagent@NAME"},
   {"/etc/tbagent/NAME.env", "its options as TB_* variables (mode 0600: it holds the token)"},
@@ -134,6 +136,7 @@ local function help_text()
   for _, sig in ipairs(SIGNALS) do lines[#lines + 1] = string.format("%s: %s", sig[1], sig[2]) end
   lines[#lines + 1] = "exit status: " .. codes_text(EXIT_CODES)
   lines[#lines + 1] = "status exit status: " .. codes_text(STATUS_EXIT_CODES)
+  lines[#lines + 1] = "(check: 1 when it finds a problem; test: Busted's status, 1 when a spec fails)"
   return table.concat(lines, "\n") .. "\n"
 end
 
@@ -227,6 +230,10 @@ function M.parse(argv, getenv)
     if status_by_name[name] then return nil, "--" .. name .. " is an option of tbagent status" end
   end
   if res.command ~= "run" and res.command ~= "check" then
+    -- test and init are handled before options are parsed (M.main); here they are misplaced
+    if res.command == "test" or res.command == "init" then
+      return nil, res.command .. " must come first: tbagent " .. res.command .. " ..."
+    end
     return nil, "unknown command " .. res.command
   end
   if not res.script then return nil, "missing SCRIPT.lua after " .. res.command end
@@ -329,6 +336,15 @@ end
 -- main(argv) -> exit status
 function M.main(argv)
   local core = require "tb.core"
+  -- test hands everything after it to Busted; init takes one folder
+  if argv[1] == "test" then
+    return require("tb.test_command").run(table.move(argv, 2, #argv, 1, {}))
+  elseif argv[1] == "init" then
+    if not argv[2] or argv[3] or argv[2]:sub(1, 1) == "-" then
+      return fail(core, 2, "usage: tbagent init DIR (one folder, created if missing)")
+    end
+    return require("tb.init_command").run(core, argv[2])
+  end
   local parsed, err = M.parse(argv)
   if not parsed then return fail(core, 2, err .. "; see tbagent --help") end
   if parsed.command == "help" then

@@ -1,6 +1,9 @@
 -- tb: the module a device script requires. Each loaded version of a script (a generation)
 -- gets its own tb table, so registrations land in that generation and a hot reload can swap
 -- all of them at once. Misuse raises with Lua's wording; the world failing returns nil, err.
+-- Reading a name the API does not have raises too, with the closest real one (tb.strict).
+local strict = require "tb.strict"
+
 local M = {}
 
 local function argcheck(cond, n, fname, msg)
@@ -205,7 +208,7 @@ function M.bind(ctx, gen)
       periodic and "interval must be at least 1 ms" or "delay must be >= 0")
     typecheck(fn, 2, fname, "function")
     ms = math.floor(ms)
-    local t = sched:timer(ms, fn, periodic and ms or nil, gen, "tb." .. fname .. " handler")
+    local t = sched.strict_timer(sched:timer(ms, fn, periodic and ms or nil, gen, "tb." .. fname .. " handler"))
     if gen.retired then t:cancel() end
     return t
   end
@@ -282,13 +285,19 @@ function M.bind(ctx, gen)
   function tb.now() return ctx.clock() end
 
   tb.state = ctx.state
-  tb.log = ctx.script_log or ctx.log
-  tb.json = {
+  local log = ctx.script_log or ctx.log
+  tb.log = {}
+  for k, v in pairs(log) do
+    if type(v) == "function" then tb.log[k] = v end
+  end
+  strict.table("tb.log", tb.log)
+  tb.json = strict.table("tb.json", {
     encode = encode, decode = decode, null = core.json_null,
     array = function(t) return setmetatable(t or {}, array_mt) end,
-  }
+  })
+  if ctx.persist then tb.persist = strict.table("tb.persist", ctx.persist:api(gen)) end
   tb.version = core.version
-  return tb
+  return strict.table("tb", tb)
 end
 
 return M

@@ -3,13 +3,14 @@
 -- committed, in one assignment. Sends made while loading are held and go out at commit, so
 -- a rejected version has sent nothing.
 local api = require "tb"
+local strict = require "tb.strict"
 
 local M = {}
 M.__index = M
 
 -- new(ctx) -> loader. ctx as for tb.bind, plus load_budget_ms and set_current(gen).
 function M.new(ctx)
-  return setmetatable({ctx = ctx, next_id = 1}, M)
+  return setmetatable({ctx = ctx}, M)
 end
 
 local function read_file(path)
@@ -50,7 +51,7 @@ end
 -- instead of raised, so `tbagent check` goes on and reports every such problem.
 function M.collecting(tbapi, problems)
   local out = {}
-  for k, f in pairs(tbapi) do
+  for k, f in next, tbapi do
     if type(f) == "function" then
       out[k] = function(...)
         local res = table.pack(pcall(f, ...))
@@ -64,7 +65,7 @@ function M.collecting(tbapi, problems)
       out[k] = f
     end
   end
-  return out
+  return strict.table("tb", out)
 end
 
 -- load(path [, text]) -> gen | nil, err ("file:line: message")
@@ -75,14 +76,16 @@ function M:load(path, text)
     if not text then return nil, "cannot read script: " .. tostring(err) end
   end
   local ctx = self.ctx
-  local gen = api.new_generation(self.next_id)
-  self.next_id = self.next_id + 1
-  gen.loading, gen.held, gen.path, gen.text = true, {}, path, text
+  -- generations number the versions that went live: a rejected one does not use up a number
+  local gen = api.new_generation((ctx.current and ctx.current.id or 0) + 1)
+  gen.loading, gen.held, gen.path, gen.text, gen.persist_held = true, {}, path, text, {}
   local tbapi = api.bind(ctx, gen)
   if ctx.problems then tbapi = M.collecting(tbapi, ctx.problems) end
   gen.api = tbapi
   local dir = dirname(path)
-  local env = setmetatable({}, {__index = _G})
+  -- `tb` is also a global of the script (the same table as require "tb"): used that way,
+  -- luacheck checks every tb.<name> against the standard `tbagent init` writes
+  local env = setmetatable({tb = tbapi}, {__index = _G})
   gen.env = env
   -- os.exit would end the process in the middle of a loop iteration, with messages in
   -- flight; in a script it asks for the clean shutdown of SIGTERM, with its status.
@@ -123,7 +126,7 @@ function M:load(path, text)
   if not ok then
     -- a rejected version never runs: the timers its top level made before failing would
     -- otherwise fire later and send from code that was refused
-    gen.loading, gen.retired, gen.held = false, true, nil
+    gen.loading, gen.retired, gen.held, gen.persist_held = false, true, nil, nil
     ctx.sched:cancel_gen(gen)
     return nil, err
   end
@@ -166,6 +169,9 @@ function M:commit(gen)
   gen.loading = false
   local held = gen.held
   gen.held = nil
+  local persisted = gen.persist_held
+  gen.persist_held = nil
+  if persisted and next(persisted) and ctx.persist then ctx.persist:apply(persisted) end
   for _, rec in ipairs(held) do
     local ok, err = ctx.session:submit(rec.topic, rec.payload, rec.kind, rec.points)
     if not ok then ctx.log.warn("held %s not sent: %s", rec.kind, err) end

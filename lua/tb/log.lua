@@ -6,11 +6,12 @@ local LEVELS = {debug = 10, info = 20, warn = 30, error = 40}
 M.LEVELS = LEVELS
 
 -- new(writer, level) -> logger; writer(level_name, message) does the output.
--- logger.on_line(fn): fn(level, message) also sees every line written (tb.status keeps the
--- last error); level is "debug", "info", "warn" or "error".
+-- logger.taps: functions fn(level, message) that also see every line written (tb.status keeps
+-- the last error); level is "debug", "info", "warn" or "error". A table, not a function: a
+-- script's tb.log gets the logger's functions only.
 function M.new(writer, level)
   local taps = {}
-  local self = {threshold = LEVELS[level or "info"] or LEVELS.info}
+  local self = {threshold = LEVELS[level or "info"] or LEVELS.info, taps = taps}
   local function emit(name, upper)
     return function(fmt, ...)
       if LEVELS[name] < self.threshold then return end
@@ -40,7 +41,6 @@ function M.new(writer, level)
     self.threshold = LEVELS[name]
   end
   function self.enabled(name) return LEVELS[name] >= self.threshold end
-  function self.on_line(fn) taps[#taps + 1] = fn end
   return self
 end
 

@@ -83,7 +83,13 @@ function M:reload(reason)
     end
   end
   if not changed and reason == "file change" then
-    self.log.debug("reload skipped: no loaded file changed")
+    if self.rejected_since_live then
+      -- the save put back the text that runs: the rejected one is gone, nothing to load
+      self.rejected_since_live = false
+      self.log.info("%s is back to the text of generation %d, which is running: nothing changed", live.path, live.id)
+    else
+      self.log.debug("reload skipped: no loaded file changed")
+    end
     return true
   end
   local gen, err
@@ -95,6 +101,7 @@ function M:reload(reason)
   end
   if not gen then
     self.rejected = self.rejected + 1
+    self.rejected_since_live = true
     self.log.error("reload rejected: %s (generation %d keeps running)", tostring(err):match("^[^\n]*"), live.id)
     return nil, err
   end
@@ -106,8 +113,14 @@ function M:reload(reason)
     self.sched:spawn("current attributes", function() session:fetch_current() end)
   end
   self.reloads = self.reloads + 1
-  local took = since and (self.sched.now() - since) or 0
-  self.log.info("reloaded %s: generation %d live (%s, %d ms after the change)", live.path, gen.id, reason, took)
+  self.rejected_since_live = false
+  if reason == "file change" then
+    local took = since and (self.sched.now() - since) or 0
+    self.log.info("reloaded %s: generation %d live (file change, %d ms after the change)", live.path, gen.id, took)
+  else
+    self.log.info("reloaded %s: generation %d live (%s%s)", live.path, gen.id, reason,
+      changed and "" or "; the same text as generation " .. live.id)
+  end
   -- a new policy may want a package that is already offered
   if ctx.firmware then ctx.firmware:evaluate() end
   if ctx.software then ctx.software:evaluate() end

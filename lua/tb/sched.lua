@@ -2,6 +2,8 @@
 -- park it under a key (a request id or a timer) and only the loop resumes it. Timers live in
 -- a binary heap keyed on (due, seq); a cancelled timer is dropped lazily when it surfaces.
 -- A handler that runs too long without yielding is cut off by an instruction-count hook.
+local strict = require "tb.strict"
+
 local M = {}
 
 local co_create, co_resume, co_status, co_running = coroutine.create, coroutine.resume,
@@ -20,6 +22,22 @@ end
 
 function Timer:__tostring()
   return string.format("tb.timer (%s%d ms)", self.period and "every " or "after ", self.period or self.delay)
+end
+
+-- A timer a script holds (tb.every, tb.after) raises when the script reads a name it does not
+-- have (t:cancle()); the scheduler's own fields that may be nil read as nil.
+local TIMER_FIELDS = {due = true, seq = true, fn = true, period = true, delay = true, gen = true,
+  name = true, cancelled = true, running = true, wake_key = true, system = true}
+local ScriptTimer = {__tostring = Timer.__tostring, __name = "tb.timer"}
+ScriptTimer.__index = function(_, k)
+  local v = Timer[k]
+  if v ~= nil or TIMER_FIELDS[k] then return v end
+  error(strict.unknown("timer", k, {"cancel"}, ":"), 2)
+end
+
+-- strict_timer(t) -> t, as a script's timer (above)
+function M.strict_timer(t)
+  return setmetatable(t, ScriptTimer)
 end
 
 -- new{now=fn, log=logger, budget_ms=1000, budget_now=fn} -> scheduler
@@ -151,8 +169,14 @@ end
 
 -- For an error object that is not a string, where it was raised (report logs it).
 local object_traceback
+-- Whether the script raised the last error itself, with error() or assert() called from its
+-- own code: an RPC handler's way of answering with an error. A runtime error (indexing nil,
+-- a misspelt tb name, bad arguments to a library function, the budget cut-off) is not.
+local raised_by_script = false
 
 local function traceback(err)
+  local f = getinfo(2, "f")
+  raised_by_script = f ~= nil and (f.func == error or f.func == assert) and not agent_code(3)
   if type(err) ~= "string" then
     object_traceback = debug.traceback("", 2)
     return err
@@ -162,8 +186,9 @@ end
 exempt[traceback] = true
 
 -- Reports a handler's failure once, with file:line and a traceback. An error object's
--- __tostring may itself fail.
-local function report(self, info, err)
+-- __tostring may itself fail. self.on_failure(info, message, raised_by_script), when set,
+-- sees every failure (tb.testing fails the spec with it).
+local function report(self, info, err, by_script)
   local msg = err
   if type(err) ~= "string" then
     local ok, text = pcall(tostring, err)
@@ -172,6 +197,7 @@ local function report(self, info, err)
   end
   object_traceback = nil
   self.log.error("%s failed: %s", info.name, msg)
+  if self.on_failure then self.on_failure(info, msg, by_script or false) end
   if info.on_error then info.on_error(err) end
 end
 
@@ -195,20 +221,24 @@ function M:resume(co, ...)
 end
 
 -- spawn(name, fn, ...) -> coroutine: runs fn(...) as a handler now, until it yields or ends.
--- opts (optional, as fn = {fn=, gen=, on_error=, on_done=}) lets callers see errors/results.
+-- opts (optional, as fn = {fn=, gen=, on_error=, on_done=, answers_errors=}) lets callers see
+-- errors/results; answers_errors: an error the script raises itself is the handler's answer
+-- (an RPC's {"error": ...}), not a failure of the script.
 -- finish(self, info, on_done, ok, ...): the end of a handler, with what xpcall returned
 local function finish(self, info, on_done, ok, ...)
   sethook()   -- the handler is over: the budget no longer applies (see set_budget)
+  -- before its result goes anywhere (an RPC answer): what it wrote to tb.persist is on disk
+  if self.on_handler_end then self.on_handler_end() end
   if ok then
     if on_done then on_done(...) end
   else
-    report(self, info, (...))
+    report(self, info, (...), raised_by_script)
   end
 end
 
 function M:spawn(name, fn, ...)
   local spec = type(fn) == "table" and fn or {fn = fn}
-  local info = {name = name, gen = spec.gen, on_error = spec.on_error}
+  local info = {name = name, gen = spec.gen, on_error = spec.on_error, answers_errors = spec.answers_errors}
   local on_done, handler = spec.on_done, spec.fn
   local function body(...)
     return finish(self, info, on_done, xpcall(handler, traceback, ...))
@@ -228,7 +258,7 @@ end
 function M:call(name, fn, ...)
   local res = table.pack(xpcall(fn, traceback, ...))
   if res[1] then return unpack(res, 1, res.n) end
-  report(self, {name = name}, res[2])
+  report(self, {name = name}, res[2], raised_by_script)
   local first = type(res[2]) == "string" and res[2]:match("^[^\n]*") or tostring(res[2])
   return false, first
 end

@@ -614,7 +614,7 @@ function M:on_rpc_request(id, payload)
   end
   self.log.debug("RPC %s: %s", id, method)
   self.sched:spawn("RPC " .. method, {
-    fn = fn, gen = gen,
+    fn = fn, gen = gen, answers_errors = true,
     on_done = function(...)
       local n = select("#", ...)
       local result, rerr = ...

@@ -78,8 +78,8 @@ function M.start(ctx)
     if self.connected then self.offline_since, self.connected = self.clock(), false end
     self.pending = true
   end
-  if ctx.log.on_line then
-    ctx.log.on_line(function(level, message)
+  if ctx.log.taps then
+    table.insert(ctx.log.taps, function(level, message)
       if level ~= "warn" and level ~= "error" then return end
       self.last_error = {at = self.clock(), level = level, message = core.mask(printable(message, TEXT_MAX))}
       self.pending = true

@@ -101,8 +101,38 @@ local function fake_core(s)
   return core
 end
 
--- load(path [, opts]) -> session. opts: {config = {...} overrides, echo_logs = bool,
--- wall = start wall clock ms, budget_ms = handler budget}
+-- Where a spec called tb.testing from: the first frame outside the tb library, so a failure
+-- points at the spec's line
+local OWN_SRC = (debug.getinfo(1, "S").source or ""):match("^(@.*/)[^/]*$")
+
+local function spec_level()
+  local level = 3
+  while true do
+    local info = debug.getinfo(level, "S")
+    if not info then return 1 end
+    if info.what ~= "C" and not (OWN_SRC and info.source:sub(1, #OWN_SRC) == OWN_SRC) then
+      return level - 1
+    end
+    level = level + 1
+  end
+end
+
+-- script_frames(traceback) -> the traceback's lines that are the script's own (not the tb
+-- library's, not C), indented
+local function script_frames(text)
+  local out = {}
+  for line in text:gmatch("[^\n]+") do
+    if line:find("^%s") and not line:find("[C]", 1, true) and not line:find("lua/tb/", 1, true)
+      and not line:find("(...tail calls...)", 1, true) then
+      out[#out + 1] = "  " .. line:gsub("^%s+", "")
+    end
+  end
+  return out
+end
+
+-- load(path [, opts]) -> session. opts: {config = {...} overrides, echo_logs = bool (every log
+-- line also goes to stderr as it is written), persist = {key = value} (what tb.persist holds at
+-- start), wall = start wall clock ms, budget_ms = handler budget, log_level = "debug"}
 function M.load(path, opts)
   opts = opts or {}
   local s = setmetatable({
@@ -111,12 +141,14 @@ function M.load(path, opts)
     packages = {}, http_files = {}, req_sizes = {}, commands = {},
     rpc_responses = {}, attribute_answers = {}, rpc_answers = {}, next_conn = 0,
     next_rpc_id = 0, server = {client = {}, shared = {}}, echo_logs = opts.echo_logs,
+    errors = {}, expected_errors = {}, unexpected = {},
   }, Session)
   local core = fake_core(s)
   local config = {script = path, host = "tb.testing", port = 1883, token = "testing",
     session_limits = false, state_dir = opts.state_dir or (os.tmpname() .. ".tbagent"),
     fw_chunk_timeout = 10000, handler_budget = opts.budget_ms or 1000, budget_clock = real_ms,
     backoff_min = 1000, backoff_max = 60000, request_timeout = 10000, rpc_timeout = 60000}
+  config.persist = opts.persist
   for k, v in pairs(opts.config or {}) do config[k] = v end
   s.config = config
   s.core = core
@@ -138,11 +170,51 @@ function M.load(path, opts)
     end
   end
   s.ctx, s.sched, s.session = ctx, ctx.sched, ctx.session
+  ctx.sched.on_failure = function(info, message, by_script) s:on_failure(info, message, by_script) end
+  -- s.persist: tb.persist as the script sees it once live (writes go straight to the store)
+  s.persist = ctx.persist:api({loading = false})
   local gen, err = ctx.loader:load(path)
   if not gen then error(err, 2) end
   ctx.loader:commit(gen)
   s:pump()
   return s
+end
+
+-- on_failure(info, message, by_script): a handler failed. An RPC handler's own error() is its
+-- answer; any other failure fails the spec (at the end of the call that ran the handler)
+-- unless s:expect_error declared it.
+function Session:on_failure(info, message, by_script)
+  if info.answers_errors and by_script then return end
+  local first = message:match("^[^\n]*")
+  local entry = {handler = info.name, message = first, traceback = message, expected = false}
+  for _, pattern in ipairs(self.expected_errors) do
+    if first:find(pattern) then entry.expected = true break end
+  end
+  self.errors[#self.errors + 1] = entry
+  if not entry.expected then self.unexpected[#self.unexpected + 1] = entry end
+end
+
+-- expect_error([pattern]) -> self: handler errors whose message matches the Lua pattern (any
+-- error without one) are expected from now on: they no longer fail the spec. Every handler
+-- error, expected or not, is in s.errors as {handler=, message=, traceback=, expected=}.
+function Session:expect_error(pattern)
+  assert(pattern == nil or type(pattern) == "string", "expect_error([pattern]) takes a Lua pattern")
+  self.expected_errors[#self.expected_errors + 1] = pattern or ""
+  return self
+end
+
+-- raise_failures(): the handler errors no spec expected, as one error at the spec's line
+function Session:raise_failures()
+  local list = self.unexpected
+  if #list == 0 then return end
+  self.unexpected = {}
+  local lines = {}
+  for _, e in ipairs(list) do
+    lines[#lines + 1] = string.format("%s failed: %s", e.handler, e.message)
+    for _, frame in ipairs(script_frames(e.traceback)) do lines[#lines + 1] = frame end
+  end
+  lines[#lines + 1] = "(a handler error fails the spec; s:expect_error(pattern) declares one the spec expects)"
+  error("tb.testing: " .. table.concat(lines, "\n"), spec_level())
 end
 
 function Session:queue(kind, a, b, c, s1, s2)
@@ -158,7 +230,7 @@ function Session:pump()
       if not ok then error("tb.testing: internal error of the agent: " .. tostring(err), 2) end
     else
       local due = self.sched:next_due()
-      if due ~= 0 then return end
+      if due ~= 0 then return self:raise_failures() end
       self.sched:run_due()
     end
   end
@@ -289,11 +361,29 @@ end
 local ALGORITHMS = {MD5 = true, SHA256 = true, SHA384 = true, SHA512 = true, CRC32 = true,
   MURMUR3_32 = true, MURMUR3_128 = true}
 
+-- why_nothing(...) -> why an offer led to no state at all (result.reason of offer_firmware)
+local function why_nothing(s, updater, kind, info, log_from)
+  for i = log_from + 1, #s.logs do
+    local why = s.logs[i].message:match("declined by the script(.*)$")
+    if why then return "declined by accept" .. why end
+  end
+  local policy = kind == "fw" and "firmware" or "software"
+  if not updater.policy() then
+    return string.format("no offer taken: the script has no tb.%s{} policy", policy)
+  end
+  local cur = updater:current() or {}
+  if cur.title == info.title and cur.version == info.version then
+    return string.format("no offer: %s %s is the current %s", info.title, info.version, policy)
+  end
+  return "no offer taken (a package that failed before is not tried again until another is assigned)"
+end
+
 -- offer_firmware(info, bytes) -> result: assigns a package the way ThingsBoard does (the
 -- fw_* shared attributes) and runs the script's policy against it to the end. info:
 -- {title=, version=, checksum_algorithm="SHA256", checksum=(computed if absent), url=,
--- kind="fw"|"sw", expire_at_chunk=} -> {state=, states={...}, error=, installed=bool}: the
--- <kind>_state and <kind>_error telemetry the server received for it
+-- kind="fw"|"sw", expire_at_chunk=} -> {state=, states={...}, error=, installed=bool, reason=}:
+-- the <kind>_state and <kind>_error telemetry the server received for it; reason says why
+-- there was none (declined by accept, no offer)
 function Session:offer_firmware(info, bytes)
   assert(type(info) == "table" and info.title and info.version, "offer_firmware needs {title=, version=}")
   bytes = bytes or ""
@@ -321,6 +411,7 @@ function Session:offer_firmware(info, bytes)
   for _, k in ipairs({"title", "version", "tag", "size", "checksum", "checksum_algorithm", "url"}) do
     if attrs[p .. k] == nil and self.server.shared[p .. k] ~= nil then gone[#gone + 1] = p .. k end
   end
+  local log_from = #self.logs
   queue_push(self, attrs)
   if #gone > 0 then queue_delete(self, gone) end
   self:pump()
@@ -336,7 +427,8 @@ function Session:offer_firmware(info, bytes)
     self:advance(100)
   end
   return {state = states[#states], states = states, error = last_error,
-    installed = states[#states] == "UPDATED"}
+    installed = states[#states] == "UPDATED",
+    reason = #states == 0 and why_nothing(self, updater, kind, info, log_from) or nil}
 end
 
 -- connect(): the server accepts the connection; on_connect handlers run.
@@ -391,18 +483,19 @@ function Session:advance(ms)
   return self
 end
 
--- rpc(method, params) -> response, id: a server-side RPC; the response is the decoded JSON
--- the agent sent back (nil when the handler sent none, or has not answered yet: advance the
--- clock and read s.rpc_responses[id]).
+-- rpc(method, params) -> response: a server-side RPC; the response is the decoded JSON the
+-- agent sent back (nil when the handler sent none, or has not answered yet: advance the clock
+-- and read s.rpc_responses[s.last_rpc_id]).
 function Session:rpc(method, params)
   assert(type(method) == "string", "rpc(method, params) needs a method name")
   ensure_online(self)
   local id = self.next_rpc_id
   self.next_rpc_id = id + 1
+  self.last_rpc_id = id
   local payload = assert(self.core.json_encode({method = method, params = params}))
   self:queue("message", self.session.conn_id, 1, 0, "v1/devices/me/rpc/request/" .. id, payload)
   self:pump()
-  return self.rpc_responses[id], id
+  return self.rpc_responses[id]
 end
 
 -- push_attributes(changes) / delete_attributes(keys): shared attribute updates.
@@ -485,8 +578,47 @@ function Session:state()
   return self.ctx.state
 end
 
--- Assertions for specs, registered with luassert when it is there (under Busted):
+-- persisted() -> {key = value}: what tb.persist holds now; testing.load(path, {persist =
+-- s:persisted()}) starts the script again as after a restart
+function Session:persisted()
+  return self.ctx.persist:snapshot()
+end
+
+-- render(v) -> v as short readable Lua text, keys sorted ({humidity = 40.5, temperature = 21.5})
+local function render(v, depth)
+  depth = depth or 0
+  if type(v) == "string" then return string.format("%q", v) end
+  if type(v) ~= "table" then return tostring(v) end
+  if depth > 3 then return "{...}" end
+  local keys, n = {}, #v
+  for k in pairs(v) do
+    if not (math.type(k) == "integer" and k >= 1 and k <= n) then keys[#keys + 1] = k end
+  end
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  local parts = {}
+  for i = 1, n do parts[#parts + 1] = render(v[i], depth + 1) end
+  for _, k in ipairs(keys) do
+    local name = type(k) == "string" and k:match("^[%a_][%w_]*$") and k or "[" .. render(k) .. "]"
+    parts[#parts + 1] = name .. " = " .. render(v[k], depth + 1)
+  end
+  return "{" .. table.concat(parts, ", ") .. "}"
+end
+M.render = render
+
+-- listing(entries, show, max) -> the last `max` entries, one per line
+local function listing(entries, show, max)
+  if #entries == 0 then return "  (nothing)" end
+  local lines = {}
+  local first = math.max(1, #entries - max + 1)
+  if first > 1 then lines[1] = string.format("  ... %d earlier", first - 1) end
+  for i = first, #entries do lines[#lines + 1] = "  " .. show(entries[i]) end
+  return table.concat(lines, "\n")
+end
+
+-- Assertions for specs, registered with luassert when it is there (under Busted). Each says
+-- what was expected and what happened:
 --   assert.sent_telemetry(s, {temperature = 21.5})  -- some entry has these values
+--   assert.sent_attributes(s, {setpoint = 21.5})    -- some send_attributes had these values
 --   assert.rpc_error(s, "method", params, "pattern")  -- the RPC answered {"error": ...}
 --   assert.fw_state("UPDATED", result)               -- offer_firmware's final state
 local function register_assertions()
@@ -499,38 +631,60 @@ local function register_assertions()
     for k, v in pairs(want) do if not subset(v, got[k]) then return false end end
     return true
   end
-  local function sent_telemetry(_, args)
-    local s, want = args[1], args[2]
-    for _, e in ipairs(s.telemetry) do
-      if subset(want, e.values) then return true end
-    end
-    return false
+  -- plain(args, ...) : the assertion's message arguments, as they are (no luassert formatting)
+  local function plain(args, ...)
+    local n = select("#", ...)
+    for i = 1, math.max(n, args.n or #args) do args[i] = i <= n and select(i, ...) or nil end
+    args.n, args.nofmt = n, {}
+    for i = 1, n do args.nofmt[i] = true end
   end
-  say:set("assertion.sent_telemetry.positive", "Expected telemetry containing:\n%s")
-  say:set("assertion.sent_telemetry.negative", "Expected no telemetry containing:\n%s")
-  luassert:register("assertion", "sent_telemetry", function(state, args)
-    args.nofmtargs = nil
-    local r = sent_telemetry(state, args)
-    table.remove(args, 1)
-    args.n = 1
-    return r
-  end, "assertion.sent_telemetry.positive", "assertion.sent_telemetry.negative")
 
-  say:set("assertion.rpc_error.positive", "Expected RPC %s to answer an error matching %s")
-  say:set("assertion.rpc_error.negative", "Expected RPC %s not to answer an error matching %s")
+  local function sent_assertion(name, what, field, show)
+    say:set("assertion." .. name .. ".positive", "Expected " .. what .. " containing:\n  %s\n%s")
+    say:set("assertion." .. name .. ".negative", "Expected no " .. what .. " containing:\n  %s\n%s")
+    luassert:register("assertion", name, function(state, args)
+      local s, want = args[1], args[2]
+      assert(type(s) == "table" and s[field], "assert." .. name .. "(s, values): s is the session of testing.load")
+      local found
+      for _, e in ipairs(s[field]) do
+        if subset(want, field == "telemetry" and e.values or e) then found = e break end
+      end
+      local detail = found and ("it was sent: " .. show(found))
+        or string.format("sent (%d):\n%s", #s[field], listing(s[field], show, 20))
+      plain(args, render(want), detail)
+      return found ~= nil
+    end, "assertion." .. name .. ".positive", "assertion." .. name .. ".negative")
+  end
+  sent_assertion("sent_telemetry", "telemetry", "telemetry",
+    function(e) return string.format("ts %s %s", tostring(e.ts), render(e.values)) end)
+  sent_assertion("sent_attributes", "client attributes", "attributes", render)
+
+  say:set("assertion.rpc_error.positive", "Expected RPC %s to answer an error matching %s\n%s")
+  say:set("assertion.rpc_error.negative", "Expected RPC %s not to answer an error matching %s\n%s")
   luassert:register("assertion", "rpc_error", function(_, args)
     local s, method, params, pattern = args[1], args[2], args[3], args[4]
     local res = s:rpc(method, params)
-    args[1], args[2], args.n = method, pattern or ".*", 2
+    local answered = res == nil and "it sent no answer (a one-way handler, or one still waiting)"
+      or ("it answered " .. render(res))
+    plain(args, string.format("%s(%s)", tostring(method), render(params)), string.format("%q", pattern or ".*"), answered)
     return type(res) == "table" and type(res.error) == "string" and res.error:find(pattern or "") ~= nil
   end, "assertion.rpc_error.positive", "assertion.rpc_error.negative")
 
   say:set("assertion.fw_state.positive", "Expected the update to end in %s, got %s")
-  say:set("assertion.fw_state.negative", "Expected the update not to end in %s")
+  say:set("assertion.fw_state.negative", "Expected the update not to end in %s, got %s")
   luassert:register("assertion", "fw_state", function(_, args)
     local want, r = args[1], args[2]
-    local got = type(r) == "table" and r.state
-    args[2] = tostring(got) .. (type(r) == "table" and r.error and (" (" .. r.error .. ")") or "")
+    local got = type(r) == "table" and r.state or nil
+    local text
+    if type(r) ~= "table" then
+      text = "no result (assert.fw_state(state, s:offer_firmware(...)))"
+    elseif got == nil then
+      text = "no state at all: " .. tostring(r.reason or "nothing happened")
+    else
+      text = tostring(got) .. "\n  states: " .. table.concat(r.states or {}, ", ")
+        .. (r.error and ("\n  error: " .. tostring(r.error)) or "")
+    end
+    plain(args, tostring(want), text)
     return got == want
   end, "assertion.fw_state.positive", "assertion.fw_state.negative")
 end

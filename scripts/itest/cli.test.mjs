@@ -22,6 +22,8 @@ test('--help prints usage with every contract option and exits 0', async () => {
   assert.equal(r.code, 0, r.stderr);
   assert.match(r.stdout, /tbagent run SCRIPT\.lua/);
   assert.match(r.stdout, /tbagent check SCRIPT\.lua/);
+  assert.match(r.stdout, /tbagent test \[SPEC\|DIR \.\.\.\]/);
+  assert.match(r.stdout, /tbagent init DIR/);
   for (const o of ['--host', '--port', '--token', '--client-id', '--username', '--password', '--cafile',
     '--cert', '--key', '--state-dir', '--log-level', '--no-reload']) {
     assert.ok(r.stdout.includes(o), `--help does not mention ${o}`);

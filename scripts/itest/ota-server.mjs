@@ -5,7 +5,7 @@
 //  - the real tbagent binary and a plain mosquitto broker as child processes (bounded waits,
 //    killed by PID);
 //  - OtaServer: an MQTT.js client that plays ThingsBoard's OTA side on plain mosquitto
-//    (protocol.md §7): fw_* / sw_* shared attributes (push and attribute-request answers), the
+//    (docs/thingsboard.md §7): fw_* / sw_* shared attributes (push and attribute-request answers), the
 //    v2/{fw|sw}/request/{reqId}/chunk/{idx} chunk protocol served from a Buffer (size
 //    remembered per reqId, short last chunk, empty past the end), with injectable faults.
 // The paths, the wait scale (ms), tmpdir and freePort are lib.mjs's.
@@ -30,7 +30,7 @@ export async function waitUntil (fn, n, what) {
   }
 }
 
-// Self-check against published vectors: crc32("123456789") = 0xCBF43926 (protocol.md §7),
+// Self-check against published vectors: crc32("123456789") = 0xCBF43926 (docs/thingsboard.md §7),
 // MurmurHash3_x86_32("hello", 0) = 0x248bfa47, MurmurHash3_x64_128("hello", 0) =
 // cbd8a7b341bd9b02 5b1e906a48ae1d19 (each in ThingsBoard's little-endian text).
 export function selfCheck () {

@@ -420,7 +420,7 @@ test('mosquitto: NOT_FOUND on v2/fw/error during a firmware download ends FAILED
 })
 
 test('mosquitto: NOT_FOUND on v2/fw/error during a software download ends sw_state FAILED', async (t) => {
-  // ThingsBoard reports errors of software downloads on v2/fw/error too (protocol.md §7)
+  // ThingsBoard reports errors of software downloads on v2/fw/error too (docs/thingsboard.md §7)
   const { server, agent } = await mqWorld(t)
   server.faults.error = 'NOT_FOUND'
   await server.assign('sw', { title: 'app', version: 'nf2', image: randomImage(20000, 22) })

@@ -103,8 +103,13 @@ test('a version that fails to load (raises, syntax error, endless top level) is 
   save(file, 'local tb = require "tb"\ntb.on_rpc("ver", function() return 5 end)\nwhile true do end\n', 'rename');
   await agent.waitForLog(/reload rejected: .*ran 5000 ms at load without finishing/, 10000);
   assert.equal((await server.rpc('ver')).json, 1);
+  // the running text saved again: nothing to load, and the log says so
+  save(file, version(1, { sending: false }), 'rename');
+  await agent.waitForLog(/device\.lua is back to the text of generation 1, which is running: nothing changed/, 3000);
   save(file, version(4, { sending: false }), 'rename');
   await untilVersion(server, 4, 2000);
+  // three rejected versions used up no generation number
+  await agent.waitForLog(/reloaded .*device\.lua: generation 2 live \(file change, \d+ ms after the change\)/, 3000);
 });
 
 test('a slow truncate-and-write save loads once, when the file is closed; an emptied file is refused', async (t) => {
@@ -132,6 +137,7 @@ test('SIGHUP reloads, and an unchanged save is skipped', async (t) => {
   assert.equal((await server.rpc('ver')).json, 1, 'reloaded without a watch');
   agent.signal('SIGHUP');
   await untilVersion(server, 2, 2000);
+  await agent.waitForLog(/reloaded .*device\.lua: generation 2 live \(SIGHUP\)$/, 3000);
   const a2dir = tmpdir('tbitest-reload-');
   const f2 = path.join(a2dir, 'device.lua');
   fs.writeFileSync(f2, version(5, { sending: false }));

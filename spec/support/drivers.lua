@@ -185,7 +185,8 @@ end
 
 function Fake:rpc(method, params, opts)
   local timeout = opts and opts.timeout or 5000
-  local _, id = self.s:rpc(method, params)
+  self.s:rpc(method, params)
+  local id = self.s.last_rpc_id
   local waited = 0
   while self.s.rpc_responses[id] == nil and waited < timeout do
     self.s:advance(10)

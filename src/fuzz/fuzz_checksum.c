@@ -3,7 +3,7 @@
  * Input: "ALGORITHM\nCOMPUTED\nEXPECTED" (the rest after the second newline is EXPECTED,
  * newlines included; missing parts are empty). Checks:
  * - tb_hash_match(alg, computed, expected) never crashes, and agrees with the rules of
- *   protocol.md §7 where they are easy to restate: a computed hex of the right width always
+ *   docs/thingsboard.md §7 where they are easy to restate: a computed hex of the right width always
  *   matches itself, upper-cased, 0x-prefixed and blank-padded; never for an unknown algorithm.
  * - tb_hash_canonical(alg) != NULL exactly when tb_hash_create(alg) works.
  * - the whole input, streamed in pieces of pseudo-random size (seeded by the input) through

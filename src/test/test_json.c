@@ -1,5 +1,5 @@
 /* Tests of the wire JSON codec (json.c) through the Lua functions it registers and through
- * its C entries: every rule of contract.md "Values and JSON" and the codec's brief, plus
+ * its C entries: every rule of the README's "tb.json.encode" and the codec's brief, plus
  * round trips of random doubles and integers and clean failures on hostile input. */
 #include <locale.h>
 #include <math.h>
