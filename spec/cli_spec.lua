@@ -517,7 +517,7 @@ describe("tb.cli", function()
       assert.equal("", err)
       assert.equal(cli.help_text(), out)
       assert.matches("usage: tbagent run SCRIPT.lua [options]", out, 1, true)
-      assert.matches("exit status: 0 clean shutdown, 1 script failed to load, 2 bad usage or state directory in use, 3 credentials refused",
+      assert.matches("exit status: 0 clean shutdown, 1 script failed to load, 2 bad usage, or the state directory is in use by another agent, 3 credentials refused",
         out, 1, true)
       for _, o in ipairs(OPTIONS) do
         assert.matches("--" .. o[1], out, 1, true)
@@ -574,5 +574,63 @@ describe("tb.cli register_secrets", function()
     masked = {}
     cli.register_secrets(core, {token = "abc", password = "xyz"})
     assert.same({"abc", "xyz"}, masked)
+  end)
+end)
+
+describe("tb.cli: tbagent status and the manual page", function()
+  local manpage = require "tb.manpage"
+
+  it("status: ./.tbagent, TB_STATE_DIR, --state-dir, or NAME for tbagent@NAME; --json", function()
+    local function dir(argv, vars)
+      local res = assert(cli.parse(argv, env(vars or {})))
+      assert.equal("status", res.command)
+      return res.options["state-dir"], res.options.json
+    end
+    assert.equal("./.tbagent", dir({"status"}))
+    assert.equal("/srv/st", dir({"status"}, {TB_STATE_DIR = "/srv/st"}))
+    assert.equal("/x", dir({"status", "--state-dir", "/x"}, {TB_STATE_DIR = "/srv/st"}))
+    assert.equal("/var/lib/tbagent/pump", dir({"status", "pump"}))
+    local _, json = dir({"status", "pump", "--json"})
+    assert.is_true(json)
+  end)
+
+  it("status refuses what it does not take, and run refuses --json", function()
+    local function err(argv)
+      local res, e = cli.parse(argv, env({}))
+      assert.is_nil(res)
+      return e
+    end
+    assert.equal("--token is not an option of tbagent status (it takes --state-dir and --json)",
+      err({"status", "--token", "t"}))
+    assert.equal("give either an instance NAME or --state-dir, not both", err({"status", "pump", "--state-dir", "/x"}))
+    assert.equal('status NAME must be a systemd instance name (got "../etc")', err({"status", "../etc"}))
+    assert.equal("unexpected argument b", err({"status", "a", "b"}))
+    assert.equal("--json is an option of tbagent status", err({"run", "x.lua", "--json"}))
+  end)
+
+  it("the manual page names every option, variable, signal and exit status --help names", function()
+    local manual = cli.manual()
+    manual.version = "9.9"
+    local page = manpage.render(manual)
+    local help = cli.help_text()
+    assert.matches('^%.TH TBAGENT 1 "" "tbagent 9%.9"', page)
+    local seen = 0
+    for opt in help:gmatch("%-%-([%w][%w%-]+)") do
+      seen = seen + 1
+      assert.truthy(page:find("\\-\\-" .. opt:gsub("%-", "\\-"), 1, true), "man page lacks --" .. opt)
+    end
+    assert.is_true(seen > 30)
+    for var in help:gmatch("TB_[%u_]+") do assert.truthy(page:find(var, 1, true), var) end
+    for _, sig in ipairs({"SIGTERM, SIGINT", "SIGHUP"}) do assert.truthy(page:find(sig, 1, true), sig) end
+    for _, sec in ipairs({"SYNOPSIS", "OPTIONS", "SIGNALS", "EXIT STATUS", "ENVIRONMENT", "FILES"}) do
+      assert.truthy(page:find("\n.SH " .. sec .. "\n", 1, true), sec)
+    end
+    assert.truthy(page:find("NOTIFY_SOCKET", 1, true))
+    assert.truthy(page:find("/etc/tbagent/NAME.env", 1, true))
+  end)
+
+  it("manpage.text escapes what roff would take as markup", function()
+    assert.equal("a \\- b \\e c", manpage.text("a - b \\ c"))
+    assert.equal("\\&.TH x\n\\&'y", manpage.text(".TH x\n'y"))
   end)
 end)

@@ -61,6 +61,7 @@ int luaopen_tb_core(lua_State *L) {
   tb_proc_open(L);
   tb_store_open(L);
   tb_clock_open(L);
+  tb_notify_open(L);
   lua_pushliteral(L, TB_VERSION);
   lua_setfield(L, -2, "version");
   return 1;

@@ -20,6 +20,7 @@ int tb_clock_open(lua_State *L);  /* clock.c: whether the system clock is synchr
 
 /* 1 when the system clock is synchronised (adjtimex; TB_CLOCK_SYNCED=1|0 overrides), else 0 */
 int tb_clock_synced(void);
+int tb_notify_open(lua_State *L); /* notify.c: the service manager's notify socket */
 
 int luaopen_tb_core(lua_State *L);
 

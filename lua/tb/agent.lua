@@ -10,6 +10,8 @@ local ota_http = require "tb.ota_http"
 local reload = require "tb.reload"
 local router = require "tb.router"
 local sqlite_outbox = require "tb.sqlite_outbox"
+local status_file = require "tb.status"
+local systemd = require "tb.systemd"
 local persist = require "tb.persist"
 
 local M = {}
@@ -125,6 +127,9 @@ function M.run(core, config, log)
 
   local dispatch = router.bound(ctx)
 
+  -- what `tbagent status` and a service manager see (status.json, READY=1, WATCHDOG=1)
+  local status = status_file.start(ctx)
+  systemd.start(ctx, status)
   session:start()
   while not session.finished do
     if ctx.fatal then
@@ -136,12 +141,14 @@ function M.run(core, config, log)
     core.poll(acks_due and acks_due < due and acks_due or due, dispatch)
     sched:run_due()
     session.outbox:commit()
+    status:tick()
   end
   ctx.persist:close()
   session.outbox:close()
   if ctx.state_lock then ctx.state_lock:release() end
   if ctx.fatal and exit_code == 0 then exit_code, exit_message = ctx.fatal.code, ctx.fatal.message end
   if ctx.script_exit and exit_code == 0 then exit_code, exit_message = ctx.script_exit.code, ctx.script_exit.message end
+  status:stopped(exit_code, exit_message)
   if exit_code == 0 then
     log.info("stopped: %d sent, %d acknowledged, %d dropped", session.stats.sent, session.stats.acked, session.stats.dropped)
   end

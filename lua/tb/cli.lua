@@ -3,15 +3,23 @@
 -- (0 clean shutdown, 1 script failed to load, 2 bad usage or state directory in use, 3 credentials refused).
 local M = {}
 
-local USAGE = [[
-usage: tbagent run SCRIPT.lua [options]   connect to ThingsBoard and run a device script
-       tbagent check SCRIPT.lua           load the script against an offline session and
-                                          find every tb.<name> that does not exist
-       tbagent test [SPEC|DIR ...]        run Busted specs on the agent's own Lua 5.4 and tb
-                                          library (busted options pass through)
-       tbagent init DIR                   a new script folder: device.lua, a spec, .busted and
-                                          .luacheckrc; never overwrites
-       tbagent --help | --version]]
+-- The tables below are the one source of `tbagent --help` and of the manual page
+-- (`tbagent --help-man`, tb.manpage): an option, command, signal or file added here is
+-- documented in both.
+
+-- synopsis, what it does
+local COMMANDS = {
+  {"run SCRIPT.lua [options]", "connect to ThingsBoard and run a device script"},
+  {"check SCRIPT.lua", "load the script against an offline session and find every tb.<name> that does not exist"},
+  {"test [SPEC|DIR ...]", "run Busted specs on the agent's own Lua 5.4 and tb library (busted options pass through)"},
+  {"init DIR", "a new script folder: device.lua, a spec, .busted and .luacheckrc; never overwrites"},
+  {"status [NAME] [--state-dir DIR] [--json]", "what the agent running on a state directory is doing"},
+  {"--help | --help-man | --version", "this text, the manual page (roff), the version"},
+}
+
+-- where `tbagent status NAME` looks: the state of the systemd instance tbagent@NAME
+-- (StateDirectory=tbagent/NAME in tbagent@.service)
+local SERVICE_STATE_ROOT = "/var/lib/tbagent"
 
 -- name, env, kind, default, help. Every option can also come from its TB_* variable;
 -- the command line wins.
@@ -52,18 +60,84 @@ local OPTIONS = {
   {"connect-timeout", "TB_CONNECT_TIMEOUT", "int", 30000, "ms to wait for the server to answer a connection"},
 }
 
-local by_name = {}
+-- `tbagent status` takes --state-dir (above) and these
+local STATUS_OPTIONS = {
+  {"json", nil, "flag", false, "print the status as one JSON object"},
+}
+
+-- what the agent does on a signal
+local SIGNALS = {
+  {"SIGTERM, SIGINT", "finish the messages in flight (--shutdown-timeout), disconnect, exit 0; a second one exits at once"},
+  {"SIGHUP", "reload the script now (also under --no-reload)"},
+}
+
+-- exit status of run and check; of status
+local EXIT_CODES = {
+  {0, "clean shutdown"}, {1, "script failed to load"}, {2, "bad usage, or the state directory is in use by another agent"}, {3, "credentials refused"},
+}
+local STATUS_EXIT_CODES = {
+  {0, "connected"}, {1, "running but offline"}, {3, "not running"}, {4, "status file unreadable"},
+}
+
+-- files the agent reads and writes (STATE: the --state-dir)
+local FILES = {
+  {"STATE/status.json", "what the agent is doing, rewritten every 15 s and at each change; read by tbagent status"},
+  {"STATE/outbox.db", "the durable outbox (data accepted while offline) and the values of tb.persist (SQLite)"},
+  {"STATE/firmware/, STATE/software/", "update downloads and the installed version (current.json)"},
+  {"/etc/tbagent/NAME.lua", "the script of the systemd instance tbagent@NAME"},
+  {"/etc/tbagent/NAME.env", "its options as TB_* variables (mode 0600: it holds the token)"},
+  {SERVICE_STATE_ROOT .. "/NAME", "its state directory (StateDirectory=tbagent/NAME)"},
+}
+
+-- variables the agent reads besides the options' own
+local ENVIRONMENT = {
+  {"NOTIFY_SOCKET", "the service manager's socket: READY=1 once the script is loaded, STATUS= lines, STOPPING=1"},
+  {"WATCHDOG_USEC, WATCHDOG_PID", "send WATCHDOG=1 at half this interval (WatchdogSec=)"},
+  {"JOURNAL_STREAM", "when it names stderr: log lines without a timestamp, with a syslog priority prefix (<4>)"},
+}
+
+local by_name, status_by_name = {}, {}
 for _, o in ipairs(OPTIONS) do by_name[o[1]] = o end
+for _, o in ipairs(STATUS_OPTIONS) do status_by_name[o[1]] = o end
+
+-- option_arg(o) -> "HOST", "FILE"... the argument an option takes ("" for a flag)
+local function option_arg(o)
+  return o[3] == "flag" and "" or (o[3] == "file" and "FILE" or o[3]:upper())
+end
+
+local function codes_text(codes)
+  local parts = {}
+  for _, c in ipairs(codes) do parts[#parts + 1] = c[1] .. " " .. c[2] end
+  return table.concat(parts, ", ")
+end
 
 local function help_text()
-  local lines = {USAGE, "", "options (each also read from its environment variable):"}
-  for _, o in ipairs(OPTIONS) do
-    local arg = o[3] == "flag" and "" or " " .. (o[3] == "file" and "FILE" or o[3]:upper())
-    local def = o[4] ~= nil and o[4] ~= false and (" [" .. tostring(o[4]) .. "]") or ""
-    lines[#lines + 1] = string.format("  --%-24s %-22s %s%s", o[1] .. arg, o[2], o[5], def)
+  local lines = {}
+  for i, c in ipairs(COMMANDS) do
+    local synopsis = (i == 1 and "usage: " or "       ") .. "tbagent " .. c[1]
+    if #synopsis > 40 then
+      lines[#lines + 1] = synopsis
+      synopsis = ""
+    end
+    lines[#lines + 1] = string.format("%-41s %s", synopsis, c[2])
   end
   lines[#lines + 1] = ""
-  lines[#lines + 1] = "exit status: 0 clean shutdown, 1 script failed to load, 2 bad usage or state directory in use, 3 credentials refused"
+  lines[#lines + 1] = "options (each also read from its environment variable):"
+  for _, o in ipairs(OPTIONS) do
+    local arg = option_arg(o)
+    local def = o[4] ~= nil and o[4] ~= false and (" [" .. tostring(o[4]) .. "]") or ""
+    lines[#lines + 1] = string.format("  --%-24s %-22s %s%s", o[1] .. (arg ~= "" and " " .. arg or ""), o[2], o[5], def)
+  end
+  lines[#lines + 1] = ""
+  lines[#lines + 1] = "status options (NAME: the state of tbagent@NAME, " .. SERVICE_STATE_ROOT .. "/NAME):"
+  lines[#lines + 1] = string.format("  --%-24s %s", "state-dir DIR", "the state directory of the agent to ask about")
+  for _, o in ipairs(STATUS_OPTIONS) do
+    lines[#lines + 1] = string.format("  --%-24s %s", o[1], o[5])
+  end
+  lines[#lines + 1] = ""
+  for _, sig in ipairs(SIGNALS) do lines[#lines + 1] = string.format("%s: %s", sig[1], sig[2]) end
+  lines[#lines + 1] = "exit status: " .. codes_text(EXIT_CODES)
+  lines[#lines + 1] = "status exit status: " .. codes_text(STATUS_EXIT_CODES)
   lines[#lines + 1] = "(check: 1 when it finds a problem; test: Busted's status, 1 when a spec fails)"
   return table.concat(lines, "\n") .. "\n"
 end
@@ -127,11 +201,12 @@ function M.parse(argv, getenv)
   while argv[i] do
     local a = argv[i]
     if a == "--help" or a == "-h" then return {command = "help"} end
+    if a == "--help-man" then return {command = "help-man"} end
     if a == "--version" then return {command = "version"} end
     local name, value = a:match("^%-%-([%w%-]+)=(.*)$")
     if not name then name = a:match("^%-%-([%w%-]+)$") end
     if name then
-      local o = by_name[name]
+      local o = by_name[name] or status_by_name[name]
       if not o then return nil, "unknown option --" .. name end
       if o[3] == "flag" then
         value = value or true
@@ -155,6 +230,10 @@ function M.parse(argv, getenv)
   end
   res.command, res.script = positional[1], positional[2]
   if not res.command then return nil, "missing command" end
+  if res.command == "status" then return M.parse_status(positional, given, getenv) end
+  for name in pairs(given) do
+    if status_by_name[name] then return nil, "--" .. name .. " is an option of tbagent status" end
+  end
   if res.command ~= "run" and res.command ~= "check" then
     -- test and init are handled before options are parsed (M.main); here they are misplaced
     if res.command == "test" or res.command == "init" then
@@ -178,6 +257,31 @@ function M.parse(argv, getenv)
     res.options[o[1]] = v
   end
   return res
+end
+
+-- parse_status(positional, given, getenv) -> {command="status", options={state-dir=, json=}}
+-- | nil, err: `tbagent status [NAME] [--state-dir DIR] [--json]`
+function M.parse_status(positional, given, getenv)
+  for name in pairs(given) do
+    if name ~= "state-dir" and not status_by_name[name] then
+      return nil, "--" .. name .. " is not an option of tbagent status (it takes --state-dir and --json)"
+    end
+  end
+  local instance = positional[2]
+  if positional[3] then return nil, "unexpected argument " .. positional[3] end
+  local dir = given["state-dir"]
+  if instance then
+    if dir then return nil, "give either an instance NAME or --state-dir, not both" end
+    if not instance:match("^[%w_.@:%-]+$") or instance:match("^%.") then
+      return nil, string.format("status NAME must be a systemd instance name (got %q)", instance)
+    end
+    dir = SERVICE_STATE_ROOT .. "/" .. instance
+  end
+  if not dir then
+    local env = getenv(by_name["state-dir"][2])
+    dir = env ~= nil and env ~= "" and env or by_name["state-dir"][4]
+  end
+  return {command = "status", options = {["state-dir"] = dir, json = given.json or false}}
 end
 
 -- config(options, script) -> config table for tb.agent | nil, err
@@ -228,8 +332,10 @@ function M.config(o, script)
   return c
 end
 
-local function fail(code, msg)
-  io.stderr:write("tbagent: ", msg, "\n")
+local function fail(core, code, msg)
+  -- in the journal the last word is an error too (journalctl -p err shows why it stopped)
+  local prefix = core.log_journal and core.log_journal() and "<3>" or ""
+  io.stderr:write(prefix, "tbagent: ", msg, "\n")
   return code
 end
 
@@ -241,15 +347,22 @@ function M.main(argv)
     return require("tb.test_command").run(table.move(argv, 2, #argv, 1, {}))
   elseif argv[1] == "init" then
     if not argv[2] or argv[3] or argv[2]:sub(1, 1) == "-" then
-      return fail(2, "usage: tbagent init DIR (one folder, created if missing)")
+      return fail(core, 2, "usage: tbagent init DIR (one folder, created if missing)")
     end
     return require("tb.init_command").run(core, argv[2])
   end
   local parsed, err = M.parse(argv)
-  if not parsed then return fail(2, err .. "; see tbagent --help") end
+  if not parsed then return fail(core, 2, err .. "; see tbagent --help") end
   if parsed.command == "help" then
     io.stdout:write(help_text())
     return 0
+  elseif parsed.command == "help-man" then
+    local manual = M.manual()
+    manual.version = core.version
+    io.stdout:write(require("tb.manpage").render(manual))
+    return 0
+  elseif parsed.command == "status" then
+    return require("tb.status").command(parsed.options["state-dir"], parsed.options.json, core)
   elseif parsed.command == "version" then
     io.stdout:write("tbagent ", core.version, "\n")
     return 0
@@ -261,11 +374,11 @@ function M.main(argv)
   end
   local config
   config, err = M.config(parsed.options, parsed.script)
-  if not config then return fail(2, err) end
+  if not config then return fail(core, 2, err) end
   M.register_secrets(core, config)
   local code, msg = require("tb.agent").run(core, config, log)
   if code ~= 0 then
-    return fail(code, core.mask(msg or "stopped"))
+    return fail(core, code, core.mask(msg or "stopped"))
   end
   return 0
 end
@@ -285,4 +398,13 @@ function M.register_secrets(core, config)
 end
 
 M.help_text = help_text
+
+-- manual() -> what tb.manpage renders: the tables --help is made of
+function M.manual()
+  local status_options = {{"state-dir", nil, "string", nil, "the state directory of the agent to ask about"}}
+  for _, o in ipairs(STATUS_OPTIONS) do status_options[#status_options + 1] = o end
+  return {commands = COMMANDS, options = OPTIONS, status_options = status_options, option_arg = option_arg,
+    signals = SIGNALS, exit_codes = EXIT_CODES, status_exit_codes = STATUS_EXIT_CODES, files = FILES,
+    environment = ENVIRONMENT, service_state_root = SERVICE_STATE_ROOT}
+end
 return M

@@ -6,8 +6,12 @@ local LEVELS = {debug = 10, info = 20, warn = 30, error = 40}
 M.LEVELS = LEVELS
 
 -- new(writer, level) -> logger; writer(level_name, message) does the output.
+-- logger.taps: functions fn(level, message) that also see every line written (tb.status keeps
+-- the last error); level is "debug", "info", "warn" or "error". A table, not a function: a
+-- script's tb.log gets the logger's functions only.
 function M.new(writer, level)
-  local self = {threshold = LEVELS[level or "info"] or LEVELS.info}
+  local taps = {}
+  local self = {threshold = LEVELS[level or "info"] or LEVELS.info, taps = taps}
   local function emit(name, upper)
     return function(fmt, ...)
       if LEVELS[name] < self.threshold then return end
@@ -25,6 +29,7 @@ function M.new(writer, level)
         end
       end
       writer(upper, msg)
+      for i = 1, #taps do taps[i](name, msg) end
     end
   end
   self.debug = emit("debug", "DEBUG")

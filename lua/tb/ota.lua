@@ -27,7 +27,8 @@
 -- before) and job.progress(received) as they do.
 --
 -- An updater's outcome is visible as what it reports (the <prefix>state telemetry) and through
--- updater.job (nil when no update runs) and updater:current().
+-- updater.job (nil when no update runs), updater:current() and updater.state / updater.error
+-- (the last state reported, for tb.status).
 local printable = require("tb.log").printable
 
 local M = {}
@@ -138,6 +139,7 @@ function M:set_state(state, err)
     v[p .. "error"] = err
   end
   self.log.info("%s %s%s", self.label, state, err and (": " .. err) or "")
+  self.state, self.error = state, err
   self:report(v)
 end
 

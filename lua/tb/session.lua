@@ -50,7 +50,7 @@ function M.new(o)
     -- what other parts of the agent follow: attribute pushes, messages no route took,
     -- online (the session is up, before the current shared attributes are fetched: what
     -- must be reported before anything reacts to them), connect (after they were handled),
-    -- disconnects, extra subscriptions, and the script's accepted sends
+    -- disconnects (fn(why)), extra subscriptions, and the script's accepted sends
     listeners = {attributes = {}, message = {}, online = {}, connect = {}, disconnect = {},
       subscriptions = {}, accepted = {}},
     stats = {sent = 0, acked = 0, dropped = 0, reconnects = 0, refused = 0, set_aside = 0},
@@ -337,7 +337,7 @@ function M:on_disconnect(conn_id, rc, why, code)
       self:warn_dropped()
     end
   end
-  for _, fn in ipairs(self.listeners.disconnect) do fn() end
+  for _, fn in ipairs(self.listeners.disconnect) do fn(why) end
   self.sched:wake_all("attr:", nil, "disconnected")
   self.sched:wake_all("rpc:", nil, "disconnected")
   self.own_requests = {}
