@@ -517,8 +517,8 @@ describe("tb.cli", function()
       assert.equal("", err)
       assert.equal(cli.help_text(), out)
       assert.matches("usage: tbagent run SCRIPT.lua [options]", out, 1, true)
-      assert.matches("exit status: 0 clean shutdown, 1 script failed to load, 2 bad usage, or the state directory is in use by another agent, 3 credentials refused",
-        out, 1, true)
+      assert.matches("exit status: 0 clean shutdown, 1 script failed to load, " ..
+        "2 bad usage, or the state directory is in use by another agent, 3 credentials refused", out, 1, true)
       for _, o in ipairs(OPTIONS) do
         assert.matches("--" .. o[1], out, 1, true)
         assert.matches(o[2], out, 1, true)

@@ -24,8 +24,8 @@ for f in "$root"/src/*.c; do [[ "$(basename "$f")" == main.c ]] || core_all+=("$
 pids=()
 for t in "${targets[@]}"; do
   case "$t" in
-    fuzz_json) srcs=("$root/src/json.c"); libs=(lua5.4) ;;
-    fuzz_checksum) srcs=("$root/src/hash.c"); libs=(lua5.4 libcrypto) ;;
+    fuzz_json) srcs=("$root/src/json.c" "$root/src/register.c"); libs=(lua5.4) ;;
+    fuzz_checksum) srcs=("$root/src/hash.c" "$root/src/register.c"); libs=(lua5.4 libcrypto) ;;
     fuzz_dispatch) srcs=("${core_all[@]}"); libs=(lua5.4 libcrypto libmosquitto libcurl sqlite3) ;;
     *) echo "fuzz: unknown target $t" >&2; exit 2 ;;
   esac
