@@ -8,13 +8,7 @@ local agent = require "tb.agent"
 local logmod = require "tb.log"
 local core = require "tb.core"
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local script = require("spec.support.files").script
 
 local F = "function() end"
 local TOP = "yields and cannot be called at a script's top level; call it from a handler (e.g. tb.after(0, fn))"

@@ -496,19 +496,7 @@ describe("tb.cli", function()
   describe("main()", function()
     -- main() writes to io.stdout/io.stderr: capture them, and put them back even on failure
     local function run_main(argv)
-      local out, err = {}, {}
-      local real_out, real_err = io.stdout, io.stderr
-      local function sink(buf)
-        return {write = function(self, ...)
-          for _, s in ipairs({...}) do buf[#buf + 1] = tostring(s) end
-          return self
-        end}
-      end
-      io.stdout, io.stderr = sink(out), sink(err)   -- luacheck: ignore 122 (swapped back below)
-      local ok, code = pcall(cli.main, argv)
-      io.stdout, io.stderr = real_out, real_err     -- luacheck: ignore 122
-      assert(ok, code)
-      return code, table.concat(out), table.concat(err)
+      return require("spec.support.capture").output(cli.main, argv)
     end
 
     it("--help prints the usage and every option, and exits 0", function()

@@ -18,22 +18,7 @@ local function read(path)
   return files.exists(path) and files.read(path) or nil
 end
 
--- quiet(fn, ...) -> fn's results, and what it wrote to stdout and stderr
-local function quiet(fn, ...)
-  local out, err = {}, {}
-  local real_out, real_err = io.stdout, io.stderr
-  local function sink(buf)
-    return {write = function(self, ...)
-      for _, s in ipairs({...}) do buf[#buf + 1] = tostring(s) end
-      return self
-    end}
-  end
-  io.stdout, io.stderr = sink(out), sink(err)   -- luacheck: ignore 122 (swapped back below)
-  local res = table.pack(pcall(fn, ...))
-  io.stdout, io.stderr = real_out, real_err     -- luacheck: ignore 122
-  assert(res[1], res[2])
-  return res[2], table.concat(out), table.concat(err)
-end
+local quiet = require("spec.support.capture").output
 
 describe("tbagent init", function()
   it("writes device.lua, a spec, .busted and .luacheckrc into a new folder", function()

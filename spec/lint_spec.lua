@@ -21,19 +21,7 @@ end
 
 -- run_check(path) -> status, stdout, stderr of tb.check.run
 local function run_check(path)
-  local out, err = {}, {}
-  local real_out, real_err = io.stdout, io.stderr
-  local function sink(buf)
-    return {write = function(self, ...)
-      for _, s in ipairs({...}) do buf[#buf + 1] = tostring(s) end
-      return self
-    end}
-  end
-  io.stdout, io.stderr = sink(out), sink(err)   -- luacheck: ignore 122 (swapped back below)
-  local ok, code = pcall(check.run, core, path, logmod.new(function() end, "error"))
-  io.stdout, io.stderr = real_out, real_err     -- luacheck: ignore 122
-  assert(ok, code)
-  return code, table.concat(out), table.concat(err)
+  return require("spec.support.capture").output(check.run, core, path, logmod.new(function() end, "error"))
 end
 
 describe("tb.lint", function()

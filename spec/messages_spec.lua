@@ -5,13 +5,7 @@
 -- src/mqtt.c's failure codes).
 local testing = require "tb.testing"
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local script = require("spec.support.files").script
 
 local EMPTY = script("local tb = require 'tb'\n")
 

@@ -2,13 +2,7 @@
 local testing = require "tb.testing"
 local router = require "tb.router"
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local script = require("spec.support.files").script
 
 describe("tb.router", function()
   it("SIGHUP reloads a changed script through the one route", function()

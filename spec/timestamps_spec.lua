@@ -11,13 +11,7 @@ local core = require "tb.core"
 local T = "v1/devices/me/telemetry"
 local START = 1700000000000
 
-local function script(text)
-  local path = os.tmpname() .. ".lua"
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local script = require("spec.support.files").script
 
 -- a script whose RPC "send" sends, from its handler, what it is given: one send_telemetry
 -- per entry ({values =, with_ts =} for the two-argument form)

@@ -10,6 +10,7 @@
 #include <lualib.h>
 
 #include "check.h"
+#include "lua_run.h"
 #include "core.h"
 #include "loop.h"
 
@@ -24,25 +25,7 @@ static void dummy_ready(void *ctx, short revents) {
   if (revents & POLLIN) dummy_readable++;
 }
 
-/* Runs a Lua chunk (with core as ...) and returns its results joined by " | ". */
-static const char *run(const char *code) {
-  static char out[512];
-  int base = lua_gettop(L);
-  if (luaL_loadstring(L, code) != LUA_OK) return lua_tostring(L, -1);
-  lua_getglobal(L, "core");
-  if (lua_pcall(L, 1, LUA_MULTRET, 0) != LUA_OK) {
-    snprintf(out, sizeof out, "LUA ERROR: %s", lua_tostring(L, -1));
-  } else {
-    out[0] = '\0';
-    for (int i = base + 1; i <= lua_gettop(L); i++) {
-      size_t n = strlen(out);
-      snprintf(out + n, sizeof out - n, "%s%s", i > base + 1 ? " | " : "", luaL_tolstring(L, i, NULL));
-      lua_pop(L, 1);
-    }
-  }
-  lua_settop(L, base);
-  return out;
-}
+static const char *run(const char *code) { return check_lua(L, code); }
 
 /* A listening TCP socket on 127.0.0.1, so a connect gets as far as registering its source. */
 static int listen_port(int *fd) {
